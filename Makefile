@@ -1,0 +1,34 @@
+# opd — run `make help` for the targets.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+export PYTHONHASHSEED := 0
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-all demo eval bench lint clean
+
+help:  ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -c "import torch, torchvision, diffusers, hydra, lightning, peft, rapidocr_onnxruntime; print('installed: torch', torch.__version__, '| diffusers', diffusers.__version__)"
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv/ with everything opd needs (pinned torch 2.14.1)
+
+test: $(STAMP)  ## run the fast CPU test suite (installs first if needed)
+	$(BIN)/python -m pytest -q
+
+test-all: $(STAMP)  ## run every CPU test, slow ones included
+	$(BIN)/python -m pytest -q -m "not gpu"
+
+lint: $(STAMP)  ## ruff
+	$(BIN)/ruff check src tests
+
+clean:  ## remove caches and run outputs (keeps .venv)
+	rm -rf outputs multirun .pytest_cache

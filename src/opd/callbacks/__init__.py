@@ -1,0 +1,1 @@
+"""Cross-cutting training concerns (EMA, image grids); never algorithm logic."""

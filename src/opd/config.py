@@ -1,0 +1,40 @@
+"""Structured-config schemas (Hydra ConfigStore): a typo in a key of these groups is an error.
+
+Group files start with ``defaults: [<group>_schema, _self_]`` and are validated against the
+dataclasses below at compose time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class SamplerConfig:
+    """How trajectories are sampled (DESIGN.md §2)."""
+
+    kernel: str = "ode"            # ode | flow | dance | ddim | dpm1 | dpm2 (opd.sampling.KERNELS)
+    noise_level: float = 0.0       # a (flow/dance/ddim) or η (dpm*)
+    num_steps: int = 10            # rollout steps in training
+    eval_num_steps: int = 40       # steps for evaluation and previews
+    shift: float = 3.0             # SD3 schedule shift
+    guidance_scale: float = 4.5    # CFG scale w; 1.0 = CFG-free
+
+
+@dataclass
+class FlowMatchingConfig:
+    """Rectified-flow pre-training loss with logit-normal σ (SD3)."""
+
+    _target_: str = "opd.objectives.flow_matching.FlowMatchingLoss"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(group="sampler", name="sampler_schema", node=SamplerConfig)
+    cs.store(group="objective", name="flow_matching_schema", node=FlowMatchingConfig)
+
+
+register_configs()

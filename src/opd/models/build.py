@@ -1,0 +1,22 @@
+"""Factories named by ``conf/model/*.yaml`` (``_partial_: true``: built in ``configure_model``)."""
+from __future__ import annotations
+
+from opd.models.mini import MiniBackbone
+from opd.models.sd3 import SD3Backbone, resolve_dtype
+
+
+def mini_backbone(path: str | None = None, image_size: int = 64, torch_dtype: str = "float32") -> MiniBackbone:
+    """The mini-world model: loaded from ``path`` or, with ``path=None``, randomly initialised."""
+    if path is None:
+        return MiniBackbone(image_size=image_size).to(resolve_dtype(torch_dtype))
+    model = MiniBackbone.from_pretrained(path, torch_dtype=torch_dtype)
+    if model.image_size != image_size:
+        raise ValueError(f"model.image_size={image_size} but {path} was trained at {model.image_size} px")
+    return model
+
+
+def sd3_backbone(path: str, use_t5: bool = False, torch_dtype: str = "bfloat16", max_sequence_length: int = 256,
+                 image_size: int = 512) -> SD3Backbone:
+    """SD3.5 from a local diffusers folder or hub id (``image_size`` is read by data/eval configs)."""
+    return SD3Backbone.from_pretrained(path, use_t5=use_t5, torch_dtype=torch_dtype,
+                                       max_sequence_length=max_sequence_length)

@@ -1,0 +1,98 @@
+"""Stable Diffusion 3 / 3.5 through diffusers' ``StableDiffusion3Pipeline``."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from opd.models.backbone import Backbone, PromptEmbeds
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
+
+
+class SD3Backbone(Backbone):
+    """SD3.5 (Medium/Large) as a :class:`Backbone`: frozen CLIP-L/G (+ optional T5) and VAE,
+    the ``SD3Transformer2DModel`` carrying the adapters.
+
+    Build it with :meth:`from_pretrained` or wrap an existing pipeline (tests build a tiny random
+    one from configs).
+    """
+
+    def __init__(self, pipeline: Any, max_sequence_length: int = 256) -> None:
+        super().__init__()
+        self.transformer = pipeline.transformer
+        self.vae = pipeline.vae
+        # The text encoders are registered so that .to()/device moves reach them; they stay frozen.
+        self.text_encoders = torch.nn.ModuleList(
+            [m for m in (pipeline.text_encoder, pipeline.text_encoder_2, pipeline.text_encoder_3) if m is not None]
+        )
+        for module in (self.vae, self.text_encoders):
+            module.requires_grad_(False)
+        self._pipeline = pipeline
+        self.max_sequence_length = max_sequence_length
+
+    @classmethod
+    def from_pretrained(cls, path: str, use_t5: bool = False, torch_dtype: str = "bfloat16",
+                        max_sequence_length: int = 256) -> "SD3Backbone":
+        """Load from a local diffusers folder or a hub id (``model.path``). ``use_t5=False`` drops
+        T5-XXL (``text_encoder_3=None``), as the references do to save memory."""
+        from diffusers import StableDiffusion3Pipeline
+
+        kwargs: dict[str, Any] = {} if use_t5 else {"text_encoder_3": None, "tokenizer_3": None}
+        local = Path(os.path.expanduser(path))
+        if local.exists() and not (local / "model_index.json").is_file():
+            raise FileNotFoundError(f"{local} is not a diffusers pipeline folder (no model_index.json); "
+                                    "set model.path to the folder that holds model_index.json")
+        try:
+            pipe = StableDiffusion3Pipeline.from_pretrained(str(local) if local.exists() else path,
+                                                            torch_dtype=resolve_dtype(torch_dtype), **kwargs)
+        except OSError as err:
+            raise FileNotFoundError(
+                f"could not load SD3 weights from {path!r} (model.path): {err}. Download them once with "
+                "`huggingface-cli download stabilityai/stable-diffusion-3.5-medium --local-dir <dir>` "
+                "and set model.path=<dir>, or set HF_HOME to a cache that holds them."
+            ) from err
+        return cls(pipe, max_sequence_length=max_sequence_length)
+
+    @property
+    def pipeline(self) -> Any:
+        return self._pipeline
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
+        embeds, _, pooled, _ = self._pipeline.encode_prompt(
+            prompt=prompts, prompt_2=prompts, prompt_3=prompts, device=self.device,
+            do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
+        )
+        return PromptEmbeds(embeds.to(self.dtype), pooled.to(self.dtype))
+
+    def decode(self, latents: Tensor) -> Tensor:
+        cfg = self.vae.config
+        z = latents.to(self.vae.dtype) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+        images = self.vae.decode(z, return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        cfg = self.vae.config
+        dist = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist
+        return (dist.mode() - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        f = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if height % (f * self.transformer.config.patch_size) or width % (f * self.transformer.config.patch_size):
+            raise ValueError(f"image size {height}x{width} must be a multiple of "
+                             f"{f * self.transformer.config.patch_size} for this model")
+        return self.transformer.config.in_channels, height // f, width // f

@@ -1,0 +1,1 @@
+"""LightningModules: orchestration only (sample → targets/rewards → objective → log)."""

@@ -1,0 +1,75 @@
+"""Flow-matching pre-training of a base model on (image, caption) pairs (the mini base)."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from opd.callbacks.ema import ema_weights
+from opd.models.backbone import Backbone
+from opd.objectives.flow_matching import FlowMatchingLoss
+from opd.sampling import generate
+
+
+class FlowMatchingPretrain(pl.LightningModule):
+    """Trains every weight of the backbone (transformer and text encoder) with the flow-matching
+    loss; captions are dropped to ``""`` with probability ``cond_dropout`` so CFG works.
+
+    At the end of training the EMA weights are exported with ``save_pretrained`` to
+    ``<output_dir>/model`` (the folder ``model.path`` points at).
+    """
+
+    def __init__(self, backbone: Callable[[], Backbone], objective: FlowMatchingLoss, sampler: Any,
+                 optimizer: Callable[..., torch.optim.Optimizer], cond_dropout: float = 0.1,
+                 warmup_steps: int = 0, preview_prompts: Sequence[str] = ()) -> None:
+        super().__init__()
+        self._build_backbone = backbone
+        self.backbone: Backbone | None = None
+        self.objective = objective
+        self.sampler = sampler
+        self._optimizer = optimizer
+        self.cond_dropout = cond_dropout
+        self.warmup_steps = warmup_steps
+        self.preview_prompts = list(preview_prompts)
+
+    def configure_model(self) -> None:
+        if self.backbone is None:
+            self.backbone = self._build_backbone()
+
+    def ema_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {k: p for k, p in self.backbone.named_parameters() if p.requires_grad}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        prompts = [p if torch.rand(()) >= self.cond_dropout else "" for p in batch["prompts"]]
+        x0 = self.backbone.encode_images(batch["images"])
+        loss, metrics = self.objective(self.backbone, x0, self.backbone.encode_prompts(prompts))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"flow-matching loss is {loss.item()} at step {self.global_step}; "
+                                     "lower module.optimizer.lr or check the data")
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict({k: v for k, v in metrics.items() if torch.isfinite(v)})
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self._optimizer(self.parameters())
+        warmup = max(1, self.warmup_steps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    @torch.no_grad()
+    def preview(self, num_steps: int) -> tuple[Tensor, list[str]]:
+        images = generate(self.backbone, self.preview_prompts, num_steps=num_steps,
+                          guidance_scale=self.sampler.guidance_scale, shift=self.sampler.shift, seed=0)
+        return images, self.preview_prompts
+
+    def on_train_end(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        out = Path(self.trainer.default_root_dir) / "model"
+        with ema_weights(self.trainer, self):
+            self.backbone.save_pretrained(out)
+        self.print(f"exported the EMA weights to {out} (use model.path={out})")
