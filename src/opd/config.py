@@ -6,6 +6,7 @@ dataclasses below at compose time.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
@@ -31,10 +32,22 @@ class FlowMatchingConfig:
     logit_std: float = 1.0
 
 
+@dataclass
+class TeacherConfig:
+    """One frozen teacher adapter of DiffusionOPD: what it is good at and where it lives."""
+
+    name: str = "???"              # unique; log keys are teacher/<name>/*
+    adapter: str = "???"           # LoRA folder or .safetensors (diffusers format)
+    prompts: Any = "???"           # the task's prompt set (a `_target_` returning metadata rows)
+    guidance_scale: float = 4.5    # the teacher's own CFG for its targets
+    monitor_reward: Any = None     # a reward config logged on the student's samples
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(group="sampler", name="sampler_schema", node=SamplerConfig)
     cs.store(group="objective", name="flow_matching_schema", node=FlowMatchingConfig)
+    cs.store(group="teacher", name="teacher_schema", node=TeacherConfig)
 
 
 register_configs()

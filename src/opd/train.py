@@ -11,6 +11,7 @@ from typing import Any
 
 import hydra
 import lightning.pytorch as pl
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 import opd.config  # noqa: F401 — registers the structured-config schemas
@@ -39,6 +40,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Build data, module, callbacks, loggers and trainer from ``cfg``; fit. Returns
     ``(metrics, objects)``."""
     pl.seed_everything(cfg.seed, workers=True)
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere+ for the fp32 parts
+    torch.backends.cudnn.allow_tf32 = True
     datamodule = hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.module)
     callbacks = instantiate_dict(cfg.get("callbacks"))

@@ -5,10 +5,13 @@ from opd.models.mini import MiniBackbone
 from opd.models.sd3 import SD3Backbone, resolve_dtype
 
 
-def mini_backbone(path: str | None = None, image_size: int = 64, torch_dtype: str = "float32") -> MiniBackbone:
-    """The mini-world model: loaded from ``path`` or, with ``path=None``, randomly initialised."""
+def mini_backbone(path: str | None = None, image_size: int = 64, torch_dtype: str = "float32",
+                  transformer: dict | None = None, text_encoder: dict | None = None) -> MiniBackbone:
+    """The mini-world model: loaded from ``path`` or, with ``path=None``, randomly initialised
+    (``transformer``/``text_encoder`` override the architecture, e.g. a toy size in tests)."""
     if path is None:
-        return MiniBackbone(image_size=image_size).to(resolve_dtype(torch_dtype))
+        model = MiniBackbone(transformer=transformer, text_encoder=text_encoder, image_size=image_size)
+        return model.to(resolve_dtype(torch_dtype))
     model = MiniBackbone.from_pretrained(path, torch_dtype=torch_dtype)
     if model.image_size != image_size:
         raise ValueError(f"model.image_size={image_size} but {path} was trained at {model.image_size} px")

@@ -1,0 +1,1 @@
+"""Scoring generated images and writing evaluation reports."""

@@ -1,0 +1,41 @@
+"""Shared fixtures: compose the real Hydra config, shrunk for CPU tests."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+import opd.config  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+EXPERIMENTS = sorted(str(p.relative_to(CONF / "experiment").with_suffix(""))
+                     for p in (CONF / "experiment").rglob("*.yaml"))
+#: a toy mini model (two blocks) so CPU tests take seconds
+TOY_MODEL = [
+    "model.path=null",
+    "+model.transformer={sample_size:16,patch_size:4,in_channels:3,out_channels:3,num_layers:2,"
+    "attention_head_dim:16,num_attention_heads:2,joint_attention_dim:32,caption_projection_dim:32,"
+    "pooled_projection_dim:32,pos_embed_max_size:4}",
+    "+model.text_encoder={dim:32,num_layers:1,num_heads:2,max_length:40,pooled_dim:32}",
+    "model.image_size=16",
+]
+
+
+def compose_cfg(config_name: str, overrides: list[str], output_dir: Path):
+    """The composed config, with the run folder (normally Hydra's) pointed at ``output_dir``."""
+    GlobalHydra.instance().clear()
+    paths = [f"paths.root_dir={ROOT}", f"paths.output_dir={output_dir}"]
+    if config_name == "eval":
+        paths.append(f"output_dir={output_dir}")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=config_name, overrides=[*paths, *overrides])
+
+
+@pytest.fixture
+def cfg_factory(tmp_path):
+    def make(config_name: str = "train", overrides: list[str] | None = None):
+        return compose_cfg(config_name, overrides or [], tmp_path)
+    return make

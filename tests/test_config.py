@@ -1,0 +1,64 @@
+"""Every experiment composes and instantiates; typos are errors; the CLI answers --help/--cfg."""
+import subprocess
+import sys
+
+import hydra
+import pytest
+from omegaconf import OmegaConf
+from hydra.errors import ConfigCompositionException
+
+from conftest import EXPERIMENTS, ROOT, TOY_MODEL
+
+
+def test_there_are_experiments():
+    assert "pretrain_mini" in EXPERIMENTS
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_instantiates(cfg_factory, experiment):
+    cfg = cfg_factory("train", [f"experiment={experiment}", "trainer=cpu", *TOY_MODEL])
+    OmegaConf.resolve(cfg)
+    module = hydra.utils.instantiate(cfg.module)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    module.configure_model()  # builds the toy backbone through the model group's factory
+    assert module.backbone is not None and datamodule is not None
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=False)
+    assert trainer.max_steps == cfg.trainer.max_steps
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_cli_prints_resolved_job_config(experiment):
+    out = subprocess.run([sys.executable, "-m", "opd.train", f"experiment={experiment}", "--cfg", "job"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"task_name: {OmegaConf.create(out.stdout).task_name}" in out.stdout
+
+
+def test_cli_help_lists_groups():
+    out = subprocess.run([sys.executable, "-m", "opd.train", "--help"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    for group in ("model", "sampler", "trainer", "logger", "experiment", "teacher", "reward", "callbacks"):
+        assert f"{group}:" in out.stdout
+
+
+def test_typo_in_sampler_key_is_an_error(cfg_factory):
+    with pytest.raises(ConfigCompositionException, match="kernal"):
+        cfg_factory("train", ["sampler.kernal=flow"])
+
+
+def test_typo_in_objective_key_is_an_error(cfg_factory):
+    with pytest.raises(ConfigCompositionException, match="logit_mena"):
+        cfg_factory("train", ["objective.logit_mena=0.5"])
+
+
+def test_sampler_values_are_typed(cfg_factory):
+    with pytest.raises(ConfigCompositionException):
+        cfg_factory("train", ["sampler.num_steps=ten"])
+
+
+def test_every_group_option_composes(cfg_factory):
+    for group in ("trainer=gpu", "trainer=ddp", "trainer=fsdp", "logger=csv", "logger=wandb", "logger=many",
+                  "sampler=flow_sde", "sampler=dpm2", "model=sd35_medium", "debug=default", "debug=fdr"):
+        cfg = cfg_factory("train", [group])
+        assert cfg is not None
