@@ -18,9 +18,10 @@ class SceneStream(IterableDataset):
     other and a run is reproducible for a fixed number of workers and processes.
     """
 
-    def __init__(self, image_size: int = 64, seed: int = 0) -> None:
+    def __init__(self, image_size: int = 64, seed: int = 0, sign_fraction: float = 0.5) -> None:
         self.image_size = image_size
         self.seed = seed
+        self.sign_fraction = sign_fraction
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         from opd.data.world.grammar import random_scene
@@ -31,7 +32,7 @@ class SceneStream(IterableDataset):
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         rng = random.Random(f"{self.seed}/{rank}/{worker}")
         while True:
-            scene, prompt, _ = random_scene(rng)
+            scene, prompt, _ = random_scene(rng, sign_fraction=self.sign_fraction)
             image = np.asarray(render(scene, self.image_size), dtype=np.float32) / 255.0
             yield {"image": torch.from_numpy(image).permute(2, 0, 1), "prompt": prompt}
 
@@ -43,14 +44,16 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 class SceneDataModule(pl.LightningDataModule):
     """Batches of rendered scenes for flow-matching pre-training."""
 
-    def __init__(self, image_size: int = 64, batch_size: int = 64, num_workers: int = 2, seed: int = 0) -> None:
+    def __init__(self, image_size: int = 64, batch_size: int = 64, num_workers: int = 2, seed: int = 0,
+                 sign_fraction: float = 0.5) -> None:
         super().__init__()
+        self.sign_fraction = sign_fraction
         self.image_size = image_size
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(SceneStream(self.image_size, self.seed), batch_size=self.batch_size,
+        return DataLoader(SceneStream(self.image_size, self.seed, self.sign_fraction), batch_size=self.batch_size,
                           num_workers=self.num_workers, collate_fn=collate,
                           persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())

@@ -25,7 +25,8 @@ class FlowMatchingPretrain(pl.LightningModule):
 
     def __init__(self, backbone: Callable[[], Backbone], objective: FlowMatchingLoss, sampler: Any,
                  optimizer: Callable[..., torch.optim.Optimizer], cond_dropout: float = 0.1,
-                 warmup_steps: int = 0, preview_prompts: Sequence[str] = ()) -> None:
+                 warmup_steps: int = 0, preview_prompts: Sequence[str] = (),
+                 export_every_n_steps: int | None = None) -> None:
         super().__init__()
         self._build_backbone = backbone
         self.backbone: Backbone | None = None
@@ -35,6 +36,7 @@ class FlowMatchingPretrain(pl.LightningModule):
         self.cond_dropout = cond_dropout
         self.warmup_steps = warmup_steps
         self.preview_prompts = list(preview_prompts)
+        self.export_every_n_steps = export_every_n_steps
 
     def configure_model(self) -> None:
         if self.backbone is None:
@@ -66,10 +68,19 @@ class FlowMatchingPretrain(pl.LightningModule):
                           guidance_scale=self.sampler.guidance_scale, shift=self.sampler.shift, seed=0)
         return images, self.preview_prompts
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Snapshots of the EMA weights along the way, to pick a base of the wanted strength."""
+        step = self.global_step
+        if self.export_every_n_steps and step % self.export_every_n_steps == 0:
+            self.export(Path(self.trainer.default_root_dir) / "exports" / f"step_{step:06d}")
+
     def on_train_end(self) -> None:
+        self.export(Path(self.trainer.default_root_dir) / "model")
+
+    def export(self, out: Path) -> None:
+        """Write the EMA weights with ``save_pretrained`` (rank 0)."""
         if not self.trainer.is_global_zero:
             return
-        out = Path(self.trainer.default_root_dir) / "model"
         with ema_weights(self.trainer, self):
             self.backbone.save_pretrained(out)
         self.print(f"exported the EMA weights to {out} (use model.path={out})")

@@ -466,13 +466,14 @@ def _pool_json(tag: str) -> tuple[str, ...]:
     return tuple(json.dumps(m) for m in geneval_pool(tag))
 
 
-def random_scene(rng: random.Random, seed: int = 0) -> tuple[Scene, str, dict[str, Any]]:
+def random_scene(rng: random.Random, seed: int = 0, sign_fraction: float = 0.5) -> tuple[Scene, str, dict[str, Any]]:
     """A pre-training example ``(scene, caption, metadata)`` with a truthful caption.
 
-    Half are signs (never showing an OCR test string), the rest 1-4 shapes with a GenEval-style
-    (60%) or aesthetic-style (40%) caption; every GenEval prompt of both splits can appear.
+    A ``sign_fraction`` share are signs (never showing an OCR test string), the rest 1-4 shapes
+    with a GenEval-style (60%) or aesthetic-style (40%) caption; every GenEval prompt of both
+    splits can appear. The mixture sets how fast each skill is learned relative to the others.
     """
-    if rng.random() < 0.5:
+    if rng.random() < sign_fraction:
         meta = ocr_meta(random_text(rng, seed))
     elif rng.random() < 0.6:
         meta = json.loads(rng.choice(_pool_json(rng.choice(GENEVAL_TAGS))))
