@@ -6,10 +6,10 @@ STAMP   := $(VENV)/.installed
 export PYTHONHASHSEED := 0
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all demo eval bench lint clean
+.PHONY: help install test test-all demo eval pretrain bench-rewards lint clean
 
 help:  ## list the targets
-	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,18 @@ test: $(STAMP)  ## run the fast CPU test suite (installs first if needed)
 
 test-all: $(STAMP)  ## run every CPU test, slow ones included
 	$(BIN)/python -m pytest -q -m "not gpu"
+
+demo: $(STAMP)  ## the main job on the mini world: sample the shipped base, score it, write a report (CPU ok)
+	$(BIN)/python -m opd.evaluate max_prompts=8 num_steps=20 hydra.run.dir=outputs/demo
+
+eval: $(STAMP)  ## full mini-world evaluation (all test prompts, 40 steps; a GPU makes it minutes). Pass ARGS="checkpoints.x=..."
+	$(BIN)/python -m opd.evaluate $(ARGS)
+
+pretrain: $(STAMP)  ## pre-train the mini base model (GPU): ARGS="trainer=gpu"
+	$(BIN)/python -m opd.train experiment=pretrain_mini $(ARGS)
+
+bench-rewards: $(STAMP)  ## images/s of the mini rewards on this machine
+	$(BIN)/python -m opd.bench_rewards
 
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check src tests

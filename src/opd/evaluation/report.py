@@ -55,7 +55,7 @@ class Report:
                 for tag, vs in sorted(by_tag.items()):
                     metrics[f"{task}/{key}/{tag}"] = sum(vs) / len(vs)
         headline = next(iter(scores))
-        captions = [f"{r['prompt']} [{float(scores[headline][i]):.2f}]" for i, r in enumerate(rows)]
+        captions = [f"[{float(scores[headline][i]):.2f}] {r['prompt']}" for i, r in enumerate(rows)]
         n = min(self.grid_size, len(rows))
         grid_dir = self.out_dir / "grids"
         grid_dir.mkdir(parents=True, exist_ok=True)
@@ -94,12 +94,20 @@ def markdown_table(results: dict[str, dict[str, float]], config: dict[str, Any],
     out = ["# Evaluation results", "",
            f"{config.get('num_steps')} sampling steps, CFG {config.get('guidance_scale')}, seed "
            f"{config.get('seed')}, {config.get('images_per_prompt')} image(s) per prompt, model "
-           f"`{config.get('model', {}).get('path')}`.", "", *lines]
+           f"`{_short_path(config.get('model', {}).get('path'), config.get('paths', {}).get('root_dir'))}`.",
+           "", *lines]
     if tagged:
         out += ["", "## Per tag", "", "| checkpoint | " + " | ".join(tagged) + " |", "|---" * (len(tagged) + 1) + "|"]
         for ckpt, metrics in results.items():
             out.append(f"| {ckpt} | " + " | ".join(f"{metrics.get(c, float('nan')):.3f}" for c in tagged) + " |")
     return "\n".join(out) + "\n"
+
+
+def _short_path(path: str | None, root: str | None) -> str | None:
+    """``path`` relative to the repository root when it lies inside it (portable reports)."""
+    if path and root and Path(path).is_relative_to(root):
+        return str(Path(path).relative_to(root))
+    return path
 
 
 def bar_chart(results: dict[str, dict[str, float]], path: Path) -> None:
