@@ -144,8 +144,11 @@ class MiniBackbone(Backbone):
             except (SafetensorError, OSError) as err:
                 raise ValueError(f"mini model: {file} is not a readable safetensors file ({err}); "
                                  f"restore it from git or retrain; {hint}") from err
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # shape mismatches
+            missing, unexpected = [str(err).splitlines()[1].strip()], []
         if missing or unexpected:
-            raise ValueError(f"mini model: {directory / WEIGHTS_FILE} does not match {directory / CONFIG_FILE} "
-                             f"(missing {missing[:3]}…, unexpected {unexpected[:3]}…)")
+            raise ValueError(f"mini model: the weights in {directory} do not match {directory / CONFIG_FILE} "
+                             f"(missing/mismatched {missing[:3]}, unexpected {unexpected[:3]})")
         return model.to(resolve_dtype(torch_dtype))

@@ -1,0 +1,95 @@
+"""Mini model persistence, clear loading errors, the shipped base, SD3 loading errors."""
+import json
+
+import pytest
+import torch
+
+from opd.models import mini as mini_module
+from opd.models.build import mini_backbone
+from opd.models.mini import ByteTextEncoder, MiniBackbone
+from opd.sampling import generate
+
+from conftest import ROOT
+
+TOY = dict(transformer=dict(sample_size=16, patch_size=4, in_channels=3, out_channels=3, num_layers=2,
+                            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                            caption_projection_dim=32, pooled_projection_dim=32, pos_embed_max_size=4),
+           text_encoder=dict(dim=32, num_layers=1, num_heads=2, max_length=40, pooled_dim=32), image_size=16)
+
+
+def toy(seed=0):
+    torch.manual_seed(seed)
+    return MiniBackbone(**TOY).eval()
+
+
+def test_byte_tokenizer_reads_bytes_and_cuts():
+    enc = ByteTextEncoder(dim=32, num_layers=1, num_heads=2, max_length=5, pooled_dim=8)
+    ids = enc.tokenize(['"CAT"', ""])
+    assert ids[0].tolist() == [1, 34 + 2, 67 + 2, 65 + 2, 84 + 2, 34 + 2]
+    assert ids[1].tolist() == [1, 0, 0, 0, 0, 0]
+    assert enc.tokenize(["ABCDEFGH"]).shape == (1, 6)
+
+
+def test_save_load_round_trip_in_several_shards(tmp_path, monkeypatch):
+    monkeypatch.setattr(mini_module, "MAX_SHARD_BYTES", 64 * 1024)
+    model = toy()
+    model.save_pretrained(tmp_path, dtype=torch.float32)
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 1 and all(s.stat().st_size < 200 * 1024 for s in shards)
+    loaded = MiniBackbone.from_pretrained(tmp_path)
+    x = torch.randn(2, 3, 16, 16)
+    cond = model.encode_prompts(["a red circle", 'a sign that says "K7P"'])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.velocity(x, torch.tensor([0.3, 0.8]), loaded.encode_prompts(
+            ["a red circle", 'a sign that says "K7P"'])), model.velocity(x, torch.tensor([0.3, 0.8]), cond))
+
+
+def test_missing_folder_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds no config.json"):
+        MiniBackbone.from_pretrained(tmp_path / "nope")
+
+
+def test_corrupt_weights_name_the_file(tmp_path):
+    toy().save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
+        MiniBackbone.from_pretrained(tmp_path)
+
+
+def test_weights_of_another_architecture_are_refused(tmp_path):
+    toy().save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["transformer"]["num_layers"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="do not match"):
+        MiniBackbone.from_pretrained(tmp_path)
+
+
+def test_shipped_base_loads_and_samples():
+    model = mini_backbone(str(ROOT / "models" / "mini_base"))
+    n_params = sum(p.numel() for p in model.parameters())
+    assert 13.0e6 < n_params < 13.5e6
+    images = generate(model, ['a sign that says "CAT"'], num_steps=2, guidance_scale=4.5)
+    assert images.shape == (1, 3, 64, 64) and 0.0 <= images.min() and images.max() <= 1.0
+
+
+def test_image_size_mismatch_is_named(tmp_path):
+    toy().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="model.image_size=64"):
+        mini_backbone(str(tmp_path), image_size=64)
+
+
+def test_generate_does_not_depend_on_batch_size():
+    model = toy()
+    prompts = ["a red circle", "a blue square", "a photo of two triangles"]
+    a = generate(model, prompts, num_steps=3, guidance_scale=2.0, batch_size=3)
+    b = generate(model, prompts, num_steps=3, guidance_scale=2.0, batch_size=1)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_sd3_missing_weights_error_says_how_to_fix(tmp_path):
+    from opd.models.sd3 import SD3Backbone
+
+    (tmp_path / "sd35").mkdir()
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        SD3Backbone.from_pretrained(str(tmp_path / "sd35"))
