@@ -1,7 +1,7 @@
 """Throughput of the mini world's rewards on this machine: ``python -m opd.bench_rewards``.
 
-Scores ``--num-images`` PIL-rendered signs (black upper-case 3-letter words on white, the OCR
-task's target look) with each reward and prints images/s and the mean of each returned key.
+Scores ``--num-images`` clean renders of the mini world's test prompts (signs for OCR, GenEval
+scenes for the others) with each reward and prints images/s and the mean of each returned key.
 
 Measured when the OCR reward was written (2-core CPU shared with another job; random upper-case
 3-letter signs, 64×64, font size 22; exact match, 80 clean / 150 degraded signs per cell; the
@@ -26,39 +26,33 @@ from __future__ import annotations
 
 import argparse
 import random
-import string
 import time
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from opd.data.world.grammar import load_prompts, scene_for
+from opd.data.world.render import render_tensor
 from opd.rewards.aesthetic_mini import AestheticMini
 from opd.rewards.base import Reward
+from opd.rewards.geneval_mini import GenEvalMini
 from opd.rewards.ocr import OCRReward
 
 
-def render_signs(
-    num_images: int, size: int = 64, font_size: int = 22, seed: int = 0
-) -> tuple[Tensor, list[str]]:
-    """``num_images`` random 3-letter words drawn black-on-white → ``([N, 3, size, size] in [0, 1], prompts)``."""
+def world_batch(task: str, num_images: int, size: int = 64, seed: int = 0) -> tuple[Tensor, list[str], list[dict]]:
+    """Clean mini-world renders of the first ``num_images`` test prompts of ``task`` →
+    ``([N, 3, size, size] in [0, 1], prompts, metadata)``."""
+    rows = load_prompts(task, "test")
+    rows = [rows[i % len(rows)] for i in range(num_images)]
     rng = random.Random(seed)
-    font = ImageFont.load_default(size=font_size)
-    words = ["".join(rng.choice(string.ascii_uppercase) for _ in range(3)) for _ in range(num_images)]
-    images = []
-    for word in words:
-        canvas = Image.new("RGB", (size, size), "white")
-        ImageDraw.Draw(canvas).text((size / 2, size / 2), word, fill="black", font=font, anchor="mm")
-        images.append(torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1))
-    return torch.stack(images).float() / 255, [f'a sign that says "{word}"' for word in words]
+    images = render_tensor([scene_for(row, rng) for row in rows], size)
+    return images, [row["prompt"] for row in rows], rows
 
 
 def bench(
-    reward: Reward, images: Tensor, prompts: list[str], num_repeats: int
+    reward: Reward, images: Tensor, prompts: list[str], metadata: list[dict], num_repeats: int
 ) -> tuple[float, dict[str, float]]:
     """Best-of-``num_repeats`` images/s of ``reward.score`` and the mean of each returned key."""
-    metadata: list[dict] = [{} for _ in prompts]
     reward.score(images[:2], prompts[:2], metadata[:2])  # warm-up: lazy allocations, onnx graph setup
     best = float("inf")
     for _ in range(num_repeats):
@@ -78,17 +72,21 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    images, prompts = render_signs(args.num_images, args.size)
+    signs = world_batch("ocr", args.num_images, args.size)
+    scenes = world_batch("geneval", args.num_images, args.size)
     start = time.perf_counter()
     rewards: dict[str, Reward] = {"ocr (1 thread)": OCRReward(num_workers=1)}
     print(f"OCRReward(rapidocr) constructed in {time.perf_counter() - start:.2f} s")
     rewards |= {
         f"ocr ({args.ocr_workers} threads)": OCRReward(num_workers=args.ocr_workers),
         "aesthetic_mini": AestheticMini(),
+        "geneval_mini": GenEvalMini(),
     }
-    print(f"{args.num_images} images of {args.size}×{args.size}; torch threads: {torch.get_num_threads()}")
+    print(f"{args.num_images} clean test renders of {args.size}×{args.size} (signs for OCR, GenEval scenes "
+          f"otherwise); torch threads: {torch.get_num_threads()}")
     for label, reward in rewards.items():
-        images_per_s, means = bench(reward, images, prompts, args.num_repeats)
+        batch = scenes if label == "geneval_mini" else signs
+        images_per_s, means = bench(reward, *batch, args.num_repeats)
         summary = ", ".join(f"{key}={value:.3f}" for key, value in means.items())
         print(f"{label:>16}: {images_per_s:10.1f} images/s   ({summary})")
 
