@@ -6,7 +6,6 @@ import torch
 
 from opd.evaluate import evaluate
 from opd.models.lora import add_lora, lora_parameters, save_lora
-
 from test_models import toy
 
 
@@ -46,8 +45,8 @@ def test_report_files_and_metrics(cfg_factory, toy_dirs, tmp_path):
     for f in ("results.md", "scores.png", "grids/base_geneval.png", "grids/lora_ocr.png"):
         assert (tmp_path / f).is_file()
     # the adapter changes the images: same prompt and seed, different pixels
-    from PIL import Image
     import numpy as np
+    from PIL import Image
     a = np.asarray(Image.open(tmp_path / "images/base/ocr/00000.png"), dtype=np.float32)
     b = np.asarray(Image.open(tmp_path / "images/lora/ocr/00000.png"), dtype=np.float32)
     assert np.abs(a - b).max() > 10

@@ -26,13 +26,13 @@ def scalar_expect(kernel, x, v, s, sn, a, x0_prev=None, s_prev=None):
     if kernel == "ddim":
         std = sn * math.sin(a * math.pi / 2)
         return (1 - sn) * x0 + math.sqrt(sn * sn - std * std) * (x + (1 - s) * v), std
-    lam = lambda t: math.log((1 - t) / t) if 0 < t < 1 else (math.inf if t == 0 else -math.inf)  # noqa: E731
+    lam = lambda t: math.log((1 - t) / t) if 0 < t < 1 else (math.inf if t == 0 else -math.inf)
     h = lam(sn) - lam(s)
     D = x0
     if kernel == "dpm2" and x0_prev is not None and s_prev < 1 and sn > 0:
         r = (lam(s) - lam(s_prev)) / h
         D = x0 + (x0 - x0_prev) / (2 * r)
-    ex = lambda c: 1.0 if c == 0 else math.exp(-c * h)  # noqa: E731 — e^{-c·h}, with e^{-0·∞} = 1
+    ex = lambda c: 1.0 if c == 0 else math.exp(-c * h)
     mean = (sn / s) * ex(a) * x + (1 - sn) * (1 - ex(1 + a)) * D
     return mean, sn * math.sqrt(1 - ex(2 * a))
 

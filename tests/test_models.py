@@ -4,12 +4,11 @@ import json
 import pytest
 import torch
 
+from conftest import ROOT
 from opd.models import mini as mini_module
 from opd.models.build import mini_backbone
 from opd.models.mini import ByteTextEncoder, MiniBackbone
 from opd.sampling import generate
-
-from conftest import ROOT
 
 TOY = dict(transformer=dict(sample_size=16, patch_size=4, in_channels=3, out_channels=3, num_layers=2,
                             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,

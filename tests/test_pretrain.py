@@ -2,12 +2,11 @@
 import torch
 from omegaconf import OmegaConf
 
+from conftest import TOY_MODEL
 from opd.models.backbone import PromptEmbeds
 from opd.models.mini import MiniBackbone
 from opd.objectives.flow_matching import FlowMatchingLoss
 from opd.train import train
-
-from conftest import TOY_MODEL
 
 
 class ConstantVelocity:

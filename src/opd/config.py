@@ -33,6 +33,38 @@ class FlowMatchingConfig:
 
 
 @dataclass
+class GRPOConfig:
+    """Flow-GRPO's PPO-clipped objective (ALGORITHMS.md §1)."""
+
+    _target_: str = "opd.objectives.grpo.GRPOLoss"
+    clip_range: float = 1e-4
+    kl_weight: float = 0.04
+    exact_kl: bool = True          # False: the released code's KL without the Δ factor
+
+
+@dataclass
+class GRPOGuardConfig:
+    """GRPO-Guard (ALGORITHMS.md §2)."""
+
+    _target_: str = "opd.objectives.grpo_guard.GRPOGuardLoss"
+    clip_range: float = 2e-6
+    kl_weight: float = 0.0
+    exact_kl: bool = True
+    per_sample: bool = True        # False: the released code's batch-wide RatioNorm
+    reweight: bool = True          # the 1/Δ_k step weighting
+
+
+@dataclass
+class NFTConfig:
+    """DiffusionNFT (ALGORITHMS.md §3)."""
+
+    _target_: str = "opd.objectives.nft.NFTLoss"
+    beta: float = 1.0              # β_NFT: 1.0 GenEval/PickScore, 0.1 OCR
+    kl_weight: float = 1e-4        # λ, velocity L2 to the reference model
+    loss_scale: float = 5.0
+
+
+@dataclass
 class TeacherConfig:
     """One frozen teacher adapter of DiffusionOPD: what it is good at and where it lives."""
 
@@ -47,6 +79,9 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(group="sampler", name="sampler_schema", node=SamplerConfig)
     cs.store(group="objective", name="flow_matching_schema", node=FlowMatchingConfig)
+    cs.store(group="objective", name="grpo_schema", node=GRPOConfig)
+    cs.store(group="objective", name="grpo_guard_schema", node=GRPOGuardConfig)
+    cs.store(group="objective", name="nft_schema", node=NFTConfig)
     cs.store(group="teacher", name="teacher_schema", node=TeacherConfig)
 
 

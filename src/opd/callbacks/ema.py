@@ -26,7 +26,7 @@ class EMA(pl.Callback):
         self.num_updates = 0
 
     @staticmethod
-    def find(trainer: pl.Trainer) -> "EMA | None":
+    def find(trainer: pl.Trainer) -> EMA | None:
         return next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
 
     def _params(self, pl_module: pl.LightningModule) -> dict[str, torch.nn.Parameter]:

@@ -65,8 +65,7 @@ class Report:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "results.json").write_text(json.dumps(self.results, indent=2, sort_keys=True))
         with open(self.out_dir / "samples.jsonl", "w") as f:
-            for line in self.samples:
-                f.write(json.dumps(line) + "\n")
+            f.writelines(json.dumps(line) + "\n" for line in self.samples)
         (self.out_dir / "results.md").write_text(markdown_table(self.results, config))
         bar_chart(self.results, self.out_dir / "scores.png")
         print(f"\nresults: {self.out_dir / 'results.md'}\n{markdown_table(self.results, config, brief=True)}"

@@ -23,18 +23,18 @@ class PromptEmbeds:
     def __len__(self) -> int:
         return self.embeds.shape[0]
 
-    def __getitem__(self, idx) -> "PromptEmbeds":
+    def __getitem__(self, idx) -> PromptEmbeds:
         return PromptEmbeds(self.embeds[idx], self.pooled[idx])
 
-    def to(self, *args, **kwargs) -> "PromptEmbeds":
+    def to(self, *args, **kwargs) -> PromptEmbeds:
         return PromptEmbeds(self.embeds.to(*args, **kwargs), self.pooled.to(*args, **kwargs))
 
-    def repeat_interleave(self, k: int) -> "PromptEmbeds":
+    def repeat_interleave(self, k: int) -> PromptEmbeds:
         """Each prompt ``k`` times in a row (GRPO groups)."""
         return PromptEmbeds(self.embeds.repeat_interleave(k, 0), self.pooled.repeat_interleave(k, 0))
 
     @staticmethod
-    def cat(items: list["PromptEmbeds"]) -> "PromptEmbeds":
+    def cat(items: list[PromptEmbeds]) -> PromptEmbeds:
         return PromptEmbeds(torch.cat([i.embeds for i in items]), torch.cat([i.pooled for i in items]))
 
 

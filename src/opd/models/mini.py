@@ -121,7 +121,7 @@ class MiniBackbone(Backbone):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, torch_dtype: str | torch.dtype = "float32") -> "MiniBackbone":
+    def from_pretrained(cls, directory: str | Path, torch_dtype: str | torch.dtype = "float32") -> MiniBackbone:
         """Load a folder written by :meth:`save_pretrained`; errors name the missing/bad file."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file

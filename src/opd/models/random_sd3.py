@@ -47,8 +47,12 @@ def _byte_vocab_tokenizer(directory: Path) -> Any:
 
 def tiny_sd3_pipeline(seed: int = 0, sample_size: int = 32) -> Any:
     """A ``StableDiffusion3Pipeline`` with toy-sized random CLIP-L/G, transformer and VAE, no T5."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, \
-        StableDiffusion3Pipeline
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)

@@ -46,7 +46,7 @@ class SD3Backbone(Backbone):
 
     @classmethod
     def from_pretrained(cls, path: str, use_t5: bool = False, torch_dtype: str = "bfloat16",
-                        max_sequence_length: int = 256) -> "SD3Backbone":
+                        max_sequence_length: int = 256) -> SD3Backbone:
         """Load from a local diffusers folder or a hub id (``model.path``). ``use_t5=False`` drops
         T5-XXL (``text_encoder_3=None``), as the references do to save memory."""
         from diffusers import StableDiffusion3Pipeline

@@ -14,8 +14,8 @@ broadcasts against ``x``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -152,9 +152,14 @@ def dpm2(x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, noise_level: f
     if history is None:
         return _dpm(x, x0, sigma, sigma_next, noise_level)
     sigma_prev = _expand(history.sigma, x)
-    lam = lambda s: torch.log((1 - s) / s)  # noqa: E731 — λ = log(α/σ), finite strictly inside (0, 1)
     inner = (sigma_prev < 1) & (sigma_next > 0)
-    safe = lambda s: torch.where(inner, s, torch.full_like(s, 0.5))  # noqa: E731 — keep NaN out of where()
+
+    def lam(s: Tensor) -> Tensor:  # λ = log(α/σ), finite strictly inside (0, 1)
+        return torch.log((1 - s) / s)
+
+    def safe(s: Tensor) -> Tensor:  # endpoints replaced so no NaN enters torch.where's other branch
+        return torch.where(inner, s, torch.full_like(s, 0.5))
+
     h = lam(safe(sigma_next)) - lam(safe(sigma))
     h_prev = lam(safe(sigma)) - lam(safe(sigma_prev))
     weight = torch.where(inner, h / (2 * h_prev), torch.zeros_like(h))

@@ -1,0 +1,97 @@
+"""DiffusionNFT teacher training: forward-process (flow-matching) fine-tuning on the old
+policy's own samples, with implicit positive/negative policies around a soft-updated "old"
+adapter (ALGORITHMS.md §3).
+
+One round: CFG-free deterministic rollout of the *old* adapter → rewards → group advantages →
+optimality probabilities ``r`` → fresh noising of each clean sample at ``num_train_steps``
+random grid times → ``num_updates_per_round`` optimiser steps of the NFT loss → soft update
+``θ_old ← η θ_old + (1 − η) θ``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from opd.models.lora import active_adapter, add_lora, lora_parameters, set_trainable
+from opd.modules.online_rl import OnlineRL
+from opd.objectives.nft import nft_noising, old_policy_decay, optimality_probability, soft_update_
+
+
+class NFTTeacher(OnlineRL):
+    """``objective`` is an ``NFTLoss``; ``decay_schedule`` is ``linear`` (GenEval, PickScore) or
+    ``delayed`` (OCR)."""
+
+    OLD = "old"
+
+    def __init__(self, *args: Any, objective: Any, num_train_steps: int = 9, num_updates_per_round: int = 1,
+                 decay_schedule: str = "linear", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.objective = objective
+        self.num_train_steps = num_train_steps
+        self.num_updates_per_round = num_updates_per_round
+        self.decay_schedule = decay_schedule
+        self.num_updates = 0
+
+    def configure_model(self) -> None:
+        fresh = self.backbone is None
+        super().configure_model()
+        if fresh:
+            add_lora(self.backbone.transformer, self.OLD, **self.lora)
+            with torch.no_grad():
+                for old, new in zip(self.old_parameters(), self.policy_parameters()):
+                    old.copy_(new)
+            self.backbone.transformer.set_adapter(self.STUDENT)
+            set_trainable(self.backbone.transformer, self.STUDENT)
+
+    def old_parameters(self) -> list[torch.nn.Parameter]:
+        return lora_parameters(self.backbone.transformer, self.OLD)
+
+    def velocity(self, x: Tensor, t: Tensor, cond: Any, adapter: str | None) -> Tensor:
+        """CFG-free velocity under ``adapter`` (the student carries grad, the others do not)."""
+        if adapter == self.STUDENT:
+            return self.backbone.velocity(x.to(self.backbone.dtype), t, cond)
+        with torch.no_grad(), active_adapter(self.backbone.transformer, adapter, trainable=self.STUDENT):
+            return self.backbone.velocity(x.to(self.backbone.dtype), t, cond)
+
+    def run_round(self) -> dict[str, Tensor]:
+        rows, group_ids = self.draw_round()
+        prompts = [r["prompt"] for r in rows]
+        with torch.no_grad(), active_adapter(self.backbone.transformer, self.OLD, trainable=self.STUDENT):
+            traj = self.sample(prompts, kernel=self.sampler.kernel, noise_level=self.sampler.noise_level,
+                               guidance_scale=self.sampler.guidance_scale)
+        x0 = traj.final.float()
+        scores = self.score(x0, rows)
+        r = optimality_probability(self.advantages(scores["reward"], group_ids))
+        x_t, t, _ = nft_noising(x0, traj.sigmas, self.num_train_steps, self.generator(2))
+        cond = traj.cond
+        metrics = self.log_rewards(scores)
+        sums: dict[str, Tensor] = {}
+        for chunk in torch.arange(x0.shape[0], device=self.device).tensor_split(self.num_updates_per_round):
+            for s in range(x_t.shape[1]):
+                xs, ts, c = x_t[chunk, s], t[chunk, s], cond[chunk]
+                v_ref = self.velocity(xs, ts, c, None) if getattr(self.objective, "kl_weight", 0) > 0 else None
+                loss, step_metrics = self.objective(self.velocity(xs, ts, c, self.STUDENT).float(),
+                                                    self.velocity(xs, ts, c, self.OLD).float(), xs, x0[chunk],
+                                                    ts, r[chunk], v_ref=None if v_ref is None else v_ref.float())
+                self.manual_backward(loss / x_t.shape[1])
+                for k, v in step_metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach().float() / (x_t.shape[1] * self.num_updates_per_round)
+            sums["train/grad_norm"] = sums.get("train/grad_norm", 0.0) + \
+                self.optimizer_step_with_clip().float() / self.num_updates_per_round
+            self.num_updates += 1
+        eta = old_policy_decay(self.num_updates, self.decay_schedule)
+        soft_update_(self.old_parameters(), self.policy_parameters(), eta)
+        metrics.update(sums)
+        metrics["train/old_decay"] = torch.tensor(eta)
+        metrics["train/r_mean"] = r.mean()
+        return metrics
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["opd_num_updates"] = self.num_updates
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.num_updates = int(checkpoint.get("opd_num_updates", 0))

@@ -1,0 +1,87 @@
+"""Flow-GRPO / GRPO-Guard teacher training (the PPO-style family).
+
+One round: SDE rollout of the student adapter on this round's prompt groups (log-probs and
+means stored) → rewards → group advantages over all ranks → ``num_updates_per_round`` optimiser
+steps, each on a slice of the round, accumulating the per-step loss over the trained steps
+(``timestep_fraction`` of the schedule, in order). The loss object decides the algorithm
+(``GRPOLoss`` or ``GRPOGuardLoss``); this module only orchestrates.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from opd.models.lora import active_adapter
+from opd.modules.online_rl import OnlineRL
+from opd.sampling import Trajectory, guided_velocity, transition
+
+
+class GRPOTeacher(OnlineRL):
+    """``objective`` is a GRPO-family loss ``(log_prob, old_log_prob, advantages, mean=, ref_mean=,
+    std=, delta=, old_mean=) -> (loss, metrics)``.
+
+    Samples whose advantage is exactly 0 (groups with equal rewards) are kept: their policy
+    gradient is 0 anyway, and keeping them gives every rank the same number of backward passes
+    under DDP (the references drop them, which only changes the KL term's averaging).
+    """
+
+    def __init__(self, *args: Any, objective: Any, timestep_fraction: float = 0.99,
+                 num_updates_per_round: int = 2, train_guidance_scale: float | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.objective = objective
+        self.timestep_fraction = timestep_fraction
+        self.num_updates_per_round = num_updates_per_round
+        self.train_guidance_scale = (self.sampler.guidance_scale if train_guidance_scale is None
+                                     else train_guidance_scale)
+
+    def run_round(self) -> dict[str, Tensor]:
+        rows, group_ids = self.draw_round()
+        with torch.no_grad():
+            traj = self.sample([r["prompt"] for r in rows], kernel=self.sampler.kernel,
+                               noise_level=self.sampler.noise_level, guidance_scale=self.sampler.guidance_scale,
+                               keep_means=True)
+        if traj.log_probs is None:
+            raise ValueError(f"sampler.kernel={self.sampler.kernel!r} with noise_level={self.sampler.noise_level} "
+                             "is deterministic: GRPO needs an SDE sampler (e.g. sampler=flow_sde)")
+        scores = self.score(traj.final, rows)
+        adv = self.advantages(scores["reward"], group_ids)
+        metrics = self.log_rewards(scores)
+        trained = range(max(1, int(self.sampler.num_steps * self.timestep_fraction)))
+        sums: dict[str, Tensor] = {}
+        for chunk in torch.arange(adv.shape[0], device=self.device).tensor_split(self.num_updates_per_round):
+            for j in trained:
+                loss, step_metrics = self.step_loss(traj, adv, chunk, j)
+                self.manual_backward(loss / len(trained))
+                for k, v in step_metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach().float() / (len(trained) * self.num_updates_per_round)
+            sums["train/grad_norm"] = sums.get("train/grad_norm", 0.0) + \
+                self.optimizer_step_with_clip().float() / self.num_updates_per_round
+        metrics.update(sums)
+        metrics["train/zero_adv_frac"] = (adv == 0).float().mean()
+        return metrics
+
+    def velocity(self, x: Tensor, sigma: Tensor, cond: Any, adapter: str | None) -> Tensor:
+        """The guided velocity under ``adapter`` (``None`` = reference model, no grad)."""
+        uncond = self.encode([""] * x.shape[0]) if self.train_guidance_scale != 1.0 else None
+        switch = nullcontext() if adapter == self.STUDENT else active_adapter(
+            self.backbone.transformer, adapter, trainable=self.STUDENT)
+        with switch, (torch.no_grad() if adapter != self.STUDENT else nullcontext()):
+            return guided_velocity(self.backbone, x.to(self.backbone.dtype), sigma, cond, uncond,
+                                   self.train_guidance_scale)
+
+    def step_loss(self, traj: Trajectory, adv: Tensor, idx: Tensor, j: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """The objective at trained step ``j`` for samples ``idx``; only the student's mean has grad."""
+        x, x_next = traj.latents[idx, j], traj.latents[idx, j + 1]
+        sigma, sigma_next = traj.sigmas[j], traj.sigmas[j + 1]
+        cond = traj.cond[idx]
+        kernel, a = self.sampler.kernel, self.sampler.noise_level
+        step = transition(kernel, x, self.velocity(x, sigma, cond, self.STUDENT), sigma, sigma_next, a)
+        ref_mean = None
+        if getattr(self.objective, "kl_weight", 0.0) > 0:
+            ref_mean = transition(kernel, x, self.velocity(x, sigma, cond, None), sigma, sigma_next, a).mean
+        return self.objective(step.log_prob(x_next), traj.log_probs[idx, j], adv[idx], mean=step.mean,
+                              ref_mean=ref_mean, std=step.std, delta=sigma - sigma_next,
+                              old_mean=traj.means[idx, j])
