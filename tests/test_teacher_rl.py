@@ -76,6 +76,7 @@ def test_kill_and_resume_matches_uninterrupted(cfg_factory, tmp_path_factory):
     la, lb = logged(straight_dir, "train/policy_loss"), logged(resumed_dir, "train/policy_loss")
     assert la and set(la) == set(lb)
     assert all(la[s] == lb[s] for s in la)
+    assert (resumed_dir / "adapter" / "pytorch_lora_weights.safetensors").is_file()
 
 
 NFT = [*TOY_MODEL, "trainer=cpu", "logger=csv", "trainer.enable_progress_bar=false", "module.num_groups_per_round=2",

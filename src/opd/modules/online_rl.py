@@ -8,15 +8,17 @@ an uninterrupted one would.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from opd.callbacks.ema import ema_weights
 from opd.data.prompts import rank_slice, round_groups, ticks_loader
 from opd.models.backbone import Backbone, PromptEmbeds
-from opd.models.lora import DEFAULT_TARGETS, add_lora, lora_parameters, set_trainable
+from opd.models.lora import DEFAULT_TARGETS, add_lora, lora_parameters, save_lora, set_trainable
 from opd.objectives.advantages import group_advantages
 from opd.rewards.base import Reward
 from opd.sampling import Trajectory, generate, rollout, sd3_sigmas
@@ -166,6 +168,15 @@ class OnlineRL(pl.LightningModule):
         images = generate(self.backbone, self.preview_prompts, num_steps=num_steps,
                           guidance_scale=self.sampler.guidance_scale, shift=self.sampler.shift, seed=0)
         return images, self.preview_prompts
+
+    def on_train_end(self) -> None:
+        """Export the student's EMA weights as a diffusers LoRA file in ``<output_dir>/adapter``."""
+        if not self.trainer.is_global_zero:
+            return
+        out = Path(self.trainer.default_root_dir) / "adapter"
+        with ema_weights(self.trainer, self):
+            save_lora(self.backbone.transformer, self.STUDENT, out)
+        self.print(f"exported the student adapter (EMA) to {out}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if "lora_" in k}
