@@ -14,9 +14,23 @@ def test_there_are_experiments():
     assert "pretrain_mini" in EXPERIMENTS
 
 
+def shrink(cfg_factory, experiment, tmp_path):
+    """Overrides that make an experiment CPU-sized: a toy model of the same family and, where it
+    reads user prompt files, a small one (real-scale weights and data are not on CI machines)."""
+    probe = cfg_factory("train", [f"experiment={experiment}"])
+    sd3 = "sd3_backbone" in probe.model._target_
+    overrides = ["model=sd3_tiny_random"] if sd3 else list(TOY_MODEL)
+    prompts = OmegaConf.select(probe, "module.prompts")
+    if prompts is not None and prompts.get("_target_", "").endswith("load_prompt_file"):
+        file = tmp_path / "prompts.txt"
+        file.write_text('a sign that says "OPD"\na photo of a cat\n')
+        overrides.append(f"module.prompts.path={file}")
+    return [f"experiment={experiment}", "trainer=cpu", *overrides]
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_experiment_composes_and_instantiates(cfg_factory, experiment):
-    cfg = cfg_factory("train", [f"experiment={experiment}", "trainer=cpu", *TOY_MODEL])
+def test_experiment_composes_and_instantiates(cfg_factory, experiment, tmp_path):
+    cfg = cfg_factory("train", shrink(cfg_factory, experiment, tmp_path))
     OmegaConf.resolve(cfg)
     module = hydra.utils.instantiate(cfg.module)
     datamodule = hydra.utils.instantiate(cfg.data)

@@ -20,6 +20,8 @@ def mini_backbone(path: str | None = None, image_size: int = 64, torch_dtype: st
 
 def sd3_backbone(path: str, use_t5: bool = False, torch_dtype: str = "bfloat16", max_sequence_length: int = 256,
                  image_size: int = 512) -> SD3Backbone:
-    """SD3.5 from a local diffusers folder or hub id (``image_size`` is read by data/eval configs)."""
-    return SD3Backbone.from_pretrained(path, use_t5=use_t5, torch_dtype=torch_dtype,
-                                       max_sequence_length=max_sequence_length)
+    """SD3.5 from a local diffusers folder or hub id; ``image_size`` is the training/eval resolution."""
+    backbone = SD3Backbone.from_pretrained(path, use_t5=use_t5, torch_dtype=torch_dtype,
+                                           max_sequence_length=max_sequence_length)
+    backbone.image_size = image_size
+    return backbone

@@ -76,8 +76,8 @@ def tiny_sd3_pipeline(seed: int = 0, sample_size: int = 32) -> Any:
     return pipe
 
 
-def tiny_sd3_backbone(seed: int = 0, sample_size: int = 32) -> SD3Backbone:
-    """:class:`SD3Backbone` around :func:`tiny_sd3_pipeline` (float32, CPU)."""
-    backbone = SD3Backbone(tiny_sd3_pipeline(seed, sample_size))
-    backbone.image_size = sample_size
+def tiny_sd3_backbone(seed: int = 0, image_size: int = 32) -> SD3Backbone:
+    """:class:`SD3Backbone` around :func:`tiny_sd3_pipeline` (float32, CPU; ``model=sd3_tiny_random``)."""
+    backbone = SD3Backbone(tiny_sd3_pipeline(seed, image_size))
+    backbone.image_size = image_size
     return backbone

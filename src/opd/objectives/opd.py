@@ -1,0 +1,161 @@
+"""DiffusionOPD's per-step loss: the reverse KL from the student's transition kernel to a teacher's
+(paper Eq. 10–12, DESIGN.md §2), for ONE trained step ``j``; the module sums over the trained steps.
+
+At a state ``x_j`` the student visited, student and teacher give means ``μ_S, μ_T`` with the *same*
+kernel, schedule and noise level, hence the same covariance ``s_j² I`` (``s_j = g_j sqrt(Δ_j)``,
+``Δ_j = σ_j − σ_{j+1} > 0``), so the per-step KL is exact and the sampled noise cancels:
+
+- SDE step (``s_j > 0``): ``KL_j = ||μ_S − μ_T||² / (2 s_j²)``. ``variant="code"`` reproduces the
+  authors' released code, which divides by ``2 g_j² = 2 s_j²/Δ_j``, i.e. ``KL_code = Δ_j · KL_paper``.
+- ODE step (``s_j = 0``): mean matching ``½ ||μ_S − μ_T||²`` (the variant does not enter).
+
+``reduction="mean"`` (default, as the reference) divides the squared norm by the number ``D`` of
+latent elements, i.e. it is the exact KL over ``D``; ``reduction="sum"`` gives the exact KL.
+
+Two gradient estimators of ``E[KL_j]`` (paper Sec. 3.3):
+
+- ``pathwise`` (default): the closed form above with the teacher mean detached, so only ``μ_S``
+  carries gradient.
+- ``score_function`` (PPO/REINFORCE-style, kept to measure the variance claim; SDE steps only):
+  with ``x' ~ q_old`` the student's rollout kernel, ``c_i = log q_S(x'_i) − log p_T(x'_i)`` (the reverse
+  KL's integrand, reduced over ``D`` like the KL, detached) and ``log ρ_i = log q_θ(x'_i) − log q_old(x'_i)``,
+  the per-sample loss is ``c_i (1 + log ρ_i)``, the first-order expansion of the importance-weighted
+  ``c_i ρ_i`` at ``ρ = 1``. On-policy its value is a Monte-Carlo estimate of the KL and its gradient is
+  ``c_i ∇ log q_θ(x'_i)``, whose expectation is ``∇ E[KL]`` because
+  ``∇ E_{q_θ}[log q_θ − log p] = E[(log q_θ − log p) ∇ log q_θ] + E[∇ log q_θ]`` and the last term is 0.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from opd.objectives.grpo import per_sample_scalar
+
+ESTIMATORS = ("pathwise", "score_function")
+VARIANTS = ("paper", "code")
+REDUCTIONS = ("mean", "sum")
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {list(choices)}")
+
+
+def _compute_dtype(t: Tensor) -> Tensor:
+    """At least float32 (bf16 loses the small mean gaps the KL is made of); float64 stays float64."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _reduce(per_element: Tensor, reduction: str) -> Tensor:
+    """``[B, ...]`` → ``[B]`` by mean or sum over the ``D`` latent elements."""
+    flat = per_element.flatten(1)
+    return flat.mean(dim=1) if reduction == "mean" else flat.sum(dim=1)
+
+
+def gaussian_kl_same_std(mean_a: Tensor, mean_b: Tensor, std: Tensor | float, reduction: str = "mean") -> Tensor:
+    """Per-sample ``KL(N(μ_a, s² I) || N(μ_b, s² I)) = reduce_D (μ_a − μ_b)² / (2 s²)`` ``[B]``.
+
+    ``mean_a, mean_b [B, ...]``; ``std`` = ``s > 0``, a scalar, ``[B]`` or ``[B, 1, ...]`` (as
+    ``Transition.std``). ``reduction="sum"`` is the exact KL, ``"mean"`` the exact KL over ``D``.
+    Neither mean is detached here; :class:`OPDLoss` detaches the teacher's.
+    """
+    _check_choice("reduction", reduction, REDUCTIONS)
+    var = per_sample_scalar(std, mean_a.shape[0], "std").to(mean_a.device).square()
+    diff = _compute_dtype(mean_a) - _compute_dtype(mean_b)
+    return _reduce(diff.square(), reduction) / (2 * var)
+
+
+def _gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """Element-averaged log-density of ``x`` under ``N(mean, s² I)`` ``[B]``, as ``Transition.log_prob``;
+    ``std [B]`` positive."""
+    s = std.view(-1, *([1] * (x.ndim - 1)))
+    lp = -0.5 * ((x - mean) / s).square() - torch.log(s) - _LOG_SQRT_2PI
+    return lp.flatten(1).mean(dim=1)
+
+
+class OPDLoss:
+    """DiffusionOPD's reverse KL for one trained step (see the module docstring).
+
+    ``estimator`` ∈ {"pathwise", "score_function"}; ``variant`` ∈ {"paper", "code"} (divide by ``2 s²``,
+    or by the released code's ``2 s²/Δ``); ``reduction`` ∈ {"mean", "sum"} over the latent elements.
+    """
+
+    def __init__(self, estimator: str = "pathwise", variant: str = "paper", reduction: str = "mean") -> None:
+        _check_choice("estimator", estimator, ESTIMATORS)
+        _check_choice("variant", variant, VARIANTS)
+        _check_choice("reduction", reduction, REDUCTIONS)
+        self.estimator = estimator
+        self.variant = variant
+        self.reduction = reduction
+
+    def __call__(self, student_mean: Tensor, teacher_mean: Tensor, std: Tensor | float, delta: Tensor | float,
+                 x_next: Tensor | None = None, student_log_prob: Tensor | None = None,
+                 old_student_log_prob: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(loss, metrics)`` for one step; ``loss`` is the mean over the ``B`` samples.
+
+        ``student_mean [B, ...]`` = μ_S (carries gradient), ``teacher_mean [B, ...]`` = μ_T (detached here),
+        ``std`` = the shared ``s_j`` (scalar, ``[B]`` or ``[B, 1, ...]``; 0 on ODE steps), ``delta`` =
+        ``Δ_j = σ_j − σ_{j+1} > 0`` (scalar or per sample). Score-function estimator only: ``x_next [B, ...]``
+        drawn from the student's rollout kernel; ``student_log_prob [B]`` / ``old_student_log_prob [B]``
+        element-averaged as ``Transition.log_prob`` returns them (default: computed from ``student_mean``,
+        and its detached value, i.e. on-policy). Metrics: ``train/kl`` (mean per-sample closed-form KL),
+        ``train/mean_gap`` (RMS of μ_S − μ_T) and, for the score-function estimator,
+        ``train/sf_weight_mean`` (mean of the weights ``c_i``, a Monte-Carlo estimate of ``train/kl``).
+        """
+        b = student_mean.shape[0]
+        std_b = per_sample_scalar(std, b, "std").to(student_mean.device).expand(b)
+        delta_b = per_sample_scalar(delta, b, "delta").to(student_mean.device).expand(b)
+        if bool((delta_b <= 0).any()):
+            raise ValueError("delta must be the step size Δ_j = σ_j − σ_{j+1} > 0 (the kernels' "
+                             "sigma_next − sigma is its negative)")
+        if bool((std_b < 0).any()):
+            raise ValueError("std must be >= 0 (the step's standard deviation s_j; 0 on ODE steps)")
+        mu_s, mu_t = _compute_dtype(student_mean), _compute_dtype(teacher_mean.detach())
+        kl = self._closed_form(mu_s, mu_t, std_b, delta_b)
+        metrics = {
+            "train/kl": kl.detach().mean(),
+            "train/mean_gap": (mu_s.detach() - mu_t).square().mean().sqrt(),
+        }
+        if self.estimator == "pathwise":
+            return kl.mean(), metrics
+        weight, log_ratio = self._score_function_terms(mu_s, mu_t, std_b, delta_b, x_next, student_log_prob,
+                                                       old_student_log_prob)
+        metrics["train/sf_weight_mean"] = weight.mean()
+        return (weight * (1 + log_ratio)).mean(), metrics
+
+    def _closed_form(self, mu_s: Tensor, mu_t: Tensor, std: Tensor, delta: Tensor) -> Tensor:
+        """Per-sample KL ``[B]``: SDE samples divide by ``2 s²`` (``2 s²/Δ`` for the code's variant), ODE
+        samples (``s = 0``) give ``½ reduce_D (μ_S − μ_T)²``."""
+        var = std.square()
+        sde = var > 0
+        # where() differentiates both branches: a safe denominator keeps 0·inf out of the ODE samples
+        denom = torch.where(sde, var, torch.ones_like(var))
+        if self.variant == "code":
+            denom = denom / delta
+        sq = _reduce((mu_s - mu_t).square(), self.reduction)
+        return torch.where(sde, sq / (2 * denom), 0.5 * sq)
+
+    def _score_function_terms(self, mu_s: Tensor, mu_t: Tensor, std: Tensor, delta: Tensor,
+                              x_next: Tensor | None, student_log_prob: Tensor | None,
+                              old_student_log_prob: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``(c [B] detached, log ρ [B])`` of the score-function estimator."""
+        if bool((std == 0).any()):
+            raise ValueError("estimator='score_function' needs an SDE step (std > 0): an ODE step has no "
+                             "density to take a score of; use estimator='pathwise' or noise_level > 0")
+        if x_next is None:
+            raise ValueError("estimator='score_function' needs x_next, the state sampled from the "
+                             "student's kernel at this step")
+        x = _compute_dtype(x_next.detach())
+        var = std.square()
+        if self.variant == "code":
+            var = var / delta  # KL_code = Δ · KL_paper, so its gradient's weight is Δ · c
+        # log q_S(x') − log p_T(x') with a shared std: the normalisers cancel, only the quadratics remain
+        weight = _reduce((x - mu_t).square() - (x - mu_s.detach()).square(), self.reduction) / (2 * var)
+        log_prob = student_log_prob if student_log_prob is not None else _gaussian_log_prob(x, mu_s, std)
+        old = old_student_log_prob if old_student_log_prob is not None else log_prob.detach()
+        # the log-probabilities are element means (Transition.log_prob): D × gives log q_θ − log q_old
+        num_elements = x[0].numel()
+        return weight, num_elements * (_compute_dtype(log_prob) - _compute_dtype(old.detach()))

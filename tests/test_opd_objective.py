@@ -1,0 +1,177 @@
+"""DiffusionOPD's per-step KL loss (DESIGN.md §2) against torch.distributions, Monte Carlo and
+hand-derived gradients, on real transitions of ``opd.sampling``."""
+import pytest
+import torch
+from torch.distributions import Independent, Normal, kl_divergence
+
+from opd.objectives.opd import OPDLoss, gaussian_kl_same_std
+from opd.sampling import Transition, transition
+
+SIGMA, SIGMA_NEXT, NOISE = 0.8, 0.7, 0.7
+DELTA = SIGMA - SIGMA_NEXT
+
+
+def _step_pair(b: int, shape: tuple[int, ...], seed: int, kernel: str = "flow", sigma=SIGMA):
+    """Student and teacher transitions from the same states ``x`` with different velocities, float64."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, *shape, generator=g, dtype=torch.float64)
+    v_s = torch.randn(b, *shape, generator=g, dtype=torch.float64)
+    v_t = v_s + 0.3 * torch.randn(b, *shape, generator=g, dtype=torch.float64)
+    return (transition(kernel, x, v_s, sigma, SIGMA_NEXT, NOISE),
+            transition(kernel, x, v_t, sigma, SIGMA_NEXT, NOISE))
+
+
+def test_closed_form_matches_torch_kl_and_monte_carlo():
+    tr_s, tr_t = _step_pair(4, (16,), seed=0)
+    mu_s, mu_t, s = tr_s.mean.double(), tr_t.mean.double(), tr_s.std.double()
+    assert s.ndim == 0 and s.item() > 0
+    kl_sum = gaussian_kl_same_std(mu_s, mu_t, s, "sum")
+    exact = kl_divergence(Independent(Normal(mu_s, s), 1), Independent(Normal(mu_t, s), 1))
+    torch.testing.assert_close(kl_sum, exact, rtol=1e-6, atol=0)
+    torch.testing.assert_close(gaussian_kl_same_std(mu_s, mu_t, s, "mean"), exact / 16, rtol=1e-6, atol=0)
+    _, m = OPDLoss(reduction="sum")(mu_s, mu_t, tr_s.std, DELTA)
+    torch.testing.assert_close(m["train/kl"], exact.mean(), rtol=1e-6, atol=0)
+
+    # E_{x ~ q_S}[log q_S(x) − log q_T(x)] with 200k draws per sample
+    q_s, q_t = Normal(mu_s, s), Normal(mu_t, s)
+    draws = q_s.sample((200_000,))
+    log_ratio = (q_s.log_prob(draws) - q_t.log_prob(draws)).sum(-1)  # [N, B]
+    mc, se = log_ratio.mean(0), log_ratio.std(0) / log_ratio.shape[0] ** 0.5
+    assert ((mc - kl_sum).abs() < 4 * se).all(), (mc, kl_sum, se)
+
+
+def test_code_variant_is_paper_times_delta():
+    tr_s, tr_t = _step_pair(3, (2, 4, 4), seed=1)
+    for delta in (DELTA, torch.tensor([0.1, 0.05, 0.2], dtype=torch.float64)):
+        paper, mp = OPDLoss()(tr_s.mean, tr_t.mean, tr_s.std, delta)
+        code, mc = OPDLoss(variant="code")(tr_s.mean, tr_t.mean, tr_s.std, delta)
+        per_sample = gaussian_kl_same_std(tr_s.mean, tr_t.mean, tr_s.std)
+        torch.testing.assert_close(paper, per_sample.mean())
+        torch.testing.assert_close(code, (torch.as_tensor(delta) * per_sample).mean())
+        torch.testing.assert_close(mc["train/kl"], code)
+
+
+def test_ode_step_is_half_mean_squared_gap():
+    tr_s, tr_t = _step_pair(3, (2, 3), seed=2, kernel="ode")
+    assert tr_s.std.item() == 0
+    gap = (tr_s.mean - tr_t.mean).flatten(1)
+    by_hand = sum(0.5 * sum(e**2 for e in row) / len(row) for row in gap.tolist()) / 3
+    for variant in ("paper", "code"):  # Δ only rescales the SDE KL
+        loss, _ = OPDLoss(variant=variant)(tr_s.mean, tr_t.mean, tr_s.std, DELTA)
+        assert loss.item() == pytest.approx(by_hand, rel=1e-12)
+    loss_sum, _ = OPDLoss(reduction="sum")(tr_s.mean, tr_t.mean, tr_s.std, DELTA)
+    assert loss_sum.item() == pytest.approx(6 * by_hand, rel=1e-12)
+    # per-sample std with an ODE sample among SDE ones: each sample gets its own formula
+    std = torch.tensor([0.0, 0.5, 0.25], dtype=torch.float64).view(3, 1, 1)
+    mixed, _ = OPDLoss()(tr_s.mean, tr_t.mean, std, DELTA)
+    sq = gap.square().mean(1)
+    torch.testing.assert_close(mixed, (0.5 * sq[0] + sq[1] / (2 * 0.25) + sq[2] / (2 * 0.0625)) / 3)
+
+
+@pytest.mark.parametrize("reduction,scale", [("mean", 1 / 12), ("sum", 1.0)])
+def test_pathwise_gradient_by_hand(reduction, scale):
+    tr_s, tr_t = _step_pair(5, (3, 4), seed=3)
+    mu_s = tr_s.mean.detach().requires_grad_()
+    mu_t = tr_t.mean.detach().requires_grad_()
+    loss, m = OPDLoss(reduction=reduction)(mu_s, mu_t, tr_s.std, DELTA)
+    loss.backward()
+    s2 = tr_s.std.item() ** 2
+    # d/dμ_S of (1/B) Σ_i reduce_D (μ_S − μ_T)²/(2 s²) = (μ_S − μ_T)/(s² B) · (1/D for the mean)
+    torch.testing.assert_close(mu_s.grad, (mu_s - mu_t).detach() * scale / (s2 * 5))
+    assert mu_t.grad is None
+    assert not m["train/kl"].requires_grad
+    gap = (mu_s - mu_t).detach()
+    assert m["train/mean_gap"].item() == pytest.approx(gap.square().mean().sqrt().item())
+
+
+def _per_sample_grads(estimator: str, num: int, d: int, seed: int, fixed_state: bool):
+    """Per-sample gradients ``[num, d]`` of one estimator wrt θ, the student's velocity offset, through a
+    real flow step (noise level 0.7); every sample has its own copy of θ so ``num · grad`` are the
+    per-sample contributions."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1 if fixed_state else num, d, generator=g, dtype=torch.float64).expand(num, d)
+    theta = torch.full((num, d), 0.05, dtype=torch.float64, requires_grad=True)
+    tr_s = transition("flow", x, 0.9 * x + theta, SIGMA, SIGMA_NEXT, NOISE)
+    tr_t = transition("flow", x, 0.8 * x + 0.3, SIGMA, SIGMA_NEXT, NOISE)
+    x_next = tr_s.sample(g).detach() if estimator == "score_function" else None
+    loss, _ = OPDLoss(estimator=estimator)(tr_s.mean, tr_t.mean, tr_s.std, DELTA, x_next=x_next)
+    (grad,) = torch.autograd.grad(loss, theta)
+    return num * grad, tr_s, tr_t
+
+
+def test_score_function_gradient_is_unbiased_and_report_variance_ratio():
+    num, d = 200_000, 16
+    pw, tr_s, tr_t = _per_sample_grads("pathwise", num, d, seed=4, fixed_state=False)
+    sf, _, _ = _per_sample_grads("score_function", num, d, seed=4, fixed_state=False)
+    # hand-derived pathwise: dμ_S/dθ = (1 + g²(1 − σ)/(2σ))(σ' − σ), times (μ_S − μ_T)/(s² D)
+    g2 = NOISE**2 * SIGMA / (1 - SIGMA)
+    dmu_dtheta = (1 + g2 * (1 - SIGMA) / (2 * SIGMA)) * (SIGMA_NEXT - SIGMA)
+    torch.testing.assert_close(pw, dmu_dtheta * (tr_s.mean - tr_t.mean).detach() / (tr_s.std.item() ** 2 * d))
+    # same states, so the difference isolates the score-function noise: its mean must be 0
+    diff = sf - pw
+    z = diff.mean(0) / (diff.std(0) / num**0.5)
+    assert (z.abs() < 4.5).all(), z
+    ratio = (sf.var(0).sum() / pw.var(0).sum()).item()
+    print(f"\nper-sample gradient variance, score-function / pathwise (flow, a = {NOISE}, D = {d}, "
+          f"random states): {ratio:.1f}")
+    assert ratio > 1
+
+
+def test_score_function_variance_matches_closed_form_at_a_fixed_state():
+    """At one state the pathwise gradient is deterministic; the score-function one, g = c ξ/(s D)·dμ/dθ
+    with ξ ~ N(0, I), has total variance (dμ/dθ)² [(D+1)|d|²/s² + D|d|⁴/(4s⁴)] / (s² D²), d = μ_S − μ_T."""
+    num, d = 200_000, 16
+    sf, tr_s, tr_t = _per_sample_grads("score_function", num, d, seed=5, fixed_state=True)
+    pw, _, _ = _per_sample_grads("pathwise", num, d, seed=5, fixed_state=True)
+    assert pw.var(0).max().item() < 1e-20
+    gap2 = (tr_s.mean[0] - tr_t.mean[0]).square().sum().item()
+    s2 = tr_s.std.item() ** 2
+    g2 = NOISE**2 * SIGMA / (1 - SIGMA)
+    dmu_dtheta = (1 + g2 * (1 - SIGMA) / (2 * SIGMA)) * (SIGMA_NEXT - SIGMA)
+    expect = dmu_dtheta**2 * ((d + 1) * gap2 / s2 + d * gap2**2 / (4 * s2**2)) / (s2 * d**2)
+    assert sf.var(0).sum().item() == pytest.approx(expect, rel=0.03)
+
+
+def test_score_function_log_prob_convention_and_on_policy_value():
+    tr_s, tr_t = _step_pair(6, (2, 4), seed=6)
+    x_next = tr_s.sample(torch.Generator().manual_seed(0)).float()
+    mu_s, mu_t, std = tr_s.mean.detach().float().requires_grad_(), tr_t.mean.float(), tr_s.std.float()
+    loss_fn = OPDLoss(estimator="score_function")
+    loss_a, m = loss_fn(mu_s, mu_t, std, DELTA, x_next=x_next)
+    (grad_a,) = torch.autograd.grad(loss_a, mu_s)
+    # passing Transition.log_prob's element-averaged values gives the same loss and gradient
+    lp = Transition(mean=mu_s, std=std, history=tr_s.history).log_prob(x_next)
+    loss_b, _ = loss_fn(mu_s, mu_t, std, DELTA, x_next=x_next, student_log_prob=lp,
+                        old_student_log_prob=lp.detach())
+    (grad_b,) = torch.autograd.grad(loss_b, mu_s)
+    torch.testing.assert_close(loss_a, loss_b)
+    torch.testing.assert_close(grad_a, grad_b)
+    # on-policy the value is mean_i c_i, c_i = (log q_S − log q_T)(x'_i) / D
+    c = (Normal(mu_s.detach(), std).log_prob(x_next) - Normal(mu_t, std).log_prob(x_next)).flatten(1)
+    torch.testing.assert_close(loss_a, c.mean(1).mean())
+    torch.testing.assert_close(m["train/sf_weight_mean"], c.mean(1).mean())
+    # and its gradient is c_i ∇_μ log q_S(x'_i) / B = c_i (x' − μ_S)/(s² B)
+    by_hand = c.mean(1).view(6, 1, 1) * (x_next - mu_s.detach()) / (std**2 * 6)
+    torch.testing.assert_close(grad_a, by_hand)
+
+
+@pytest.mark.parametrize("kwargs,name", [({"estimator": "reinforce"}, "estimator"),
+                                         ({"variant": "released"}, "variant"),
+                                         ({"reduction": "max"}, "reduction")])
+def test_bad_arguments_are_named(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        OPDLoss(**kwargs)
+    with pytest.raises(ValueError, match="reduction"):
+        gaussian_kl_same_std(torch.zeros(2, 3), torch.zeros(2, 3), 1.0, "max")
+
+
+def test_bad_call_arguments():
+    mu = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="std > 0"):
+        OPDLoss(estimator="score_function")(mu, mu, 0.0, DELTA, x_next=mu)
+    with pytest.raises(ValueError, match="x_next"):
+        OPDLoss(estimator="score_function")(mu, mu, 0.5, DELTA)
+    with pytest.raises(ValueError, match="delta"):
+        OPDLoss()(mu, mu, 0.5, -DELTA)
+    with pytest.raises(ValueError, match="std"):
+        OPDLoss()(mu, mu, torch.ones(3), DELTA)
