@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch.distributions import Independent, Normal, kl_divergence
 
-from opd.objectives.opd import OPDLoss, gaussian_kl_same_std
+from opd.objectives.gaussian import gaussian_kl_same_std
+from opd.objectives.opd import OPDLoss
 from opd.sampling import Transition, transition
 
 SIGMA, SIGMA_NEXT, NOISE = 0.8, 0.7, 0.7
@@ -12,13 +13,18 @@ DELTA = SIGMA - SIGMA_NEXT
 
 
 def _step_pair(b: int, shape: tuple[int, ...], seed: int, kernel: str = "flow", sigma=SIGMA):
-    """Student and teacher transitions from the same states ``x`` with different velocities, float64."""
+    """Student and teacher transitions from the same states ``x`` with different velocities; the
+    kernels compute in float32, the results are widened to float64 so the checks can be tight."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, *shape, generator=g, dtype=torch.float64)
-    v_s = torch.randn(b, *shape, generator=g, dtype=torch.float64)
-    v_t = v_s + 0.3 * torch.randn(b, *shape, generator=g, dtype=torch.float64)
-    return (transition(kernel, x, v_s, sigma, SIGMA_NEXT, NOISE),
-            transition(kernel, x, v_t, sigma, SIGMA_NEXT, NOISE))
+    x = torch.randn(b, *shape, generator=g)
+    v_s = torch.randn(b, *shape, generator=g)
+    v_t = v_s + 0.3 * torch.randn(b, *shape, generator=g)
+
+    def widened(tr: Transition) -> Transition:
+        return Transition(mean=tr.mean.double(), std=tr.std.double(), history=tr.history)
+
+    return (widened(transition(kernel, x, v_s, sigma, SIGMA_NEXT, NOISE)),
+            widened(transition(kernel, x, v_t, sigma, SIGMA_NEXT, NOISE)))
 
 
 def test_closed_form_matches_torch_kl_and_monte_carlo():
@@ -43,12 +49,23 @@ def test_closed_form_matches_torch_kl_and_monte_carlo():
 def test_code_variant_is_paper_times_delta():
     tr_s, tr_t = _step_pair(3, (2, 4, 4), seed=1)
     for delta in (DELTA, torch.tensor([0.1, 0.05, 0.2], dtype=torch.float64)):
-        paper, mp = OPDLoss()(tr_s.mean, tr_t.mean, tr_s.std, delta)
+        paper, _ = OPDLoss()(tr_s.mean, tr_t.mean, tr_s.std, delta)
         code, mc = OPDLoss(variant="code")(tr_s.mean, tr_t.mean, tr_s.std, delta)
         per_sample = gaussian_kl_same_std(tr_s.mean, tr_t.mean, tr_s.std)
         torch.testing.assert_close(paper, per_sample.mean())
         torch.testing.assert_close(code, (torch.as_tensor(delta) * per_sample).mean())
         torch.testing.assert_close(mc["train/kl"], code)
+    # the score-function estimator rescales its weights the same way
+    x_next = tr_s.sample(torch.Generator().manual_seed(0))
+    delta = torch.tensor([0.1, 0.05, 0.2], dtype=torch.float64)
+    sf_paper, _ = OPDLoss("score_function")(tr_s.mean, tr_t.mean, tr_s.std, delta, x_next=x_next)
+    sf_code, m = OPDLoss("score_function", "code")(tr_s.mean, tr_t.mean, tr_s.std, delta, x_next=x_next)
+    # c_i = (log q_S − log q_T)(x'_i) / D for two Gaussians with the same std
+    c = (Normal(tr_s.mean, tr_s.std).log_prob(x_next) - Normal(tr_t.mean, tr_s.std).log_prob(x_next)).flatten(1)
+    c = c.mean(1)
+    torch.testing.assert_close(sf_paper, c.mean())
+    torch.testing.assert_close(sf_code, (delta * c).mean())
+    torch.testing.assert_close(m["train/sf_weight_mean"], (delta * c).mean())
 
 
 def test_ode_step_is_half_mean_squared_gap():
@@ -106,7 +123,8 @@ def test_score_function_gradient_is_unbiased_and_report_variance_ratio():
     # hand-derived pathwise: dμ_S/dθ = (1 + g²(1 − σ)/(2σ))(σ' − σ), times (μ_S − μ_T)/(s² D)
     g2 = NOISE**2 * SIGMA / (1 - SIGMA)
     dmu_dtheta = (1 + g2 * (1 - SIGMA) / (2 * SIGMA)) * (SIGMA_NEXT - SIGMA)
-    torch.testing.assert_close(pw, dmu_dtheta * (tr_s.mean - tr_t.mean).detach() / (tr_s.std.item() ** 2 * d))
+    by_hand = dmu_dtheta * (tr_s.mean - tr_t.mean).detach().double() / (tr_s.std.item() ** 2 * d)
+    torch.testing.assert_close(pw, by_hand, rtol=1e-5, atol=1e-7)
     # same states, so the difference isolates the score-function noise: its mean must be 0
     diff = sf - pw
     z = diff.mean(0) / (diff.std(0) / num**0.5)

@@ -17,19 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def per_sample_scalar(value: Tensor | float, batch_size: int, name: str) -> Tensor:
-    """A per-step quantity (``s_k``, ``Δ_k``) as float32 of shape ``[]`` or ``[B]``.
-
-    Accepts a float, a 0-d tensor, ``[B]`` or ``[B, 1, ...]`` (the broadcastable ``Transition.std``).
-    """
-    v = torch.as_tensor(value, dtype=torch.float32)
-    if v.numel() == 1:
-        return v.reshape(())
-    if v.shape[0] != batch_size or v.numel() != batch_size:
-        raise ValueError(f"{name} must be a scalar, [B] or [B, 1, ...] with B = {batch_size}; "
-                         f"got shape {tuple(v.shape)}")
-    return v.reshape(batch_size)
+from opd.objectives.gaussian import gaussian_kl_same_std, per_sample_scalar
 
 
 def clipped_surrogate(ratio: Tensor, advantages: Tensor, clip_range: float) -> Tensor:
@@ -51,16 +39,15 @@ def gaussian_mean_kl(mean: Tensor, ref_mean: Tensor, std: Tensor | float, delta:
     ``[B]`` or ``[B, 1, ...]``. The reference is a fixed target, hence detached.
     """
     b = mean.shape[0]
-    var = per_sample_scalar(std, b, "std").to(mean.device).square()
+    s = per_sample_scalar(std, b, "std").to(mean.device)
     if not exact:
         if delta is None:
             raise ValueError("exact_kl=False divides by 2 s²/Δ: pass delta (the step size Δ_k > 0)")
         d = per_sample_scalar(delta, b, "delta").to(mean.device)
         if bool((d <= 0).any()):
             raise ValueError("delta must be the step size Δ_k = t_k − t_{k+1} > 0")
-        var = var / d
-    sq = (mean.float() - ref_mean.detach().float()).square().flatten(1).mean(dim=1)
-    return sq / (2 * var)
+        s = s / d.sqrt()  # the code's g = s / sqrt(Δ) in place of s
+    return gaussian_kl_same_std(mean, ref_mean.detach(), s, "mean")
 
 
 class GRPOLoss:

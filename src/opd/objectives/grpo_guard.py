@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from opd.objectives.grpo import GRPOLoss, per_sample_scalar
+from opd.objectives.gaussian import per_sample_scalar
+from opd.objectives.grpo import GRPOLoss
 
 
 def ratio_norm(log_prob: Tensor, old_log_prob: Tensor, mean: Tensor, old_mean: Tensor,

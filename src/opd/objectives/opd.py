@@ -23,6 +23,10 @@ Two gradient estimators of ``E[KL_j]`` (paper Sec. 3.3):
   ``c_i ρ_i`` at ``ρ = 1``. On-policy its value is a Monte-Carlo estimate of the KL and its gradient is
   ``c_i ∇ log q_θ(x'_i)``, whose expectation is ``∇ E[KL]`` because
   ``∇ E_{q_θ}[log q_θ − log p] = E[(log q_θ − log p) ∇ log q_θ] + E[∇ log q_θ]`` and the last term is 0.
+  The linear form never exponentiates ``log ρ = D (ℓ_θ − ℓ_old)`` (``ℓ`` element-averaged, as
+  ``Transition.log_prob``), which overflows for SD3-sized ``D`` once θ moves; the price is a bias once θ
+  has moved away from the rollout policy (exact on-policy, which is how DiffusionOPD trains).
+  ``variant="code"`` scales ``c_i`` by ``Δ_j``, as it scales the KL. No baseline is subtracted.
 """
 from __future__ import annotations
 
@@ -31,41 +35,17 @@ import math
 import torch
 from torch import Tensor
 
-from opd.objectives.grpo import per_sample_scalar
+from opd.objectives.gaussian import (
+    REDUCTIONS,
+    check_choice,
+    compute_dtype,
+    per_sample_scalar,
+    reduce_elements,
+)
 
 ESTIMATORS = ("pathwise", "score_function")
 VARIANTS = ("paper", "code")
-REDUCTIONS = ("mean", "sum")
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; choose one of {list(choices)}")
-
-
-def _compute_dtype(t: Tensor) -> Tensor:
-    """At least float32 (bf16 loses the small mean gaps the KL is made of); float64 stays float64."""
-    return t if t.dtype == torch.float64 else t.float()
-
-
-def _reduce(per_element: Tensor, reduction: str) -> Tensor:
-    """``[B, ...]`` → ``[B]`` by mean or sum over the ``D`` latent elements."""
-    flat = per_element.flatten(1)
-    return flat.mean(dim=1) if reduction == "mean" else flat.sum(dim=1)
-
-
-def gaussian_kl_same_std(mean_a: Tensor, mean_b: Tensor, std: Tensor | float, reduction: str = "mean") -> Tensor:
-    """Per-sample ``KL(N(μ_a, s² I) || N(μ_b, s² I)) = reduce_D (μ_a − μ_b)² / (2 s²)`` ``[B]``.
-
-    ``mean_a, mean_b [B, ...]``; ``std`` = ``s > 0``, a scalar, ``[B]`` or ``[B, 1, ...]`` (as
-    ``Transition.std``). ``reduction="sum"`` is the exact KL, ``"mean"`` the exact KL over ``D``.
-    Neither mean is detached here; :class:`OPDLoss` detaches the teacher's.
-    """
-    _check_choice("reduction", reduction, REDUCTIONS)
-    var = per_sample_scalar(std, mean_a.shape[0], "std").to(mean_a.device).square()
-    diff = _compute_dtype(mean_a) - _compute_dtype(mean_b)
-    return _reduce(diff.square(), reduction) / (2 * var)
 
 
 def _gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
@@ -84,9 +64,9 @@ class OPDLoss:
     """
 
     def __init__(self, estimator: str = "pathwise", variant: str = "paper", reduction: str = "mean") -> None:
-        _check_choice("estimator", estimator, ESTIMATORS)
-        _check_choice("variant", variant, VARIANTS)
-        _check_choice("reduction", reduction, REDUCTIONS)
+        check_choice("estimator", estimator, ESTIMATORS)
+        check_choice("variant", variant, VARIANTS)
+        check_choice("reduction", reduction, REDUCTIONS)
         self.estimator = estimator
         self.variant = variant
         self.reduction = reduction
@@ -113,7 +93,7 @@ class OPDLoss:
                              "sigma_next − sigma is its negative)")
         if bool((std_b < 0).any()):
             raise ValueError("std must be >= 0 (the step's standard deviation s_j; 0 on ODE steps)")
-        mu_s, mu_t = _compute_dtype(student_mean), _compute_dtype(teacher_mean.detach())
+        mu_s, mu_t = compute_dtype(student_mean), compute_dtype(teacher_mean.detach())
         kl = self._closed_form(mu_s, mu_t, std_b, delta_b)
         metrics = {
             "train/kl": kl.detach().mean(),
@@ -135,7 +115,7 @@ class OPDLoss:
         denom = torch.where(sde, var, torch.ones_like(var))
         if self.variant == "code":
             denom = denom / delta
-        sq = _reduce((mu_s - mu_t).square(), self.reduction)
+        sq = reduce_elements((mu_s - mu_t).square(), self.reduction)
         return torch.where(sde, sq / (2 * denom), 0.5 * sq)
 
     def _score_function_terms(self, mu_s: Tensor, mu_t: Tensor, std: Tensor, delta: Tensor,
@@ -148,14 +128,14 @@ class OPDLoss:
         if x_next is None:
             raise ValueError("estimator='score_function' needs x_next, the state sampled from the "
                              "student's kernel at this step")
-        x = _compute_dtype(x_next.detach())
+        x = compute_dtype(x_next.detach())
         var = std.square()
         if self.variant == "code":
             var = var / delta  # KL_code = Δ · KL_paper, so its gradient's weight is Δ · c
         # log q_S(x') − log p_T(x') with a shared std: the normalisers cancel, only the quadratics remain
-        weight = _reduce((x - mu_t).square() - (x - mu_s.detach()).square(), self.reduction) / (2 * var)
+        weight = reduce_elements((x - mu_t).square() - (x - mu_s.detach()).square(), self.reduction) / (2 * var)
         log_prob = student_log_prob if student_log_prob is not None else _gaussian_log_prob(x, mu_s, std)
         old = old_student_log_prob if old_student_log_prob is not None else log_prob.detach()
         # the log-probabilities are element means (Transition.log_prob): D × gives log q_θ − log q_old
         num_elements = x[0].numel()
-        return weight, num_elements * (_compute_dtype(log_prob) - _compute_dtype(old.detach()))
+        return weight, num_elements * (compute_dtype(log_prob) - compute_dtype(old.detach()))
