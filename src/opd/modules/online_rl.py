@@ -1,81 +1,39 @@
-"""What every online-RL LightningModule shares: a LoRA policy on a frozen backbone, prompt
-rounds spread over ranks, rollouts, rewards, group advantages, logging and exact resume.
-
-Subclasses implement :meth:`OnlineRL.update` (the algorithm's inner loop). Rollout noise and
-prompt draws are pure functions of ``(seed, round, rank)``, so a resumed run continues exactly as
-an uninterrupted one would.
-"""
+"""Online RL on one reward: prompt rounds of GRPO groups spread over ranks, rewards and group
+advantages gathered across ranks. Subclasses implement the algorithm's update."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from opd.callbacks.ema import ema_weights
-from opd.data.prompts import rank_slice, round_groups, ticks_loader
-from opd.models.backbone import Backbone, PromptEmbeds
-from opd.models.lora import DEFAULT_TARGETS, add_lora, lora_parameters, save_lora, set_trainable
+from opd.data.prompts import rank_slice, round_groups
+from opd.models.backbone import Backbone
+from opd.modules.policy import AdapterPolicy
 from opd.objectives.advantages import group_advantages
 from opd.rewards.base import Reward
-from opd.sampling import Trajectory, generate, rollout, sd3_sigmas
 
 
-class OnlineRL(pl.LightningModule):
-    """Base of the teacher-RL modules (manual optimisation: one ``training_step`` = one round)."""
-
-    STUDENT = "student"
+class OnlineRL(AdapterPolicy):
+    """Base of the teacher-RL modules: one reward, one prompt set, GRPO groups over ranks."""
 
     def __init__(self, backbone: Callable[[], Backbone], reward: dict[str, Reward], prompts: Sequence[dict],
                  sampler: Any, optimizer: Callable[..., torch.optim.Optimizer], lora: dict[str, Any] | None = None,
                  num_groups_per_round: int = 8, group_size: int = 8, global_std: bool = True,
                  grad_clip: float = 1.0, seed: int = 0, preview_prompts: Sequence[str] = ()) -> None:
-        super().__init__()
-        self.automatic_optimization = False
-        self.strict_loading = False  # checkpoints hold the adapters only, not the frozen backbone
-        self._build_backbone = backbone
-        self.backbone: Backbone | None = None
+        rows = list(prompts)
+        if not rows:
+            raise ValueError("prompts: the prompt set is empty")
+        super().__init__(backbone, sampler, optimizer, lora, grad_clip, seed,
+                         list(preview_prompts) or [r["prompt"] for r in rows[:8]])
         if len(reward) != 1:
             raise ValueError(f"reward: give exactly one reward (a `multi` reward for a mix), got {list(reward)}")
         self.reward_name, self.reward = next(iter(reward.items()))
-        self.prompt_rows = list(prompts)
-        if not self.prompt_rows:
-            raise ValueError("prompts: the prompt set is empty")
-        self.sampler = sampler
-        self._optimizer = optimizer
-        self.lora = {"rank": 32, "alpha": 64, "target_modules": list(DEFAULT_TARGETS), **(lora or {})}
+        self.prompt_rows = rows
         self.num_groups_per_round = num_groups_per_round
         self.group_size = group_size
         self.global_std = global_std
-        self.grad_clip = grad_clip
-        self.seed = seed
-        self.preview_prompts = list(preview_prompts) or [r["prompt"] for r in self.prompt_rows[:8]]
-        self.round = 0
-        self._embed_cache: dict[str, PromptEmbeds] = {}
-
-    # -- set-up ----------------------------------------------------------------------------
-    def configure_model(self) -> None:
-        if self.backbone is not None:
-            return
-        self.backbone = self._build_backbone()
-        self.backbone.requires_grad_(False)
-        add_lora(self.backbone.transformer, self.STUDENT, **self.lora)
-        set_trainable(self.backbone.transformer, self.STUDENT)
-
-    def policy_parameters(self) -> list[torch.nn.Parameter]:
-        return lora_parameters(self.backbone.transformer, self.STUDENT)
-
-    def ema_parameters(self) -> dict[str, torch.nn.Parameter]:
-        return {n: p for n, p in self.backbone.transformer.named_parameters() if f".{self.STUDENT}." in n}
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self._optimizer(self.policy_parameters())
-
-    def train_dataloader(self) -> torch.utils.data.DataLoader:
-        return ticks_loader()
 
     # -- one round ---------------------------------------------------------------------------
     def draw_round(self) -> tuple[list[dict], Tensor]:
@@ -86,47 +44,9 @@ class OnlineRL(pl.LightningModule):
         mine = rank_slice(prompt_ids, rank, world)
         return [self.prompt_rows[i] for i in mine.tolist()], rank_slice(group_ids, rank, world).to(self.device)
 
-    def encode(self, prompts: list[str]) -> PromptEmbeds:
-        """Prompt embeddings, cached (the backbone's text encoders are frozen here)."""
-        missing = sorted({p for p in prompts if p not in self._embed_cache})
-        if missing:
-            with torch.no_grad():
-                fresh = self.backbone.encode_prompts(missing)
-            for i, p in enumerate(missing):
-                self._embed_cache[p] = fresh[i : i + 1]
-        return PromptEmbeds.cat([self._embed_cache[p] for p in prompts])
-
-    def generator(self, purpose: int) -> torch.Generator:
-        """A generator seeded by ``(seed, round, rank, purpose)``: resumable randomness."""
-        seed = ((self.seed * 1_000_003 + self.round) * 1009 + self.global_rank) * 17 + purpose
-        return torch.Generator(device=self.device).manual_seed(seed)
-
-    def sample(self, prompts: list[str], *, kernel: str, noise_level: float, guidance_scale: float,
-               keep_means: bool = False) -> Trajectory:
-        """Roll out the active adapter on ``prompts`` from round-seeded noise."""
-        shape = self.backbone.latent_shape(self.image_size, self.image_size)
-        noise = torch.randn((len(prompts), *shape), generator=self.generator(0), device=self.device)
-        cond = self.encode(prompts)
-        uncond = self.encode([""] * len(prompts)) if guidance_scale != 1.0 else None
-        sigmas = sd3_sigmas(self.sampler.num_steps, self.sampler.shift, device=self.device)
-        return rollout(self.backbone, cond, noise, sigmas, kernel=kernel, noise_level=noise_level,
-                       guidance_scale=guidance_scale, uncond=uncond, generator=self.generator(1),
-                       keep_means=keep_means)
-
-    @property
-    def image_size(self) -> int:
-        return int(getattr(self.backbone, "image_size", 512))
-
     def score(self, latents: Tensor, rows: list[dict]) -> dict[str, Tensor]:
-        """Decode and score; NaN rewards stop the run with a clear error."""
-        with torch.no_grad():
-            images = self.backbone.decode(latents.to(self.backbone.dtype))
-        scores = self.reward.score(images, [r["prompt"] for r in rows], rows)
-        bad = ~torch.isfinite(scores["reward"])
-        if bad.any():
-            raise ValueError(f"reward {self.reward_name!r} returned NaN/inf for {int(bad.sum())} image(s) in round "
-                             f"{self.round} (prompts {[rows[i]['prompt'] for i in bad.nonzero().flatten()[:3]]})")
-        return {k: v.to(self.device) for k, v in scores.items()}
+        """Decode and score with the training reward (NaN stops the run with a clear error)."""
+        return self.score_images(self.reward, self.reward_name, latents, rows)
 
     def advantages(self, rewards: Tensor, group_ids: Tensor) -> Tensor:
         """Group-normalised advantages over the whole round (all ranks), this rank's slice."""
@@ -135,52 +55,5 @@ class OnlineRL(pl.LightningModule):
         adv = group_advantages(all_rewards.float(), all_groups, global_std=self.global_std)
         return rank_slice(adv, self.global_rank, self.trainer.world_size)
 
-    def training_step(self, batch: Any, batch_idx: int) -> None:
-        metrics = self.run_round()
-        self.round += 1
-        self.log("train/round", float(self.round), on_step=True)
-        self.log_dict({k: v.float() for k, v in metrics.items()}, on_step=True, prog_bar=False)
-
-    def run_round(self) -> dict[str, Tensor]:
-        raise NotImplementedError
-
     def log_rewards(self, scores: dict[str, Tensor]) -> dict[str, Tensor]:
-        out = {}
-        for key, value in scores.items():
-            name = self.reward_name if key == "reward" else f"{self.reward_name}/{key}"
-            gathered = self.all_gather(value).reshape(-1).float()
-            out[f"reward/{name}"] = gathered.mean()
-            if key == "reward":
-                out[f"reward/{name}_std"] = gathered.std()
-        return out
-
-    def optimizer_step_with_clip(self) -> Tensor:
-        """Clip the global grad norm, step, zero; returns the pre-clip norm."""
-        opt = self.optimizers()
-        norm = torch.nn.utils.clip_grad_norm_(self.policy_parameters(), self.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return norm
-
-    # -- previews and checkpoints ---------------------------------------------------------------
-    @torch.no_grad()
-    def preview(self, num_steps: int) -> tuple[Tensor, list[str]]:
-        images = generate(self.backbone, self.preview_prompts, num_steps=num_steps,
-                          guidance_scale=self.sampler.guidance_scale, shift=self.sampler.shift, seed=0)
-        return images, self.preview_prompts
-
-    def on_train_end(self) -> None:
-        """Export the student's EMA weights as a diffusers LoRA file in ``<output_dir>/adapter``."""
-        if not self.trainer.is_global_zero:
-            return
-        out = Path(self.trainer.default_root_dir) / "adapter"
-        with ema_weights(self.trainer, self):
-            save_lora(self.backbone.transformer, self.STUDENT, out)
-        self.print(f"exported the student adapter (EMA) to {out}")
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if "lora_" in k}
-        checkpoint["opd_round"] = self.round
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.round = int(checkpoint.get("opd_round", 0))
+        return self.gathered_means("reward", self.reward_name, scores)
