@@ -25,7 +25,21 @@ def shrink(cfg_factory, experiment, tmp_path):
         file = tmp_path / "prompts.txt"
         file.write_text('a sign that says "OPD"\na photo of a cat\n')
         overrides.append(f"module.prompts.path={file}")
+    for key in probe.get("teacher") or {}:  # teachers trained later: toy adapters of the toy model's shape
+        overrides.append(f"teacher.{key}.adapter={toy_adapter(tmp_path)}")
     return [f"experiment={experiment}", "trainer=cpu", *overrides]
+
+
+def toy_adapter(tmp_path):
+    from opd.models.lora import add_lora, save_lora
+    from test_models import toy
+
+    folder = tmp_path / "toy_adapter"
+    if not folder.exists():
+        model = toy()
+        add_lora(model.transformer, "t", rank=2, alpha=4)
+        save_lora(model.transformer, "t", folder)
+    return folder
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

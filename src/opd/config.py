@@ -65,6 +65,16 @@ class NFTConfig:
 
 
 @dataclass
+class OPDConfig:
+    """DiffusionOPD's loss (DESIGN.md §2, paper Eq. 10-12)."""
+
+    _target_: str = "opd.objectives.opd.OPDLoss"
+    estimator: str = "pathwise"    # pathwise | score_function (the PPO-style estimator, Sec. 3.3)
+    variant: str = "paper"         # paper (divide by 2 g²(−Δ)) | code (the released code's 2 g²)
+    reduction: str = "mean"        # mean over latent elements (reference) | sum (exact KL)
+
+
+@dataclass
 class TeacherConfig:
     """One frozen teacher adapter of DiffusionOPD: what it is good at and where it lives."""
 
@@ -82,6 +92,7 @@ def register_configs() -> None:
     cs.store(group="objective", name="grpo_schema", node=GRPOConfig)
     cs.store(group="objective", name="grpo_guard_schema", node=GRPOGuardConfig)
     cs.store(group="objective", name="nft_schema", node=NFTConfig)
+    cs.store(group="objective", name="opd_schema", node=OPDConfig)
     cs.store(group="teacher", name="teacher_schema", node=TeacherConfig)
 
 

@@ -1,0 +1,117 @@
+"""DiffusionOPD module on a toy mini model: batched = step-by-step, validation, an MOPD run."""
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from opd.models.lora import add_lora, lora_parameters, save_lora
+from opd.sampling import rollout, sd3_sigmas
+from opd.train import train
+
+from conftest import TOY_MODEL
+from test_models import toy
+
+
+@pytest.fixture(scope="module")
+def toy_world(tmp_path_factory):
+    """A toy base and two teacher adapters (random B, so the teachers differ from the base)."""
+    root = tmp_path_factory.mktemp("opd")
+    base = toy(seed=5)
+    base.save_pretrained(root / "base", dtype=torch.float32)
+    for i, name in enumerate(["ocr", "geneval"]):
+        add_lora(base.transformer, name, rank=2, alpha=4)
+        torch.manual_seed(10 + i)
+        with torch.no_grad():
+            for p in lora_parameters(base.transformer, name):
+                p.add_(0.3 * torch.randn_like(p))
+        save_lora(base.transformer, name, root / name)
+    return root
+
+
+def overrides(root, extra=()):
+    return ["experiment=mini/mopd_aesthetic_ocr_geneval", f"model.path={root / 'base'}", "model.image_size=16",
+            "teacher=[mini_ocr,mini_geneval]", f"teacher.ocr.adapter={root / 'ocr'}",
+            f"teacher.geneval.adapter={root / 'geneval'}", "trainer=cpu", "logger=csv",
+            "trainer.enable_progress_bar=false", "module.prompts_per_teacher=2", "module.lora={rank:2,alpha:4}",
+            "sampler.num_steps=3", "module.train_chunk=4", "module.target_chunk=5", "callbacks.image_grid.num_steps=2",
+            "+module.preview_prompts=[a red circle]", "teacher.ocr.monitor_reward={}",
+            "teacher.geneval.monitor_reward={}", *extra]
+
+
+def build(cfg_factory, root, extra=()):
+    cfg = cfg_factory("train", overrides(root, extra))
+    OmegaConf.resolve(cfg)
+    import hydra
+
+    module = hydra.utils.instantiate(cfg.module)
+    module.configure_model()
+    return module
+
+
+@pytest.mark.parametrize("sampler", ["ode", "flow_sde"])
+def test_batched_loss_and_gradient_equal_the_step_by_step_loop(cfg_factory, toy_world, sampler):
+    module = build(cfg_factory, toy_world, [f"sampler={sampler}", "sampler.num_steps=3"])
+    with torch.no_grad():  # give the student a non-zero B so it differs from the base
+        for p in module.policy_parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    teacher = module.teachers[0]
+    cond = module.encode(["a red circle", 'a sign that says "K7P"'])
+    traj = rollout(module.backbone, cond, torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)),
+                   sd3_sigmas(3), kernel=module.sampler.kernel, noise_level=module.sampler.noise_level,
+                   guidance_scale=module.sampler.guidance_scale, uncond=module.encode(["", ""]),
+                   generator=torch.Generator().manual_seed(1))
+    params = module.policy_parameters()
+    ref = module.reference_loss(traj, teacher)
+    ref_grads = torch.autograd.grad(ref, params)
+    module.manual_backward = lambda loss: loss.backward()
+    for p in params:
+        p.grad = None
+    batched = module.distill_on(traj, teacher, backward=True)
+    assert ref.item() > 0
+    torch.testing.assert_close(batched, ref.detach(), rtol=1e-5, atol=1e-7)
+    for g_ref, p in zip(ref_grads, params):
+        torch.testing.assert_close(p.grad, g_ref, rtol=1e-4, atol=1e-5 * float(g_ref.abs().max()))  # float32 reassociation
+
+
+def test_student_starts_equal_to_the_base(cfg_factory, toy_world):
+    module = build(cfg_factory, toy_world)
+    assert all(torch.count_nonzero(p) == 0 for n, p in module.backbone.transformer.named_parameters()
+               if "lora_B.student" in n)
+
+
+def test_mopd_round_sums_teacher_kls_and_trains_only_the_student(cfg_factory, toy_world):
+    cfg = cfg_factory("train", overrides(toy_world, ["trainer.max_steps=2"]))
+    OmegaConf.resolve(cfg)
+    metrics, objects = train(cfg)
+    assert metrics["teacher/ocr/kl"] > 0 and metrics["teacher/geneval/kl"] > 0
+    assert metrics["train/kl"] == pytest.approx(metrics["teacher/ocr/kl"] + metrics["teacher/geneval/kl"], rel=1e-5)
+    student = [p for n, p in objects["module"].backbone.transformer.named_parameters() if "lora_B.student" in n]
+    assert any(torch.count_nonzero(p) > 0 for p in student)
+    teachers = {n: p for n, p in objects["module"].backbone.transformer.named_parameters() if ".teacher_" in n}
+    assert teachers and not any(p.requires_grad for p in teachers.values())
+
+
+def test_bad_teacher_configs_fail_before_any_model_loads(cfg_factory, toy_world, tmp_path):
+    import hydra
+
+    def instantiate(extra):
+        cfg = cfg_factory("train", overrides(toy_world, extra))
+        OmegaConf.resolve(cfg)
+        return hydra.utils.instantiate(cfg.module)
+
+    with pytest.raises(Exception, match="duplicate teacher name 'ocr'"):
+        instantiate(["teacher.geneval.name=ocr"])
+    with pytest.raises(Exception, match="LoRA adapter not found"):
+        instantiate([f"teacher.ocr.adapter={tmp_path / 'missing'}"])
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "pytorch_lora_weights.safetensors").write_bytes(b"garbage")
+    with pytest.raises(Exception, match="not a readable safetensors file"):
+        instantiate([f"teacher.ocr.adapter={tmp_path / 'bad'}"])
+    other = toy(seed=1)
+    add_lora(other.transformer, "x", rank=3, alpha=6)
+    save_lora(other.transformer, "x", tmp_path / "other")
+    with pytest.raises(Exception, match="different base models or LoRA settings"):
+        instantiate([f"teacher.geneval.adapter={tmp_path / 'other'}"])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(Exception, match="empty"):
+        instantiate([f"+teacher.ocr.prompts.path={empty}"])
