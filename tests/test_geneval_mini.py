@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from opd.data.world.grammar import load_prompts, scene_for
+from opd.data.world.grammar import load_prompts
+from opd.data.world.layout import scene_for
 from opd.data.world.render import render, render_tensor
 from opd.data.world.scene import OBJECT_COLORS, OPPOSITE, SHAPE_KINDS, Scene, Shape
 from opd.rewards.geneval_mini import GenEvalMini, by_class, detect, strict_correct

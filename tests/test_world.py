@@ -12,15 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from opd.data.world import grammar
+from opd.data.world import grammar, layout
 from opd.data.world.grammar import (
     GENEVAL_TAGS,
     SHARED_TAGS,
     load_prompts,
-    random_scene,
-    scene_for,
     write_prompt_files,
 )
+from opd.data.world.layout import random_scene, scene_for
 from opd.data.world.render import render, render_tensor, sign_box
 from opd.data.world.scene import (
     BACKGROUNDS,
@@ -220,7 +219,7 @@ def _check_layout(scene: Scene) -> None:
         x0, y0, x1, y1 = shape.bbox
         assert x0 >= 0 and y0 >= 0 and x1 <= CANVAS and y1 <= CANVAS
     for a, b in itertools.combinations(scene.shapes, 2):
-        assert grammar._apart(a.bbox, b.bbox), (a, b)
+        assert layout._apart(a.bbox, b.bbox), (a, b)
 
 
 def test_scene_for_satisfies_every_test_row(prompts) -> None:

@@ -31,7 +31,8 @@ import time
 import torch
 from torch import Tensor
 
-from opd.data.world.grammar import load_prompts, scene_for
+from opd.data.world.grammar import load_prompts
+from opd.data.world.layout import scene_for
 from opd.data.world.render import render_tensor
 from opd.rewards.aesthetic_mini import AestheticMini
 from opd.rewards.base import Reward

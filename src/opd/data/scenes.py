@@ -24,7 +24,7 @@ class SceneStream(IterableDataset):
         self.sign_fraction = sign_fraction
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        from opd.data.world.grammar import random_scene
+        from opd.data.world.layout import random_scene
         from opd.data.world.render import render
 
         info = get_worker_info()

@@ -1,10 +1,11 @@
 """The mini world: flat shapes and text signs, their renderer, and the three task prompt sets.
 
 See DESIGN.md section 5. ``scene`` holds the objects and colours, ``render`` draws them, ``grammar``
-writes prompts (GenEval-, OCR- and aesthetic-style) and scenes that satisfy them.
+writes prompts (GenEval-, OCR- and aesthetic-style), ``layout`` the scenes that satisfy them.
 """
 
-from opd.data.world.grammar import load_prompts, random_scene, scene_for, write_prompt_files
+from opd.data.world.grammar import load_prompts, write_prompt_files
+from opd.data.world.layout import random_scene, scene_for
 from opd.data.world.render import render, render_tensor
 from opd.data.world.scene import Scene, Shape, Sign
 
