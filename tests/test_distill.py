@@ -33,8 +33,8 @@ def overrides(root, extra=()):
             f"teacher.geneval.adapter={root / 'geneval'}", "trainer=cpu", "logger=csv",
             "trainer.enable_progress_bar=false", "module.prompts_per_teacher=2", "module.lora={rank:2,alpha:4}",
             "sampler.num_steps=3", "module.train_chunk=4", "module.target_chunk=5", "callbacks.image_grid.num_steps=2",
-            "+module.preview_prompts=[a red circle]", "teacher.ocr.monitor_reward={}",
-            "teacher.geneval.monitor_reward={}", *extra]
+            "+module.preview_prompts=[a red circle]", "teacher.ocr.monitor_reward=null",
+            "teacher.geneval.monitor_reward=null", *extra]
 
 
 def build(cfg_factory, root, extra=()):
@@ -79,11 +79,15 @@ def test_student_starts_equal_to_the_base(cfg_factory, toy_world):
 
 
 def test_mopd_round_sums_teacher_kls_and_trains_only_the_student(cfg_factory, toy_world):
-    cfg = cfg_factory("train", overrides(toy_world, ["trainer.max_steps=2"]))
+    with_monitors = [o for o in overrides(toy_world, ["trainer.max_steps=2"]) if "monitor_reward" not in o]
+    cfg = cfg_factory("train", with_monitors)
     OmegaConf.resolve(cfg)
     metrics, objects = train(cfg)
     assert metrics["teacher/ocr/kl"] > 0 and metrics["teacher/geneval/kl"] > 0
     assert metrics["train/kl"] == pytest.approx(metrics["teacher/ocr/kl"] + metrics["teacher/geneval/kl"], rel=1e-5)
+    assert 0.0 <= metrics["teacher/ocr/ocr"] <= 1.0  # the OCR teacher's monitor, scored off the critical path
+    assert 0.0 <= metrics["teacher/geneval/geneval_mini/correct"] <= 1.0  # each teacher logs its own monitor
+    assert not any(k.startswith("teacher/geneval/ocr") or k.startswith("teacher/ocr/geneval") for k in metrics)
     student = [p for n, p in objects["module"].backbone.transformer.named_parameters() if "lora_B.student" in n]
     assert any(torch.count_nonzero(p) > 0 for p in student)
     teachers = {n: p for n, p in objects["module"].backbone.transformer.named_parameters() if ".teacher_" in n}

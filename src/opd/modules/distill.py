@@ -14,6 +14,7 @@ both give the same loss and to benchmark against.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -92,6 +93,7 @@ class OPDDistill(AdapterPolicy):
         self.timestep_fraction = timestep_fraction
         self.target_chunk = target_chunk
         self.train_chunk = train_chunk
+        self._monitor_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-monitor")
 
     def configure_model(self) -> None:
         fresh = self.backbone is None
@@ -114,19 +116,22 @@ class OPDDistill(AdapterPolicy):
     def run_round(self) -> dict[str, Tensor]:
         metrics: dict[str, Tensor] = {}
         total = 0.0
+        pending = []  # monitor rewards run in a worker thread, off the critical path
         for m, teacher in enumerate(self.teachers):
             rows = self.draw(m)
             with torch.no_grad():
                 traj = self.sample([r["prompt"] for r in rows], kernel=self.sampler.kernel,
                                    noise_level=self.sampler.noise_level, guidance_scale=self.sampler.guidance_scale)
+            for name, reward in teacher.monitor.items():
+                pending.append((teacher.name, name, self._monitor_pool.submit(
+                    self.score_images, reward, name, traj.final.detach(), rows)))
             loss = self.distill_on(traj, teacher, backward=True)
             total += loss
             metrics[f"teacher/{teacher.name}/kl"] = loss.detach()
-            for name, reward in teacher.monitor.items():
-                scores = self.score_images(reward, name, traj.final, rows)
-                metrics.update(self.gathered_means(f"teacher/{teacher.name}", name, scores))
         metrics["train/kl"] = torch.as_tensor(total).detach()
         metrics["train/grad_norm"] = self.optimizer_step_with_clip()
+        for teacher_name, name, future in pending:  # gathered in a fixed order on every rank
+            metrics.update(self.gathered_means(f"teacher/{teacher_name}", name, future.result()))
         return metrics
 
     # -- the loss, batched over steps --------------------------------------------------------
