@@ -121,7 +121,8 @@ class OPDDistill(AdapterPolicy):
             rows = self.draw(m)
             with torch.no_grad():
                 traj = self.sample([r["prompt"] for r in rows], kernel=self.sampler.kernel,
-                                   noise_level=self.sampler.noise_level, guidance_scale=self.sampler.guidance_scale)
+                                   noise_level=self.sampler.noise_level, guidance_scale=self.sampler.guidance_scale,
+                                   purpose=10 * (m + 1))  # each teacher's rollout gets its own noise
             for name, reward in teacher.monitor.items():
                 pending.append((teacher.name, name, self._monitor_pool.submit(
                     self.score_images, reward, name, traj.final.detach(), rows)))

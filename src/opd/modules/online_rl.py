@@ -3,6 +3,7 @@ advantages gathered across ranks. Subclasses implement the algorithm's update.""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from opd.models.backbone import Backbone
 from opd.modules.policy import AdapterPolicy
 from opd.objectives.advantages import group_advantages
 from opd.rewards.base import Reward
+from opd.sampling import Trajectory
 
 
 class OnlineRL(AdapterPolicy):
@@ -21,7 +23,8 @@ class OnlineRL(AdapterPolicy):
     def __init__(self, backbone: Callable[[], Backbone], reward: dict[str, Reward], prompts: Sequence[dict],
                  sampler: Any, optimizer: Callable[..., torch.optim.Optimizer], lora: dict[str, Any] | None = None,
                  num_groups_per_round: int = 8, group_size: int = 8, global_std: bool = True,
-                 grad_clip: float = 1.0, seed: int = 0, preview_prompts: Sequence[str] = ()) -> None:
+                 grad_clip: float = 1.0, seed: int = 0, preview_prompts: Sequence[str] = (),
+                 rollout_chunks: int = 2) -> None:
         rows = list(prompts)
         if not rows:
             raise ValueError("prompts: the prompt set is empty")
@@ -34,6 +37,8 @@ class OnlineRL(AdapterPolicy):
         self.num_groups_per_round = num_groups_per_round
         self.group_size = group_size
         self.global_std = global_std
+        self.rollout_chunks = rollout_chunks
+        self._reward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-reward")
 
     # -- one round ---------------------------------------------------------------------------
     def draw_round(self) -> tuple[list[dict], Tensor]:
@@ -43,6 +48,20 @@ class OnlineRL(AdapterPolicy):
         rank, world = self.global_rank, self.trainer.world_size
         mine = rank_slice(prompt_ids, rank, world)
         return [self.prompt_rows[i] for i in mine.tolist()], rank_slice(group_ids, rank, world).to(self.device)
+
+    def sample_and_score(self, rows: list[dict], *, keep_means: bool = False) -> tuple[Trajectory, dict[str, Tensor]]:
+        """Roll out the active adapter in ``rollout_chunks`` pieces and score each piece in a worker
+        thread while the next one samples, so CPU rewards (OCR, the judge) overlap GPU work."""
+        parts, futures = [], []
+        for k, chunk in enumerate(_chunks(rows, self.rollout_chunks)):
+            with torch.no_grad():
+                traj = self.sample([r["prompt"] for r in chunk], kernel=self.sampler.kernel,
+                                   noise_level=self.sampler.noise_level, guidance_scale=self.sampler.guidance_scale,
+                                   keep_means=keep_means, purpose=10 * (k + 1))
+            parts.append(traj)
+            futures.append(self._reward_pool.submit(self.score, traj.final.detach(), chunk))
+        results = [f.result() for f in futures]
+        return Trajectory.cat(parts), {k: torch.cat([r[k] for r in results]) for k in results[0]}
 
     def score(self, latents: Tensor, rows: list[dict]) -> dict[str, Tensor]:
         """Decode and score with the training reward (NaN stops the run with a clear error)."""
@@ -57,3 +76,15 @@ class OnlineRL(AdapterPolicy):
 
     def log_rewards(self, scores: dict[str, Tensor]) -> dict[str, Tensor]:
         return self.gathered_means("reward", self.reward_name, scores)
+
+
+def _chunks(rows: list[dict], n: int) -> list[list[dict]]:
+    """``rows`` in ``n`` nearly equal, non-empty, ordered pieces."""
+    n = max(1, min(n, len(rows)))
+    size, extra = divmod(len(rows), n)
+    out, start = [], 0
+    for k in range(n):
+        stop = start + size + (k < extra)
+        out.append(rows[start:stop])
+        start = stop
+    return out

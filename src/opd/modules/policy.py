@@ -83,15 +83,16 @@ class AdapterPolicy(pl.LightningModule):
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def sample(self, prompts: list[str], *, kernel: str, noise_level: float, guidance_scale: float,
-               keep_means: bool = False) -> Trajectory:
-        """Roll out the active adapter on ``prompts`` from round-seeded noise."""
+               keep_means: bool = False, purpose: int = 0) -> Trajectory:
+        """Roll out the active adapter on ``prompts`` from round-seeded noise (``purpose`` tells
+        several rollouts of one round apart)."""
         shape = self.backbone.latent_shape(self.image_size, self.image_size)
-        noise = torch.randn((len(prompts), *shape), generator=self.generator(0), device=self.device)
+        noise = torch.randn((len(prompts), *shape), generator=self.generator(purpose), device=self.device)
         cond = self.encode(prompts)
         uncond = self.encode([""] * len(prompts)) if guidance_scale != 1.0 else None
         sigmas = sd3_sigmas(self.sampler.num_steps, self.sampler.shift, device=self.device)
         return rollout(self.backbone, cond, noise, sigmas, kernel=kernel, noise_level=noise_level,
-                       guidance_scale=guidance_scale, uncond=uncond, generator=self.generator(1),
+                       guidance_scale=guidance_scale, uncond=uncond, generator=self.generator(purpose + 1),
                        keep_means=keep_means)
 
     @property

@@ -57,12 +57,9 @@ class NFTTeacher(OnlineRL):
 
     def run_round(self) -> dict[str, Tensor]:
         rows, group_ids = self.draw_round()
-        prompts = [r["prompt"] for r in rows]
-        with torch.no_grad(), active_adapter(self.backbone.transformer, self.OLD, trainable=self.STUDENT):
-            traj = self.sample(prompts, kernel=self.sampler.kernel, noise_level=self.sampler.noise_level,
-                               guidance_scale=self.sampler.guidance_scale)
+        with active_adapter(self.backbone.transformer, self.OLD, trainable=self.STUDENT):
+            traj, scores = self.sample_and_score(rows)
         x0 = traj.final.float()
-        scores = self.score(x0, rows)
         r = optimality_probability(self.advantages(scores["reward"], group_ids))
         x_t, t, _ = nft_noising(x0, traj.sigmas, self.num_train_steps, self.generator(2))
         cond = traj.cond

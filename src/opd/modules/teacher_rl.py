@@ -39,14 +39,10 @@ class GRPOTeacher(OnlineRL):
 
     def run_round(self) -> dict[str, Tensor]:
         rows, group_ids = self.draw_round()
-        with torch.no_grad():
-            traj = self.sample([r["prompt"] for r in rows], kernel=self.sampler.kernel,
-                               noise_level=self.sampler.noise_level, guidance_scale=self.sampler.guidance_scale,
-                               keep_means=True)
-        if traj.log_probs is None:
+        if self.sampler.noise_level <= 0 or self.sampler.kernel == "ode":
             raise ValueError(f"sampler.kernel={self.sampler.kernel!r} with noise_level={self.sampler.noise_level} "
                              "is deterministic: GRPO needs an SDE sampler (e.g. sampler=flow_sde)")
-        scores = self.score(traj.final, rows)
+        traj, scores = self.sample_and_score(rows, keep_means=True)
         adv = self.advantages(scores["reward"], group_ids)
         metrics = self.log_rewards(scores)
         trained = range(max(1, int(self.sampler.num_steps * self.timestep_fraction)))

@@ -35,6 +35,16 @@ class Trajectory:
         """The sampled latents ``[B, C, H, W]``."""
         return self.latents[:, -1]
 
+    @staticmethod
+    def cat(parts: list["Trajectory"]) -> "Trajectory":
+        """Concatenate trajectories of the same schedule along the batch."""
+        def maybe(xs: list[Tensor | None]) -> Tensor | None:
+            return None if any(x is None for x in xs) else torch.cat(xs)
+
+        return Trajectory(latents=torch.cat([p.latents for p in parts]), sigmas=parts[0].sigmas,
+                          log_probs=maybe([p.log_probs for p in parts]),
+                          cond=PromptEmbeds.cat([p.cond for p in parts]), means=maybe([p.means for p in parts]))
+
 
 def guided_velocity(backbone: Backbone, x: Tensor, sigma: Tensor | float, cond: PromptEmbeds,
                     uncond: PromptEmbeds | None, guidance_scale: float) -> Tensor:
