@@ -25,18 +25,23 @@ def shrink(cfg_factory, experiment, tmp_path):
         file = tmp_path / "prompts.txt"
         file.write_text('a sign that says "OPD"\na photo of a cat\n')
         overrides.append(f"module.prompts.path={file}")
-    for key in probe.get("teacher") or {}:  # teachers trained later: toy adapters of the toy model's shape
-        overrides.append(f"teacher.{key}.adapter={toy_adapter(tmp_path)}")
+    for key, teacher in (probe.get("teacher") or {}).items():  # toy adapters of the toy model's shape
+        overrides.append(f"teacher.{key}.adapter={toy_adapter(tmp_path, sd3)}")
+        if teacher.prompts.get("_target_", "").endswith("load_prompt_file"):
+            file = tmp_path / f"{key}.txt"
+            file.write_text("a photo of a cat\n")
+            overrides.append(f"teacher.{key}.prompts.path={file}")
     return [f"experiment={experiment}", "trainer=cpu", *overrides]
 
 
-def toy_adapter(tmp_path):
+def toy_adapter(tmp_path, sd3: bool):
     from opd.models.lora import add_lora, save_lora
+    from opd.models.random_sd3 import tiny_sd3_backbone
     from test_models import toy
 
-    folder = tmp_path / "toy_adapter"
+    folder = tmp_path / ("toy_adapter_sd3" if sd3 else "toy_adapter")
     if not folder.exists():
-        model = toy()
+        model = tiny_sd3_backbone() if sd3 else toy()
         add_lora(model.transformer, "t", rank=2, alpha=4)
         save_lora(model.transformer, "t", folder)
     return folder
