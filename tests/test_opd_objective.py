@@ -193,3 +193,12 @@ def test_bad_call_arguments():
         OPDLoss()(mu, mu, 0.5, -DELTA)
     with pytest.raises(ValueError, match="std"):
         OPDLoss()(mu, mu, torch.ones(3), DELTA)
+
+
+def test_kl_weight_scales_loss_not_metrics():
+    torch.manual_seed(0)
+    ms, mt = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8)
+    base, m1 = OPDLoss()(ms, mt, 0.3, 0.1)
+    scaled, m2 = OPDLoss(kl_weight=2.5)(ms, mt, 0.3, 0.1)
+    torch.testing.assert_close(scaled, 2.5 * base)
+    torch.testing.assert_close(m1["train/kl"], m2["train/kl"])

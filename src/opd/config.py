@@ -6,9 +6,11 @@ dataclasses below at compose time.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 
 @dataclass
@@ -72,6 +74,7 @@ class OPDConfig:
     estimator: str = "pathwise"    # pathwise | score_function (the PPO-style estimator, Sec. 3.3)
     variant: str = "paper"         # paper (divide by 2 g²(−Δ)) | code (the released code's 2 g²)
     reduction: str = "mean"        # mean over latent elements (reference) | sum (exact KL)
+    kl_weight: float = 1.0         # scales the loss (the effective learning rate of distillation)
 
 
 @dataclass
@@ -85,7 +88,15 @@ class TeacherConfig:
     monitor_reward: Any = None     # a reward config logged on the student's samples
 
 
+def project_root() -> str:
+    """The checkout opd runs from (``conf/`` and ``models/`` beside ``src/``), else the working folder."""
+    root = Path(__file__).resolve().parents[2]
+    return str(root) if (root / "conf").is_dir() else str(Path.cwd())
+
+
 def register_configs() -> None:
+    if not OmegaConf.has_resolver("opd_root"):
+        OmegaConf.register_new_resolver("opd_root", project_root)
     cs = ConfigStore.instance()
     cs.store(group="sampler", name="sampler_schema", node=SamplerConfig)
     cs.store(group="objective", name="flow_matching_schema", node=FlowMatchingConfig)

@@ -63,13 +63,17 @@ class OPDLoss:
     or by the released code's ``2 s²/Δ``); ``reduction`` ∈ {"mean", "sum"} over the latent elements.
     """
 
-    def __init__(self, estimator: str = "pathwise", variant: str = "paper", reduction: str = "mean") -> None:
+    def __init__(self, estimator: str = "pathwise", variant: str = "paper", reduction: str = "mean",
+                 kl_weight: float = 1.0) -> None:
+        if kl_weight <= 0:
+            raise ValueError(f"kl_weight must be > 0 (it scales the distillation loss); got {kl_weight}")
         check_choice("estimator", estimator, ESTIMATORS)
         check_choice("variant", variant, VARIANTS)
         check_choice("reduction", reduction, REDUCTIONS)
         self.estimator = estimator
         self.variant = variant
         self.reduction = reduction
+        self.kl_weight = kl_weight
 
     def __call__(self, student_mean: Tensor, teacher_mean: Tensor, std: Tensor | float, delta: Tensor | float,
                  x_next: Tensor | None = None, student_log_prob: Tensor | None = None,
@@ -100,11 +104,11 @@ class OPDLoss:
             "train/mean_gap": (mu_s.detach() - mu_t).square().mean().sqrt(),
         }
         if self.estimator == "pathwise":
-            return kl.mean(), metrics
+            return self.kl_weight * kl.mean(), metrics
         weight, log_ratio = self._score_function_terms(mu_s, mu_t, std_b, delta_b, x_next, student_log_prob,
                                                        old_student_log_prob)
         metrics["train/sf_weight_mean"] = weight.mean()
-        return (weight * (1 + log_ratio)).mean(), metrics
+        return self.kl_weight * (weight * (1 + log_ratio)).mean(), metrics
 
     def _closed_form(self, mu_s: Tensor, mu_t: Tensor, std: Tensor, delta: Tensor) -> Tensor:
         """Per-sample KL ``[B]``: SDE samples divide by ``2 s²`` (``2 s²/Δ`` for the code's variant), ODE
