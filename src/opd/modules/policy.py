@@ -28,6 +28,7 @@ class AdapterPolicy(pl.LightningModule):
     """A trainable ``student`` LoRA on a frozen backbone (manual optimisation)."""
 
     STUDENT = "student"
+    EMBED_CACHE_SIZE = 1024
 
     def __init__(self, backbone: Callable[[], Backbone], sampler: Any,
                  optimizer: Callable[..., torch.optim.Optimizer], lora: dict[str, Any] | None = None,
@@ -70,6 +71,8 @@ class AdapterPolicy(pl.LightningModule):
     def encode(self, prompts: list[str]) -> PromptEmbeds:
         """Prompt embeddings, cached (the backbone's text encoders are frozen here)."""
         missing = sorted({p for p in prompts if p not in self._embed_cache})
+        if len(self._embed_cache) + len(missing) > self.EMBED_CACHE_SIZE:  # SD3: ~2.7 MB a prompt on the GPU
+            self._embed_cache.clear()
         if missing:
             with torch.no_grad():
                 fresh = self.backbone.encode_prompts(missing)
@@ -79,7 +82,9 @@ class AdapterPolicy(pl.LightningModule):
 
     def generator(self, purpose: int) -> torch.Generator:
         """A generator seeded by ``(seed, round, rank, purpose)``: resumable randomness."""
-        seed = ((self.seed * 1_000_003 + self.round) * 1009 + self.global_rank) * 17 + purpose
+        if not 0 <= purpose < 1000:
+            raise ValueError(f"purpose must be in [0, 1000) so streams never collide; got {purpose}")
+        seed = ((self.seed * 1_000_003 + self.round) * 1009 + self.global_rank) * 1000 + purpose
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def sample(self, prompts: list[str], *, kernel: str, noise_level: float, guidance_scale: float,
