@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,10 +22,10 @@ import torch
 from torch import Tensor
 
 from opd.models.backbone import Backbone, PromptEmbeds
-from opd.models.lora import active_adapter, load_lora, resolve_lora_file
+from opd.models.lora import load_lora, resolve_lora_file
 from opd.modules.policy import AdapterPolicy
 from opd.objectives.opd import OPDLoss
-from opd.sampling import Trajectory, guided_velocity, transition
+from opd.sampling import Trajectory, transition
 
 
 @dataclass
@@ -149,12 +148,7 @@ class OPDDistill(AdapterPolicy):
     def means(self, x: Tensor, sigma: Tensor, sigma_next: Tensor, cond: PromptEmbeds, adapter: str,
               guidance_scale: float) -> tuple[Tensor, Tensor]:
         """The kernel's ``(mean, std)`` under ``adapter`` at states ``x`` (grad only for the student)."""
-        uncond = self.encode([""] * x.shape[0]) if guidance_scale != 1.0 else None
-        student = adapter == self.STUDENT
-        switch = nullcontext() if student else active_adapter(self.backbone.transformer, adapter,
-                                                              trainable=self.STUDENT)
-        with switch, (nullcontext() if student else torch.no_grad()):
-            v = guided_velocity(self.backbone, x.to(self.backbone.dtype), sigma, cond, uncond, guidance_scale)
+        v = self.velocity_under(adapter, x, sigma, cond, guidance_scale)
         step = transition(self.sampler.kernel, x, v, sigma, sigma_next, self.sampler.noise_level)
         return step.mean, step.std
 

@@ -10,6 +10,7 @@ run continues exactly as an uninterrupted one would.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,15 @@ from torch import Tensor
 from opd.callbacks.ema import ema_weights
 from opd.data.prompts import ticks_loader
 from opd.models.backbone import Backbone, PromptEmbeds
-from opd.models.lora import DEFAULT_TARGETS, add_lora, lora_parameters, save_lora, set_trainable
-from opd.sampling import Trajectory, generate, rollout, sd3_sigmas
+from opd.models.lora import (
+    DEFAULT_TARGETS,
+    active_adapter,
+    add_lora,
+    lora_parameters,
+    save_lora,
+    set_trainable,
+)
+from opd.sampling import Trajectory, generate, guided_velocity, rollout, sd3_sigmas
 
 
 class AdapterPolicy(pl.LightningModule):
@@ -79,6 +87,18 @@ class AdapterPolicy(pl.LightningModule):
             for i, p in enumerate(missing):
                 self._embed_cache[p] = fresh[i : i + 1]
         return PromptEmbeds.cat([self._embed_cache[p] for p in prompts])
+
+    def velocity_under(self, adapter: str | None, x: Tensor, sigma: Tensor | float, cond: PromptEmbeds,
+                       guidance_scale: float) -> Tensor:
+        """The guided velocity with ``adapter`` active (``None``: adapters off = reference model).
+        Only the student carries gradient; any other adapter runs without grad and leaves exactly
+        the student trainable afterwards."""
+        uncond = self.encode([""] * x.shape[0]) if guidance_scale != 1.0 else None
+        student = adapter == self.STUDENT
+        switch = nullcontext() if student else active_adapter(self.backbone.transformer, adapter,
+                                                              trainable=self.STUDENT)
+        with switch, (nullcontext() if student else torch.no_grad()):
+            return guided_velocity(self.backbone, x.to(self.backbone.dtype), sigma, cond, uncond, guidance_scale)
 
     def generator(self, purpose: int) -> torch.Generator:
         """A generator seeded by ``(seed, round, rank, purpose)``: resumable randomness."""

@@ -50,10 +50,7 @@ class NFTTeacher(OnlineRL):
 
     def velocity(self, x: Tensor, t: Tensor, cond: Any, adapter: str | None) -> Tensor:
         """CFG-free velocity under ``adapter`` (the student carries grad, the others do not)."""
-        if adapter == self.STUDENT:
-            return self.backbone.velocity(x.to(self.backbone.dtype), t, cond)
-        with torch.no_grad(), active_adapter(self.backbone.transformer, adapter, trainable=self.STUDENT):
-            return self.backbone.velocity(x.to(self.backbone.dtype), t, cond)
+        return self.velocity_under(adapter, x, t, cond, 1.0)
 
     def run_round(self) -> dict[str, Tensor]:
         rows, group_ids = self.draw_round()

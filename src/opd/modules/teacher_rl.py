@@ -8,15 +8,13 @@ steps, each on a slice of the round, accumulating the per-step loss over the tra
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from opd.models.lora import active_adapter
 from opd.modules.online_rl import OnlineRL
-from opd.sampling import Trajectory, guided_velocity, transition
+from opd.sampling import Trajectory, transition
 
 
 class GRPOTeacher(OnlineRL):
@@ -60,13 +58,8 @@ class GRPOTeacher(OnlineRL):
         return metrics
 
     def velocity(self, x: Tensor, sigma: Tensor, cond: Any, adapter: str | None) -> Tensor:
-        """The guided velocity under ``adapter`` (``None`` = reference model, no grad)."""
-        uncond = self.encode([""] * x.shape[0]) if self.train_guidance_scale != 1.0 else None
-        switch = nullcontext() if adapter == self.STUDENT else active_adapter(
-            self.backbone.transformer, adapter, trainable=self.STUDENT)
-        with switch, (torch.no_grad() if adapter != self.STUDENT else nullcontext()):
-            return guided_velocity(self.backbone, x.to(self.backbone.dtype), sigma, cond, uncond,
-                                   self.train_guidance_scale)
+        """The training-forward velocity (CFG ``train_guidance_scale``) under ``adapter``."""
+        return self.velocity_under(adapter, x, sigma, cond, self.train_guidance_scale)
 
     def step_loss(self, traj: Trajectory, adv: Tensor, idx: Tensor, j: int) -> tuple[Tensor, dict[str, Tensor]]:
         """The objective at trained step ``j`` for samples ``idx``; only the student's mean has grad."""

@@ -30,8 +30,6 @@ Two gradient estimators of ``E[KL_j]`` (paper Sec. 3.3):
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -42,18 +40,10 @@ from opd.objectives.gaussian import (
     per_sample_scalar,
     reduce_elements,
 )
+from opd.sampling.kernels import gaussian_log_prob
 
 ESTIMATORS = ("pathwise", "score_function")
 VARIANTS = ("paper", "code")
-_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
-
-
-def _gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-    """Element-averaged log-density of ``x`` under ``N(mean, s² I)`` ``[B]``, as ``Transition.log_prob``;
-    ``std [B]`` positive."""
-    s = std.view(-1, *([1] * (x.ndim - 1)))
-    lp = -0.5 * ((x - mean) / s).square() - torch.log(s) - _LOG_SQRT_2PI
-    return lp.flatten(1).mean(dim=1)
 
 
 class OPDLoss:
@@ -138,7 +128,7 @@ class OPDLoss:
             var = var / delta  # KL_code = Δ · KL_paper, so its gradient's weight is Δ · c
         # log q_S(x') − log p_T(x') with a shared std: the normalisers cancel, only the quadratics remain
         weight = reduce_elements((x - mu_t).square() - (x - mu_s.detach()).square(), self.reduction) / (2 * var)
-        log_prob = student_log_prob if student_log_prob is not None else _gaussian_log_prob(x, mu_s, std)
+        log_prob = student_log_prob if student_log_prob is not None else gaussian_log_prob(x, mu_s, std.view(-1, *([1] * (x.ndim - 1))))
         old = old_student_log_prob if old_student_log_prob is not None else log_prob.detach()
         # the log-probabilities are element means (Transition.log_prob): D × gives log q_θ − log q_old
         num_elements = x[0].numel()

@@ -34,6 +34,13 @@ class History:
     sigma: Tensor | float
 
 
+def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """Per-sample log-density of ``x`` under ``N(mean, std² I)``, averaged over elements (as
+    Flow-GRPO): ``[B]``. ``std`` positive and broadcastable to ``x``."""
+    lp = -0.5 * ((x - mean) / std).square() - torch.log(std) - _LOG_SQRT_2PI
+    return lp.flatten(1).mean(dim=1)
+
+
 @dataclass(frozen=True)
 class Transition:
     """The Gaussian ``N(mean, std² I)`` of the next state, plus what the next step may need."""
@@ -52,9 +59,7 @@ class Transition:
         if bool((std <= 0).any()):
             raise ValueError("log_prob of a deterministic transition (std = 0): use an SDE kernel "
                              "with noise_level > 0 for the steps whose log-probabilities you need")
-        z = (x_next.detach().float() - self.mean.float()) / std
-        lp = -0.5 * z.square() - torch.log(std) - _LOG_SQRT_2PI
-        return lp.flatten(1).mean(dim=1)
+        return gaussian_log_prob(x_next.detach().float(), self.mean.float(), std)
 
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
         """Draw ``x' = mean + std · ξ`` with ``ξ ~ N(0, I)`` from ``generator``."""
