@@ -128,3 +128,52 @@ def test_missing_prompt_file_is_named(tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(ValueError, match="empty"):
         load_prompt_file(tmp_path / "empty.txt")
+
+
+def test_multi_reward_rl_alternates_tasks_with_their_own_reward(cfg_factory, tmp_path):
+    """Round r uses task r mod 3: its prompts are drawn from that task's set and scored by its reward."""
+    cfg = cfg_factory("train", ["experiment=mini/multi_reward_rl", *[o for o in SMALL if not o.startswith(
+        ("reward=", "module.prompts="))], "trainer.max_steps=6", "module.num_updates_per_round=1"])
+    OmegaConf.resolve(cfg)
+    module = train(cfg)[1]["module"]
+    assert list(module.tasks) == ["aesthetic_mini", "ocr", "geneval_mini"]
+    assert module.round == 6
+    seen = []
+    for r in range(3):
+        module.round = r
+        rows, _ = module.draw_round()
+        seen.append((module.task_name, {row["tag"] for row in rows}))
+        assert type(module.reward).__name__ == {"aesthetic_mini": "AestheticMini", "ocr": "OCRReward",
+                                                "geneval_mini": "GenEvalMini"}[module.task_name]
+    assert seen[1] == ("ocr", {"ocr"})
+    assert seen[0][1].isdisjoint({"ocr"}) and seen[2][1].isdisjoint({"ocr"})
+    logged_keys = set().union(*(set(r) for r in csv.DictReader(open(next(tmp_path.glob("**/metrics.csv"))))))
+    assert {"reward/aesthetic_mini", "reward/ocr", "reward/geneval_mini"} <= logged_keys
+
+
+def test_multi_task_prompts_and_rewards_must_match(cfg_factory):
+    cfg = cfg_factory("train", ["experiment=mini/multi_reward_rl", *[o for o in SMALL if not o.startswith(
+        ("reward=", "module.prompts="))], "~reward.ocr"])
+    with pytest.raises(Exception, match="same names"):
+        train(cfg)
+
+
+def test_cascade_stage_starts_from_the_previous_adapter(cfg_factory, tmp_path_factory):
+    first_dir = tmp_path_factory.mktemp("stage1")
+    first = run(lambda name, o: compose_cfg(name, o, first_dir), 2)
+    adapter = first_dir / "adapter"
+    second_dir = tmp_path_factory.mktemp("stage2")
+    second = run(lambda name, o: compose_cfg(name, o, second_dir), 0, [f"+module.init_adapter={adapter}",
+                                                                      "trainer.max_steps=0"])
+    from safetensors.torch import load_file
+    saved = load_file(str(adapter / "pytorch_lora_weights.safetensors"))
+    params = dict(second["module"].backbone.transformer.named_parameters())
+    assert saved and any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)
+    for key, value in saved.items():  # transformer.<module>.lora_A.weight → <module>.lora_A.student.weight
+        name = key.removeprefix("transformer.").replace(".weight", ".student.weight")
+        torch.testing.assert_close(params[name].detach().float(), value.float(), rtol=0, atol=0)
+    assert all(p.requires_grad == (".student." in n) for n, p in params.items() if "lora_" in n)
+    del first
+    with pytest.raises(Exception, match="rank 2, alpha 4; the new adapter has rank 4"):
+        run(lambda name, o: compose_cfg(name, o, second_dir), 0,
+            [f"+module.init_adapter={adapter}", "module.lora={rank:4,alpha:8}"])

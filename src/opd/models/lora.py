@@ -121,3 +121,28 @@ def load_lora(transformer: nn.Module, path: str | Path, name: str) -> None:
     for n, p in transformer.named_parameters():
         if f".{name}." in n:
             p.requires_grad_(False)
+
+
+def copy_lora(transformer: nn.Module, path: str | Path, name: str) -> None:
+    """Start adapter ``name`` from the LoRA file at ``path`` (e.g. the next stage of cascade RL).
+
+    The file is loaded as a temporary adapter and its weights are copied into ``name``, which must
+    have the same targets, rank and alpha; anything else fails with a message saying which.
+    """
+    scratch = f"{name}_init"
+    load_lora(transformer, path, scratch)
+    try:
+        mine, theirs = transformer.peft_config[name], transformer.peft_config[scratch]
+        if (mine.r, mine.lora_alpha) != (theirs.r, theirs.lora_alpha):
+            raise ValueError(f"init adapter {path} has rank {theirs.r}, alpha {theirs.lora_alpha}; the new "
+                             f"adapter has rank {mine.r}, alpha {mine.lora_alpha}: set module.lora to match")
+        source = {n.replace(f".{scratch}.", f".{name}."): p for n, p in transformer.named_parameters()
+                  if f".{scratch}." in n}
+        target = {n: p for n, p in transformer.named_parameters() if f".{name}." in n}
+        if source.keys() != target.keys():
+            raise ValueError(f"init adapter {path} targets other modules than module.lora.target_modules")
+        for n, p in target.items():
+            p.data.copy_(source[n].data)
+    finally:
+        transformer.delete_adapters(scratch)
+        transformer.set_adapter(name)

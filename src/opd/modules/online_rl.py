@@ -1,8 +1,14 @@
-"""Online RL on one reward: prompt rounds of GRPO groups spread over ranks, rewards and group
-advantages gathered across ranks. Subclasses implement the algorithm's update."""
+"""Online RL: prompt rounds of GRPO groups spread over ranks, rewards and group advantages
+gathered across ranks. Subclasses implement the algorithm's update.
+
+One task (a prompt set and its reward) is the teacher setting. Several tasks, given as mappings
+``name → prompt set`` and ``name → reward`` with the same names, give joint multi-reward RL: round
+``r`` draws its groups from task ``r mod n`` and scores them with that task's reward (the paper's
+multi-task baseline alternates prompt sets the same way).
+"""
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -18,36 +24,48 @@ from opd.sampling import Trajectory
 
 
 class OnlineRL(AdapterPolicy):
-    """Base of the teacher-RL modules: one reward, one prompt set, GRPO groups over ranks."""
+    """Base of the teacher-RL modules: GRPO groups over ranks on one task (or alternating tasks)."""
 
-    def __init__(self, backbone: Callable[[], Backbone], reward: dict[str, Reward], prompts: Sequence[dict],
-                 sampler: Any, optimizer: Callable[..., torch.optim.Optimizer], lora: dict[str, Any] | None = None,
+    def __init__(self, backbone: Callable[[], Backbone], reward: dict[str, Reward],
+                 prompts: Sequence[dict] | Mapping[str, Sequence[dict]], sampler: Any,
+                 optimizer: Callable[..., torch.optim.Optimizer], lora: dict[str, Any] | None = None,
                  num_groups_per_round: int = 8, group_size: int = 8, global_std: bool = True,
                  grad_clip: float = 1.0, seed: int = 0, preview_prompts: Sequence[str] = (),
-                 rollout_chunks: int = 2) -> None:
-        rows = list(prompts)
-        if not rows:
-            raise ValueError("prompts: the prompt set is empty")
-        super().__init__(backbone, sampler, optimizer, lora, grad_clip, seed,
-                         list(preview_prompts) or [r["prompt"] for r in rows[:8]])
-        if len(reward) != 1:
-            raise ValueError(f"reward: give exactly one reward (a `multi` reward for a mix), got {list(reward)}")
-        self.reward_name, self.reward = next(iter(reward.items()))
-        self.prompt_rows = rows
+                 rollout_chunks: int = 2, init_adapter: str | None = None) -> None:
+        tasks = _tasks(reward, prompts)
+        previews = list(preview_prompts) or [r["prompt"] for _, rows in tasks.values()
+                                             for r in rows[: max(1, 8 // len(tasks))]]
+        super().__init__(backbone, sampler, optimizer, lora, grad_clip, seed, previews, init_adapter)
+        self.tasks = tasks
         self.num_groups_per_round = num_groups_per_round
         self.group_size = group_size
         self.global_std = global_std
         self.rollout_chunks = rollout_chunks
         self._reward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-reward")
 
+    @property
+    def task_name(self) -> str:
+        """The task of the current round (its reward's name in log keys)."""
+        names = list(self.tasks)
+        return names[self.round % len(names)]
+
+    @property
+    def reward_name(self) -> str:
+        return self.task_name
+
+    @property
+    def reward(self) -> Reward:
+        return self.tasks[self.task_name][0]
+
     # -- one round ---------------------------------------------------------------------------
     def draw_round(self) -> tuple[list[dict], Tensor]:
         """This rank's prompt rows and their global group ids for the current round."""
-        prompt_ids, group_ids = round_groups(len(self.prompt_rows), self.num_groups_per_round, self.group_size,
+        rows = self.tasks[self.task_name][1]
+        prompt_ids, group_ids = round_groups(len(rows), self.num_groups_per_round, self.group_size,
                                              self.seed, self.round)
         rank, world = self.global_rank, self.trainer.world_size
         mine = rank_slice(prompt_ids, rank, world)
-        return [self.prompt_rows[i] for i in mine.tolist()], rank_slice(group_ids, rank, world).to(self.device)
+        return [rows[i] for i in mine.tolist()], rank_slice(group_ids, rank, world).to(self.device)
 
     def sample_and_score(self, rows: list[dict], *, keep_means: bool = False) -> tuple[Trajectory, dict[str, Tensor]]:
         """Roll out the active adapter in ``rollout_chunks`` pieces and score each piece in a worker
@@ -76,6 +94,28 @@ class OnlineRL(AdapterPolicy):
 
     def log_rewards(self, scores: dict[str, Tensor]) -> dict[str, Tensor]:
         return self.gathered_means("reward", self.reward_name, scores)
+
+
+def _tasks(reward: Mapping[str, Reward], prompts: Sequence[dict] | Mapping[str, Sequence[dict]]
+           ) -> dict[str, tuple[Reward, list[dict]]]:
+    """``task → (reward, prompt rows)``; one reward with one prompt set, or matching mappings."""
+    if not reward:
+        raise ValueError("reward: no reward configured (pick one from conf/reward, e.g. reward=ocr)")
+    if isinstance(prompts, Mapping):
+        if set(prompts) != set(reward):
+            raise ValueError(f"multi-task RL needs one reward per prompt set with the same names: "
+                             f"module.prompts has {sorted(prompts)}, reward has {sorted(reward)}")
+        tasks = {name: (reward[name], list(prompts[name])) for name in prompts}
+    else:
+        if len(reward) != 1:
+            raise ValueError(f"reward: give exactly one reward (a `multi` reward for a mix, or module.prompts as "
+                             f"a mapping with one prompt set per reward), got {list(reward)}")
+        name, fn = next(iter(reward.items()))
+        tasks = {name: (fn, list(prompts))}
+    for name, (_, rows) in tasks.items():
+        if not rows:
+            raise ValueError(f"prompts: the prompt set of task {name!r} is empty")
+    return tasks
 
 
 def _chunks(rows: list[dict], n: int) -> list[list[dict]]:

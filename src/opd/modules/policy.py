@@ -9,6 +9,7 @@ run continues exactly as an uninterrupted one would.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -25,7 +26,9 @@ from opd.models.lora import (
     DEFAULT_TARGETS,
     active_adapter,
     add_lora,
+    copy_lora,
     lora_parameters,
+    resolve_lora_file,
     save_lora,
     set_trainable,
 )
@@ -40,7 +43,8 @@ class AdapterPolicy(pl.LightningModule):
 
     def __init__(self, backbone: Callable[[], Backbone], sampler: Any,
                  optimizer: Callable[..., torch.optim.Optimizer], lora: dict[str, Any] | None = None,
-                 grad_clip: float = 1.0, seed: int = 0, preview_prompts: Sequence[str] = ()) -> None:
+                 grad_clip: float = 1.0, seed: int = 0, preview_prompts: Sequence[str] = (),
+                 init_adapter: str | None = None) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the adapters only, not the frozen backbone
@@ -52,7 +56,11 @@ class AdapterPolicy(pl.LightningModule):
         self.grad_clip = grad_clip
         self.seed = seed
         self.preview_prompts = list(preview_prompts)
+        self.init_adapter = init_adapter
+        if init_adapter is not None:
+            resolve_lora_file(init_adapter)  # a wrong path fails now, before the backbone loads
         self.round = 0
+        self.elapsed_minutes = 0.0
         self._embed_cache: dict[str, PromptEmbeds] = {}
 
     # -- set-up ----------------------------------------------------------------------------
@@ -62,6 +70,8 @@ class AdapterPolicy(pl.LightningModule):
         self.backbone = self._build_backbone()
         self.backbone.requires_grad_(False)
         add_lora(self.backbone.transformer, self.STUDENT, **self.lora)
+        if self.init_adapter is not None:
+            copy_lora(self.backbone.transformer, self.init_adapter, self.STUDENT)
         set_trainable(self.backbone.transformer, self.STUDENT)
 
     def policy_parameters(self) -> list[torch.nn.Parameter]:
@@ -124,10 +134,15 @@ class AdapterPolicy(pl.LightningModule):
     def image_size(self) -> int:
         return int(getattr(self.backbone, "image_size", 512))
 
+    def on_train_start(self) -> None:
+        self._clock = time.monotonic() - 60 * self.elapsed_minutes  # a resumed run keeps counting
+
     def training_step(self, batch: Any, batch_idx: int) -> None:
         metrics = self.run_round()
         self.round += 1
+        self.elapsed_minutes = (time.monotonic() - self._clock) / 60
         self.log("train/round", float(self.round), on_step=True)
+        self.log("time/minutes", self.elapsed_minutes, on_step=True)  # training wall-clock, for curves
         self.log_dict({k: v.float() for k, v in metrics.items()}, on_step=True, prog_bar=False)
 
     def run_round(self) -> dict[str, Tensor]:
@@ -183,6 +198,8 @@ class AdapterPolicy(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if "lora_" in k}
         checkpoint["opd_round"] = self.round
+        checkpoint["opd_elapsed_minutes"] = self.elapsed_minutes
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.round = int(checkpoint.get("opd_round", 0))
+        self.elapsed_minutes = float(checkpoint.get("opd_elapsed_minutes", 0.0))
