@@ -15,10 +15,15 @@ class ImageGrid(pl.Callback):
     """Calls ``pl_module.preview(num_steps) -> (images [B,3,H,W], captions)`` with EMA weights,
     writes ``<output_dir>/images/step_XXXXXX.png`` and logs the grid to TensorBoard."""
 
-    def __init__(self, every_n_steps: int = 500, num_steps: int = 20, num_cols: int = 8) -> None:
+    def __init__(self, every_n_steps: int = 500, num_steps: int = 20, num_cols: int = 8, at_start: bool = True) -> None:
         self.every_n_steps = every_n_steps
+        self.at_start = at_start
         self.num_steps = num_steps
         self.num_cols = num_cols
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step == 0 and self.at_start:  # the starting point, to compare the end with
+            self.draw(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
