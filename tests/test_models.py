@@ -92,3 +92,27 @@ def test_sd3_missing_weights_error_says_how_to_fix(tmp_path):
     (tmp_path / "sd35").mkdir()
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         SD3Backbone.from_pretrained(str(tmp_path / "sd35"))
+
+
+def test_loaded_lora_acts_exactly_like_the_trained_one(tmp_path):
+    """alpha ≠ rank: a reload must keep the scale alpha/r (diffusers falls back to alpha = r when it
+    is handed the file instead of the folder)."""
+    from opd.models.lora import active_adapter, add_lora, load_lora, lora_parameters, save_lora
+
+    trained = toy()
+    add_lora(trained.transformer, "t", rank=2, alpha=8)
+    torch.manual_seed(1)
+    for p in lora_parameters(trained.transformer, "t"):
+        p.data.normal_(0, 0.3)
+    save_lora(trained.transformer, "t", tmp_path / "lora")
+    fresh = toy()
+    load_lora(fresh.transformer, tmp_path / "lora", "loaded")
+    assert fresh.transformer.peft_config["loaded"].lora_alpha == 8
+    x = torch.randn(2, 3, 16, 16)
+    cond = trained.encode_prompts(["a red circle", "a sign"])
+    with torch.no_grad(), active_adapter(trained.transformer, "t"), active_adapter(fresh.transformer, "loaded"):
+        a = trained.velocity(x, torch.tensor([0.7, 0.3]), cond)
+        b = fresh.velocity(x, torch.tensor([0.7, 0.3]), cond)
+        base = toy().velocity(x, torch.tensor([0.7, 0.3]), cond)
+    assert (a - base).abs().max() > 1e-2  # the adapter matters
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

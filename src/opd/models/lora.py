@@ -112,15 +112,37 @@ def load_lora(transformer: nn.Module, path: str | Path, name: str) -> None:
         raise ValueError(f"LoRA adapter {file} holds no transformer LoRA weights (keys {keys[:2]}…)")
     previous = list(transformer.active_adapters()) if adapter_names(transformer) else []
     try:
-        transformer.load_lora_adapter(str(file), prefix="transformer", adapter_name=name)
+        # a folder + weight_name makes diffusers read the LoRA config (alpha!) from the file's metadata;
+        # given the file path itself it silently falls back to alpha = rank
+        transformer.load_lora_adapter(str(file.parent), weight_name=file.name, use_safetensors=True,
+                                      prefix="transformer", adapter_name=name)
     except (RuntimeError, ValueError, KeyError) as err:
         raise ValueError(f"LoRA adapter {file} does not fit this model (made for another base model?): {err}") \
             from err
     if previous:
         transformer.set_adapter(previous if len(previous) > 1 else previous[0])
+    _check_alpha(transformer, file, name)
     for n, p in transformer.named_parameters():
         if f".{name}." in n:
             p.requires_grad_(False)
+
+
+def _check_alpha(transformer: nn.Module, file: Path, name: str) -> None:
+    """The loaded adapter's scale must be the saved one (``lora_alpha / r`` from the metadata)."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        meta = (f.metadata() or {}).get("lora_adapter_metadata")
+    if meta is None:
+        return  # a LoRA file from elsewhere without metadata: diffusers' inference is all there is
+    saved = json.loads(meta)
+    loaded = transformer.peft_config[name]
+    if (saved.get("transformer.r"), saved.get("transformer.lora_alpha")) != (loaded.r, loaded.lora_alpha):
+        raise RuntimeError(f"LoRA adapter {file} was saved with r={saved.get('transformer.r')}, "
+                           f"alpha={saved.get('transformer.lora_alpha')} but loaded as r={loaded.r}, "
+                           f"alpha={loaded.lora_alpha}")
 
 
 def copy_lora(transformer: nn.Module, path: str | Path, name: str) -> None:

@@ -90,7 +90,8 @@ class AdapterPolicy(pl.LightningModule):
         """Prompt embeddings, cached (the backbone's text encoders are frozen here)."""
         missing = sorted({p for p in prompts if p not in self._embed_cache})
         if len(self._embed_cache) + len(missing) > self.EMBED_CACHE_SIZE:  # SD3: ~2.7 MB a prompt on the GPU
-            self._embed_cache.clear()
+            self._embed_cache.clear()  # start over with this call's prompts only
+            missing = sorted(set(prompts))
         if missing:
             with torch.no_grad():
                 fresh = self.backbone.encode_prompts(missing)
