@@ -56,17 +56,21 @@ def main() -> None:
     parser.add_argument("--base", type=Path, default=Path("docs/results/mini_base/results.json"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="one NVIDIA H100 shared by two runs")
+    parser.add_argument("--teacher-stages", default="{}",
+                        help='JSON: runs a teacher continued from, e.g. \'{"geneval": ["gen_nft_lr1e3"]}\'')
     args = parser.parse_args()
     picked = json.loads((args.runs / "picked.json").read_text())
-    teacher_runs = {skill: p["winner"] for skill, p in picked.items()}
+    stages = {skill: [p["winner"]] for skill, p in picked.items()}
+    for skill, runs_before in json.loads(args.teacher_stages).items():  # a teacher trained in several runs
+        stages[skill] = [*runs_before, *stages[skill]]
     rows: dict[str, dict] = {"base": {"label": "base (mini_base, CFG 4.5)", "run": None}}
     for skill in ("geneval", "ocr", "aesthetic"):
-        rows[f"teacher_{skill}"] = {"label": f"{skill} teacher ({teacher_runs[skill]})", "run": f"teacher_{skill}",
-                                    "stages": [teacher_runs[skill]]}
+        rows[f"teacher_{skill}"] = {"label": f"{skill} teacher ({picked[skill]['winner']})", "run": f"teacher_{skill}",
+                                    "stages": stages[skill]}
     rows.update({
-        "multi_reward_rl": {"label": "multi-reward RL (GRPO-Guard, alternating tasks)", "run": "multi_reward_rl"},
+        "multi_reward_rl": {"label": "multi-reward RL (DiffusionNFT, alternating tasks)", "run": "multi_reward_nft"},
         "cascade_rl": {"label": "cascade RL (aesthetic → OCR → GenEval)", "run": "cascade_geneval",
-                       "stages": [teacher_runs["aesthetic"], "cascade_ocr", "cascade_geneval"]},
+                       "stages": [*stages["aesthetic"], "cascade_ocr", "cascade_geneval"]},
         "sopd_geneval": {"label": "SOPD student, GenEval teacher", "run": "sopd_geneval", "teachers": ["geneval"]},
         "sopd_ocr": {"label": "SOPD student, OCR teacher", "run": "sopd_ocr", "teachers": ["ocr"]},
         "sopd_aesthetic": {"label": "SOPD student, aesthetic teacher", "run": "sopd_aesthetic",

@@ -3,7 +3,8 @@
     python scripts/run_jobs.py scripts/plans/mini_table1_teachers.yaml --root runs/table1 [--set K=V ...]
 
 A plan is a YAML file ``{vars: {...}, jobs: [{name, gpu, cmd, after}]}``. ``cmd`` is a shell
-command formatted with ``{root}``, ``{run}`` (= ``<root>/<name>``), ``{name}``, ``{skill}`` (the name's last ``_`` part), ``{gpu}`` and the plan's
+command formatted with ``{root}``, ``{run}`` (= ``<root>/<name>``), ``{name}``, ``{skill}`` (the name's last ``_`` part), ``{experiment}`` (the job's
+``experiment`` key, else its name), ``{gpu}`` and the plan's
 ``vars`` (overridable with ``--set``); it runs with ``CUDA_VISIBLE_DEVICES=<gpu>`` (``gpu: null``
 hides the GPUs), its output going to ``<root>/logs/<name>.log``. A job starts once every job it
 names in ``after`` has succeeded; a failed job skips its dependants (unless a dependant says
@@ -78,7 +79,8 @@ def main() -> int:
                 break
             elif all(status.get(d) == "ok" for d in deps) or (tolerant and finished):
                 run = root / name
-                fields = dict(root=root, run=run, name=name, gpu=job.get("gpu"), skill=name.rpartition("_")[2])
+                fields = dict(root=root, run=run, name=name, gpu=job.get("gpu"), skill=name.rpartition("_")[2],
+                              experiment=job.get("experiment", name))
                 values = {k: str(v).format(**fields) for k, v in variables.items()}  # vars may use the fields
                 cmd = " ".join(job["cmd"].split()).format(**fields, **values)
                 env = dict(os.environ, CUDA_VISIBLE_DEVICES="" if job.get("gpu") is None else str(job["gpu"]))
