@@ -4,7 +4,7 @@
 
 Leaves out what is large and reproducible: Lightning checkpoints (except ``last.ckpt`` when
 ``--with-ckpt``) and the per-image PNGs of evaluations (their grids and ``samples.jsonl`` stay).
-Files are added smallest first, so an over-full archive drops the biggest ones and says which.
+Files are added smallest first; past ``--max-mb`` of input a new part ``<name>.<k>.tar.gz`` starts.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def wanted(path: Path, with_ckpt: bool, adapters: str) -> bool:
         return False
     if path.suffix == ".ckpt":
         return with_ckpt and path.name == "last.ckpt"
-    if "images" in parts and "eval" in parts:
+    if "images" in parts and parts & {"eval", "val"}:
         return False
     return path.is_file()
 
@@ -35,20 +35,23 @@ def main() -> None:
                         help="exported adapters: with the rest, alone (a second archive), or left out")
     args = parser.parse_args()
     files = sorted((p for p in args.root.rglob("*") if wanted(p, args.with_ckpt, args.adapters)), key=lambda p: p.stat().st_size)
-    budget, used, dropped = args.max_mb * 2**20, 0, []
+    budget = args.max_mb * 2**20
+    parts: list[list[Path]] = [[]]
+    used = 0
+    for path in files:  # smallest first; a new part whenever this one is full
+        size = path.stat().st_size
+        if parts[-1] and used + size > budget:
+            parts.append([])
+            used = 0
+        parts[-1].append(path)
+        used += size
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(args.out, "w:gz") as tar:
-        for path in files:
-            size = path.stat().st_size
-            if used + size > budget:
-                dropped.append(str(path.relative_to(args.root)))
-                continue
-            used += size
-            tar.add(path, arcname=str(path.relative_to(args.root.parent)))
-    print(f"packed {len(files) - len(dropped)} files ({used / 2**20:.1f} MiB before compression) into {args.out}")
-    if dropped:
-        print(f"left out {len(dropped)} file(s) over the {args.max_mb} MiB budget: {dropped[:10]}")
-
+    for k, part in enumerate(parts):
+        out = args.out if len(parts) == 1 else args.out.with_name(args.out.name.replace(".tar.gz", f".{k}.tar.gz"))
+        with tarfile.open(out, "w:gz") as tar:
+            for path in part:
+                tar.add(path, arcname=str(path.relative_to(args.root.parent)))
+        print(f"packed {len(part)} files into {out}")
 
 if __name__ == "__main__":
     main()
