@@ -90,6 +90,7 @@ def build_module(backbone: Backbone, args: argparse.Namespace, workdir: Path) ->
     module = OPDDistill(lambda: backbone, teachers, OPDLoss(), sampler, torch.optim.AdamW, lora={"rank": 32, "alpha": 64},
                         prompts_per_teacher=args.batch, target_chunk=args.target_chunk, train_chunk=args.train_chunk)
     module.configure_model()
+    module.to(backbone.device)  # outside a Trainer nothing else tells the module where its noise belongs
     module.manual_backward = lambda loss: loss.backward()  # type: ignore[method-assign]
     return module
 
