@@ -13,6 +13,7 @@ OCR exact match, ``"correct"`` for GenEval strict correctness). ``__call__`` ret
 """
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -25,6 +26,9 @@ class Reward(ABC):
 
     #: name used in log keys (``reward/<name>``) and result tables
     name: str = "reward"
+    #: True for a test stand-in (random weights, or a local fake of a reward server): its scores
+    #: exercise the pipeline and mean nothing (:func:`mark_stand_in`)
+    stand_in: bool = False
 
     @abstractmethod
     def score(self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> dict[str, Tensor]:
@@ -32,6 +36,16 @@ class Reward(ABC):
 
     def __call__(self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]] | None = None) -> Tensor:
         return self.score(images, prompts, metadata or [{} for _ in prompts])["reward"]
+
+
+def mark_stand_in(reward: Reward, what: str) -> None:
+    """Flag ``reward`` as a test stand-in (``reward.stand_in = True``) and say so in the log, loudly,
+    so that a stand-in can never pass unnoticed for the real reward. ``what`` describes what was
+    built instead (e.g. "a 2-layer CLIP with random weights")."""
+    reward.stand_in = True
+    logging.getLogger(type(reward).__module__).warning(
+        "%s reward: STAND-IN (random_weights_for_tests=true) — %s; tests only, its scores mean nothing",
+        type(reward).__name__, what)
 
 
 def check_batch(images: Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> None:

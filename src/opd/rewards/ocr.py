@@ -3,14 +3,16 @@
 Scored as Flow-GRPO does (ALGORITHMS.md §4): the recognised lines with confidence > 0 are joined
 with nothing and compared with the target by :func:`opd.rewards.text_match.ocr_accuracy`; any
 failure scores 0. The OCR engine is pluggable (:class:`OCREngine`); ``"rapidocr"`` runs PP-OCRv4's
-ONNX models shipped inside the ``rapidocr-onnxruntime`` wheel, fully offline, on CPU.
+ONNX models shipped inside the ``rapidocr-onnxruntime`` wheel, fully offline, on CPU; ``"easyocr"``
+runs EasyOCR's CRAFT detector and English recogniser from local weight files (never downloaded).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -21,6 +23,7 @@ from torch import Tensor
 
 from opd.rewards.base import Reward, check_batch, to_uint8_hwc
 from opd.rewards.text_match import exact_match, ocr_accuracy, quoted_text
+from opd.rewards.weights import MissingWeightsError, resolve_weights
 
 
 class OCREngine(Protocol):
@@ -94,8 +97,79 @@ def _build_rapidocr(text_score: float, num_threads: int) -> Any:
         ) from err
 
 
+#: EasyOCR's files for English (``Reader(["en"])``): the CRAFT detector and the generation-2
+#: recogniser, each published as a zip holding the ``.pth``
+EASYOCR_FILES = {
+    "craft_mlt_25k.pth": "https://github.com/JaidedAI/EasyOCR/releases/download/pre-v1.1.6/craft_mlt_25k.zip",
+    "english_g2.pth": "https://github.com/JaidedAI/EasyOCR/releases/download/v1.3/english_g2.zip",
+}
+
+
+class EasyOCREngine:
+    """EasyOCR (CRAFT detection + CRNN recognition) with downloads disabled.
+
+    Reads as ``Reader.readtext`` does on an image *file*: detection on the RGB image, recognition
+    on its grey version (OpenCV's RGB→grey, as ``cv2.imread(..., IMREAD_GRAYSCALE)``). Calling
+    ``readtext`` on an array instead would convert with BGR weights, so the two steps are called
+    here directly. Reads are serialised by a lock (one model instance shared by the reward's
+    threads).
+
+    Args:
+        model_dir: EasyOCR's ``model_storage_directory``: a folder holding ``craft_mlt_25k.pth``
+            and ``english_g2.pth`` (:data:`EASYOCR_FILES`), relative to ``weights_dir`` unless
+            absolute.
+        languages: EasyOCR language codes.
+        gpu: run on CUDA; ``None`` → when available.
+        weights_dir: the weights folder (``paths.weights_dir``); ``None`` → ``$OPD_WEIGHTS_DIR``.
+
+    Raises:
+        MissingWeightsError: the folder or a file in it is missing (or corrupt: EasyOCR checks MD5s).
+    """
+
+    def __init__(self, model_dir: str = "easyocr", languages: Sequence[str] = ("en",), gpu: bool | None = None,
+                 weights_dir: str | os.PathLike | None = None) -> None:
+        hint = "; ".join(f"{name} from {url}" for name, url in EASYOCR_FILES.items())
+        try:
+            path = resolve_weights(model_dir, what="OCRReward(engine='easyocr')", root=weights_dir)
+        except MissingWeightsError as err:
+            raise MissingWeightsError(f"{err} EasyOCR's English files (unzip each): {hint}") from None
+        try:
+            import easyocr
+        except ImportError as err:
+            raise ImportError("OCRReward(engine='easyocr') needs the `easyocr` package: pip install easyocr "
+                              "(or run `make install`)") from err
+        try:
+            reader = easyocr.Reader(list(languages), gpu=torch.cuda.is_available() if gpu is None else gpu,
+                                    model_storage_directory=str(path), download_enabled=False, verbose=False)
+        except FileNotFoundError as err:  # EasyOCR: "Missing <file>" / "MD5 mismatch for <file>"
+            raise MissingWeightsError(
+                f"OCRReward(engine='easyocr'): {err} (in {path}). Put EasyOCR's files there (unzip each): {hint}; "
+                f"opd never lets EasyOCR download them."
+            ) from None
+        self._setup(reader)
+
+    @classmethod
+    def from_reader(cls, reader: Any) -> EasyOCREngine:
+        """An engine around an already-built ``easyocr.Reader`` (or a stand-in with ``detect`` and
+        ``recognize``; tests)."""
+        self = cls.__new__(cls)
+        self._setup(reader)
+        return self
+
+    def _setup(self, reader: Any) -> None:
+        self.reader = reader
+        self._lock = threading.Lock()
+
+    def read(self, image: np.ndarray) -> list[tuple[str, float]]:
+        grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+        with self._lock:
+            horizontal, free = self.reader.detect(image)
+            result = self.reader.recognize(grey, horizontal[0], free[0], detail=1)
+        return [(str(text), float(conf)) for _box, text, conf in result]
+
+
 #: engine name (``OCRReward(engine=...)``) → factory taking the ``engine_kwargs``
-ENGINES: dict[str, Callable[..., OCREngine]] = {"rapidocr": RapidOCREngine}
+ENGINES: dict[str, Callable[..., OCREngine]] = {"rapidocr": RapidOCREngine, "easyocr": EasyOCREngine}
 
 
 def prepare_for_ocr(image: np.ndarray, pad: int, upscale_to: int | None) -> np.ndarray:
@@ -121,7 +195,7 @@ class OCRReward(Reward):
     double quotes of ``prompts[i]``.
 
     Args:
-        engine: key of :data:`ENGINES` (``"rapidocr"``).
+        engine: key of :data:`ENGINES` (``"rapidocr"``, ``"easyocr"``).
         pad: border (px, at the input resolution) added before OCR; see :func:`prepare_for_ocr`.
         upscale_to: minimum short side (px) of the padded image given to the engine; ``None``
             keeps the input resolution. A floor for renders smaller than 64 px (a no-op at 64 px
