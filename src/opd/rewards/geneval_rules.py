@@ -1,0 +1,184 @@
+"""GenEval's decision rules on detections: no models here, so every rule is testable on boxes.
+
+The rules follow GenEval's ``evaluation/evaluate_images.py`` (Ghosh et al., 2023) and, for the
+training score, Flow-GRPO's ``reward_server/gen_eval.py``:
+
+- **Which detections count** (:func:`select_objects`): per class, detections scoring strictly above
+  the confidence threshold (0.3; 0.9 for prompts tagged ``counting``), most confident first, at most
+  16 per class, then greedy NMS at IoU 1.0 (i.e. off, GenEval's default).
+- **Relative position** (:func:`relative_position`): A relative to B from the box centres; the
+  centre offset is shrunk by ``c = 0.1`` of the summed box sizes per axis (clipped at 0), then
+  divided by the *unshrunk* offset's length; a component beyond ±0.5 names the relation
+  (x < −0.5 "left of", x > 0.5 "right of", y < −0.5 "above", y > 0.5 "below"; image y points down).
+- **Strict correctness** (:func:`strict_correct`, GenEval's metric): every ``include`` clause needs
+  its ``count`` most confident objects (at least ``count``: more pass); a colour must hold for all
+  of them; a position ``[relation, i]`` must hold between each of them and each object matched by
+  clause ``i``, which must itself have matched. Any ``exclude`` clause with at least ``count``
+  objects fails the prompt (this makes counting exact).
+- **Partial score** (:func:`partial_score`, Flow-GRPO's training reward): the mean of per-clause
+  sub-scores — count ``1 − |n − n_found| / n`` over *all* kept objects of the class (negative for
+  far too many); a wrong count adds one 0 for the colour/position it asks; else colour
+  ``1 − |n − n_colour| / n`` and position 1 on success, 0 on failure. ``exclude`` is ignored.
+  ``reference_quirk=True`` reproduces the reference's extra 1 appended after a position check
+  that ran over the objects (a failure then scores ``[0, 1]``).
+
+Colours are GenEval's ten; :class:`Detection.color` must be filled (by a colour classifier) for
+the objects :func:`colour_queries` lists before the two judges read it.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+#: GenEval's ten colour names (the zero-shot classes of its CLIP colour classifier)
+COLORS: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
+#: GenEval's defaults (``evaluate_images.py`` options)
+THRESHOLD = 0.3
+COUNTING_THRESHOLD = 0.9
+MAX_OBJECTS = 16
+NMS_THRESHOLD = 1.0
+POSITION_THRESHOLD = 0.1
+
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True, eq=False)
+class Detection:
+    """One detected object: ``box`` = (x0, y0, x1, y1) in pixels; ``mask`` an optional ``[H, W]``
+    bool array over the whole image; ``color`` one of :data:`COLORS` once classified."""
+
+    label: str
+    score: float
+    box: Box
+    mask: np.ndarray | None = field(default=None, repr=False)
+    color: str | None = None
+
+
+def confidence_threshold(meta: dict[str, Any], threshold: float = THRESHOLD,
+                         counting_threshold: float = COUNTING_THRESHOLD) -> float:
+    """GenEval's detection threshold for one prompt: stricter for the counting task."""
+    return counting_threshold if meta.get("tag") == "counting" else threshold
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """IoU with GenEval's inclusive-pixel convention (+1 on each side length)."""
+    def area(box: Sequence[float]) -> float:
+        return max(box[2] - box[0] + 1, 0) * max(box[3] - box[1] + 1, 0)
+
+    inter = area((max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])))
+    union = area(a) + area(b) - inter
+    return inter / union if union else 0.0
+
+
+def select_objects(detections: Iterable[Detection], threshold: float, max_objects: int = MAX_OBJECTS,
+                   nms_threshold: float = NMS_THRESHOLD) -> dict[str, list[Detection]]:
+    """Class → kept detections, most confident first (threshold, per-class cap, then NMS)."""
+    by_label: dict[str, list[Detection]] = defaultdict(list)
+    for det in detections:
+        by_label[det.label].append(det)
+    kept: dict[str, list[Detection]] = {}
+    for label, dets in by_label.items():
+        order = sorted((d for d in dets if d.score > threshold), key=lambda d: -d.score)[:max_objects]
+        chosen: list[Detection] = []
+        while order:
+            best = order.pop(0)
+            chosen.append(best)
+            if nms_threshold < 1:
+                order = [d for d in order if box_iou(best.box, d.box) < nms_threshold]
+        if chosen:
+            kept[label] = chosen
+    return kept
+
+
+def relative_position(box_a: Sequence[float], box_b: Sequence[float],
+                      margin: float = POSITION_THRESHOLD) -> set[str]:
+    """Relations of A to B (``{"left of", "above"}``, …; empty when they overlap too much)."""
+    center_a = ((box_a[0] + box_a[2]) / 2, (box_a[1] + box_a[3]) / 2)
+    center_b = ((box_b[0] + box_b[2]) / 2, (box_b[1] + box_b[3]) / 2)
+    dims = (abs(box_a[2] - box_a[0]) + abs(box_b[2] - box_b[0]),
+            abs(box_a[3] - box_a[1]) + abs(box_b[3] - box_b[1]))
+    offset = (center_a[0] - center_b[0], center_a[1] - center_b[1])
+    revised = [max(abs(o) - margin * d, 0.0) * math.copysign(1.0, o) if o else 0.0 for o, d in zip(offset, dims)]
+    if all(abs(r) < 1e-3 for r in revised):
+        return set()
+    norm = math.hypot(*offset)
+    dx, dy = revised[0] / norm, revised[1] / norm
+    relations = set()
+    if dx < -0.5:
+        relations.add("left of")
+    if dx > 0.5:
+        relations.add("right of")
+    if dy < -0.5:
+        relations.add("above")
+    if dy > 0.5:
+        relations.add("below")
+    return relations
+
+
+def colour_queries(objects: dict[str, list[Detection]], meta: dict[str, Any]) -> list[tuple[str, int]]:
+    """``(class, n)`` pairs whose ``n`` most confident objects need a colour before judging."""
+    return [(c["class"], c["count"]) for c in meta["include"]
+            if "color" in c and len(objects.get(c["class"], [])) >= c["count"]]
+
+
+def _colour(det: Detection) -> str:
+    if det.color is None:
+        raise ValueError(f"detection of {det.label!r} has no colour: classify the objects colour_queries() lists")
+    return det.color
+
+
+def _position_holds(found: list[Detection], relation: str, targets: list[Detection], margin: float) -> bool:
+    return all(relation in relative_position(obj.box, ref.box, margin) for obj in found for ref in targets)
+
+
+def strict_correct(objects: dict[str, list[Detection]], meta: dict[str, Any],
+                   margin: float = POSITION_THRESHOLD) -> bool:
+    """GenEval's binary correctness of one image (see the module docstring)."""
+    correct, groups = True, []
+    for clause in meta["include"]:
+        n = clause["count"]
+        found = objects.get(clause["class"], [])[:n]
+        ok = len(found) >= n
+        if ok and "color" in clause:
+            ok = sum(_colour(d) == clause["color"] for d in found) >= n
+        if ok and "position" in clause:
+            relation, target = clause["position"]
+            ok = groups[target] is not None and _position_holds(found, relation, groups[target], margin)
+        groups.append(found if ok else None)
+        correct = correct and ok
+    for clause in meta.get("exclude", []):
+        if len(objects.get(clause["class"], [])) >= clause["count"]:
+            correct = False
+    return correct
+
+
+def partial_score(objects: dict[str, list[Detection]], meta: dict[str, Any], margin: float = POSITION_THRESHOLD,
+                  reference_quirk: bool = False) -> float:
+    """Flow-GRPO's partial GenEval reward of one image (see the module docstring)."""
+    scores: list[float] = []
+    groups: list[list[Detection] | None] = []
+    for clause in meta["include"]:
+        n, found = clause["count"], objects.get(clause["class"], [])
+        scores.append(1 - abs(n - len(found)) / n)
+        matched = len(found) == n
+        if not matched and ("color" in clause or "position" in clause):
+            scores.append(0.0)
+        if matched and "color" in clause:
+            num_colour = sum(_colour(d) == clause["color"] for d in found)
+            scores.append(1 - abs(n - num_colour) / n)
+            matched = num_colour == n
+        if matched and "position" in clause:
+            relation, target = clause["position"]
+            if groups[target] is None:
+                matched = False
+                scores.append(0.0)
+            else:
+                matched = _position_holds(found, relation, groups[target], margin)
+                scores.extend([float(matched)] if not reference_quirk else ([1.0] if matched else [0.0, 1.0]))
+        groups.append(found if matched else None)
+    return sum(scores) / len(scores) if scores else 0.0
