@@ -1,8 +1,10 @@
 """Shared fixtures: compose the real Hydra config, shrunk for CPU tests."""
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
+import hydra
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -39,3 +41,28 @@ def cfg_factory(tmp_path):
     def make(config_name: str = "train", overrides: list[str] | None = None):
         return compose_cfg(config_name, overrides or [], tmp_path)
     return make
+
+
+STAND_IN_FLAG = "random_weights_for_tests"
+
+
+def stand_in_reward_overrides(cfg, root: str = "reward") -> list[str]:
+    """Overrides switching every reward under ``cfg.<root>`` (nested ones too, e.g. a MultiReward's
+    components) whose class takes ``random_weights_for_tests`` to its random stand-in: real-scale
+    reward weights and servers are not on CI machines. Rewards without the flag are left alone."""
+    from omegaconf import DictConfig
+
+    out = []
+
+    def visit(node, path: str) -> None:
+        if not isinstance(node, DictConfig):
+            return
+        target = node.get("_target_")
+        if isinstance(target, str) and STAND_IN_FLAG in inspect.signature(hydra.utils.get_object(target)).parameters:
+            out.append(f"{'' if STAND_IN_FLAG in node else '+'}{path}.{STAND_IN_FLAG}=true")
+        for key in node:
+            if key != "_target_":
+                visit(node._get_node(key), f"{path}.{key}")
+
+    visit(cfg.get(root), root)
+    return out

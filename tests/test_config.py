@@ -7,7 +7,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from conftest import EXPERIMENTS, ROOT, TOY_MODEL
+from conftest import EXPERIMENTS, ROOT, TOY_MODEL, stand_in_reward_overrides
 
 
 def test_there_are_experiments():
@@ -15,16 +15,20 @@ def test_there_are_experiments():
 
 
 def shrink(cfg_factory, experiment, tmp_path):
-    """Overrides that make an experiment CPU-sized: a toy model of the same family and, where it
-    reads user prompt files, a small one (real-scale weights and data are not on CI machines)."""
+    """Overrides that make an experiment CPU-sized: a toy model of the same family, where it reads
+    user prompt files a small one, and real-scale rewards on their random stand-ins (real-scale
+    weights, reward servers and data are not on CI machines)."""
     probe = cfg_factory("train", [f"experiment={experiment}"])
     sd3 = "sd3_backbone" in probe.model._target_
     overrides = ["model=sd3_tiny_random"] if sd3 else list(TOY_MODEL)
+    overrides += stand_in_reward_overrides(probe)
     prompts = OmegaConf.select(probe, "module.prompts")
     if prompts is not None and prompts.get("_target_", "").endswith("load_prompt_file"):
         file = tmp_path / "prompts.txt"
         file.write_text('a sign that says "OPD"\na photo of a cat\n')
         overrides.append(f"module.prompts.path={file}")
+    if "init_adapter" in list((probe.get("module") or {}).keys()):  # a cascade stage starts from a toy adapter
+        overrides.append(f"module.init_adapter={toy_adapter(tmp_path, sd3, rank=16, alpha=32)}")
     for key, teacher in (probe.get("teacher") or {}).items():  # toy adapters of the toy model's shape
         overrides.append(f"teacher.{key}.adapter={toy_adapter(tmp_path, sd3)}")
         if teacher.prompts.get("_target_", "").endswith("load_prompt_file"):
@@ -34,15 +38,15 @@ def shrink(cfg_factory, experiment, tmp_path):
     return [f"experiment={experiment}", "trainer=cpu", *overrides]
 
 
-def toy_adapter(tmp_path, sd3: bool):
+def toy_adapter(tmp_path, sd3: bool, rank: int = 2, alpha: int = 4):
     from opd.models.lora import add_lora, save_lora
     from opd.models.random_sd3 import tiny_sd3_backbone
     from test_models import toy
 
-    folder = tmp_path / ("toy_adapter_sd3" if sd3 else "toy_adapter")
+    folder = tmp_path / f"toy_adapter{'_sd3' if sd3 else ''}_r{rank}"
     if not folder.exists():
         model = tiny_sd3_backbone() if sd3 else toy()
-        add_lora(model.transformer, "t", rank=2, alpha=4)
+        add_lora(model.transformer, "t", rank=rank, alpha=alpha)
         save_lora(model.transformer, "t", folder)
     return folder
 

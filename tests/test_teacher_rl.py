@@ -105,19 +105,7 @@ def run_nft(cfg_factory, steps):
     return lora_state(train(cfg)[1]["module"])
 
 
-def test_sd35_ocr_teacher_runs_a_round_on_a_tiny_random_sd3(cfg_factory, tmp_path):
-    prompts = tmp_path / "ocr_train.txt"
-    prompts.write_text('a sign that says "OPD"\na neon sign that says "hello"\n\na poster that says "42"\n')
-    cfg = cfg_factory("train", ["experiment=teacher_ocr", "model=sd3_tiny_random", "trainer=cpu", "logger=csv",
-                                "trainer.enable_progress_bar=false", "trainer.max_steps=2",
-                                f"module.prompts.path={prompts}", "module.num_groups_per_round=2",
-                                "module.group_size=2", "module.lora={rank:2,alpha:4}", "sampler.num_steps=2",
-                                "callbacks.image_grid.num_steps=2", "+module.preview_prompts=[a sign]"])
-    OmegaConf.resolve(cfg)
-    metrics, objects = train(cfg)
-    assert objects["trainer"].global_step == 2
-    assert 0.0 <= metrics["reward/ocr"] <= 1.0 and "train/policy_loss" in metrics
-    assert (tmp_path / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+# the SD3.5 teacher experiments (teacher_ocr included) run a round in test_sd35_teachers.py
 
 
 def test_missing_prompt_file_is_named(tmp_path):
