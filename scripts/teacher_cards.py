@@ -20,17 +20,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from mini_table1 import EXTRA, METRICS, OWN, command, training_log  # noqa: E402
-
-ALGORITHM = {"ocr": "GRPO-Guard", "aesthetic": "GRPO-Guard", "gen_grpo": "GRPO-Guard", "gen_nft": "DiffusionNFT"}
-
+from mini_table1 import EXTRA, METRICS, OWN, chained_log, command  # noqa: E402
 
 def algorithm(run: str) -> str:
-    return next((v for k, v in ALGORITHM.items() if run.startswith(k)), "?")
+    """The plan's run names say the algorithm (``*nft*`` = DiffusionNFT, else GRPO-Guard)."""
+    return "DiffusionNFT" if "nft" in run else "GRPO-Guard"
 
 
-def plot(run: Path, skill: str, out: Path) -> None:
-    log, _ = training_log(run)
+def plot(root: Path, stages: list[str], skill: str, out: Path) -> None:
+    log, _ = chained_log(root, stages)
     keys = sorted({k for r in log for k in r if k.startswith("reward/") and not k.endswith("_std")
                    and k.count("/") == 1})
     fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -59,6 +57,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, required=True)
     parser.add_argument("--base", type=Path, default=Path("docs/results/mini_base/results.json"))
     parser.add_argument("--device", default="one NVIDIA H100 shared by two runs")
+    parser.add_argument("--teacher-stages", default="{}", help="JSON: runs a teacher continued from")
     args = parser.parse_args()
     picked = json.loads((args.runs / "picked.json").read_text())
     base = json.loads(args.base.read_text())["base"]
@@ -66,11 +65,11 @@ def main() -> None:
     table = {"base": base}
     for skill, pick in picked.items():
         winner = pick["winner"]
-        run = args.runs / winner
+        stages = [*json.loads(args.teacher_stages).get(skill, []), winner]
         test = json.loads((args.runs / f"teacher_{skill}" / "eval" / "results.json").read_text())[f"teacher_{skill}"]
         table[f"teacher_{skill}"] = test
-        _, minutes = training_log(run)
-        plot(run, skill, args.results / f"{skill}_curves.png")
+        _, minutes = chained_log(args.runs, stages)
+        plot(args.runs, stages, skill, args.results / f"{skill}_curves.png")
         grids = args.runs / f"teacher_{skill}" / "eval" / "grids"
         if grids.is_dir():
             for png in grids.glob("*.png"):
@@ -88,7 +87,8 @@ A LoRA (rank 16, alpha 32, on every attention projection) on `models/mini_base`,
 at **CFG {guidance}**. Used as the `{skill}` teacher of the mini DiffusionOPD experiments
 (`conf/teacher/mini_{skill}.yaml`).
 
-- **Made by**: `{command(run)}` (run `{winner}` of `scripts/plans/mini_table1.yaml`)
+- **Made by** (run{'s' if len(stages) > 1 else ''} {', '.join(f'`{x}`' for x in stages)} of `scripts/plans/mini_table1.yaml`, each continuing the last):
+{chr(10).join(f'  `{command(args.runs / x)}`' for x in stages)}
 - **Device**: {args.device}; **training time**: {minutes:.1f} min wall-clock
 - **Weights**: the EMA of the LoRA weights (decay 0.9 every 8 steps), diffusers format
   (`pytorch_lora_weights.safetensors`, fp16).
