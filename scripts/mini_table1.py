@@ -40,6 +40,19 @@ def training_log(run: Path) -> tuple[list[dict[str, str]], float]:
     return rows, max(minutes, default=0.0)
 
 
+def chained_log(root: Path, stages: list[str]) -> tuple[list[dict[str, str]], float]:
+    """The logs of runs that continued one another, as one log on one wall-clock axis."""
+    rows, offset = [], 0.0
+    for stage in stages:
+        log, minutes = training_log(root / stage)
+        for r in log:
+            if r.get("time/minutes"):
+                r = dict(r, **{"time/minutes": str(float(r["time/minutes"]) + offset)})
+            rows.append(r)
+        offset += minutes
+    return rows, offset
+
+
 def command(run: Path) -> str:
     overrides = run / ".hydra" / "overrides.yaml"
     if not overrides.exists():
@@ -63,7 +76,7 @@ def main() -> None:
     stages = {skill: [p["winner"]] for skill, p in picked.items()}
     for skill, runs_before in json.loads(args.teacher_stages).items():  # a teacher trained in several runs
         stages[skill] = [*runs_before, *stages[skill]]
-    rows: dict[str, dict] = {"base": {"label": "base (mini_base, CFG 4.5)", "run": None}}
+    rows: dict[str, dict] = {"base": {"label": "base (mini_base)", "run": None, "cfg": 4.5}}
     for skill in ("geneval", "ocr", "aesthetic"):
         rows[f"teacher_{skill}"] = {"label": f"{skill} teacher ({picked[skill]['winner']})", "run": f"teacher_{skill}",
                                     "stages": stages[skill]}
@@ -90,9 +103,13 @@ def main() -> None:
             print(f"[table1] {key}: no evaluation at {eval_file}; row left out")
             continue
         results[key] = json.loads(eval_file.read_text())[row["run"]]
+        hydra_cfg = run / "eval" / ".hydra" / "config.yaml"
+        if hydra_cfg.exists():
+            import yaml
+
+            row["cfg"] = yaml.safe_load(hydra_cfg.read_text()).get("guidance_scale")
         stages = row.get("stages", [row["run"]])
-        log = training_log(args.runs / stages[-1])[0]
-        own = sum(training_log(args.runs / s)[1] for s in stages)
+        log, own = chained_log(args.runs, stages)
         cumulative = own + sum(runs.get(f"teacher_{t}", {}).get("minutes", 0.0) for t in row.get("teachers", []))
         runs[key] = {"run": row["run"], "stages": stages, "minutes": round(own, 2),
                      "cumulative_minutes": round(cumulative, 2),
@@ -117,13 +134,13 @@ def write_outputs(out: Path, rows: dict, results: dict, runs: dict, curves: dict
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
     (out / "runs.json").write_text(json.dumps(runs, indent=1))
-    head = ["model", *METRICS.values(), *EXTRA.values(), "GPU min (own)", "GPU min (incl. teachers)"]
+    head = ["model", "CFG", *METRICS.values(), *EXTRA.values(), "GPU min (own)", "GPU min (incl. teachers)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, row in rows.items():
         if key not in results:
             continue
         r = results[key]
-        cells = [row["label"], *(f"{r[m]:.3f}" for m in METRICS), *(f"{r[m]:.3f}" for m in EXTRA),
+        cells = [row["label"], str(row.get("cfg", "")), *(f"{r[m]:.3f}" for m in METRICS), *(f"{r[m]:.3f}" for m in EXTRA),
                  f"{runs[key]['minutes']:.1f}", f"{runs[key]['cumulative_minutes']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     shares = []
@@ -132,7 +149,9 @@ def write_outputs(out: Path, rows: dict, results: dict, runs: dict, curves: dict
         if share:
             shares.append(f"- {rows[key]['label']}: " + ", ".join(f"{t} {100 * v:.0f}%" for t, v in share.items()))
     md = "\n".join(["# The mini Table 1", "", "All rows evaluated by `make eval` (all 655 test prompts, 40 ODE steps, "
-                    "seed 0; CFG 4.5 unless the run says otherwise).", "", *lines, "",
+                    "seed 0) at the CFG scale in the table: 4.5 for the base, the GRPO-Guard aesthetic teacher and the "
+                    "OPD students (which sample with CFG), 1.0 for the DiffusionNFT-trained models (CFG-free by "
+                    "construction). GPU minutes are training wall-clock on an H100 shared by 2-3 mini runs.", "", *lines, "",
                     "## Share of each teacher's gain (over the base, on the teacher's own task) kept by the students",
                     "", *shares, ""])
     (out / "results.md").write_text(md)
@@ -146,8 +165,8 @@ def plot_curves(path: Path, curves: dict[str, list[dict[str, str]]]) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for ax, (skill, names) in zip(axes, skills.items()):
         for key, log in curves.items():
-            cols = [c for c in (log[0].keys() if log else []) for n in names
-                    if c in (f"reward/{n}", f"teacher/{skill}/{n}")]
+            keys = {k for r in log for k in r}  # chained stages log different keys
+            cols = [c for c in sorted(keys) for n in names if c in (f"reward/{n}", f"teacher/{skill}/{n}")]
             for col in cols:
                 pts = [(float(r["time/minutes"]), float(r[col])) for r in log if r.get(col) and r.get("time/minutes")]
                 if len(pts) < 2:
