@@ -119,3 +119,31 @@ def test_bad_teacher_configs_fail_before_any_model_loads(cfg_factory, toy_world,
     empty.write_text("")
     with pytest.raises(Exception, match="empty"):
         instantiate([f"+teacher.ocr.prompts.path={empty}"])
+
+
+def test_balanced_weighting_divides_each_teacher_by_its_running_kl(cfg_factory, toy_world):
+    """Round 0: weight = 1/KL (measured without grad) so every teacher starts with loss 1; the scale
+    then follows an EMA of the KLs; the gradient equals that of the KL-normalised sum."""
+    module = build(cfg_factory, toy_world, ["module.teacher_weighting=balanced", "module.balance_decay=0.5"])
+    module.all_gather = lambda t: t  # type: ignore[method-assign]  # one process: the identity
+    module.manual_backward = lambda loss: loss.backward()  # type: ignore[method-assign]
+    teacher = module.teachers[0]
+    prompts = [r["prompt"] for r in teacher.prompts[:2]]
+    with torch.no_grad():
+        traj = module.sample(prompts, kernel="ode", noise_level=0.0, guidance_scale=4.5)
+    w = module.teacher_weight(teacher, traj)
+    kl = module.distill_on(traj, teacher, backward=False)
+    assert w == pytest.approx(1 / kl.item(), rel=1e-5)
+    params = module.policy_parameters()
+    for p in params:
+        p.grad = None
+    module.distill_on(traj, teacher, backward=True, weight=w)
+    weighted = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    module.distill_on(traj, teacher, backward=True)
+    for g_w, p in zip(weighted, params):
+        torch.testing.assert_close(g_w, p.grad * w, rtol=1e-4, atol=1e-8)
+    module.update_kl_scale(teacher, torch.tensor(3.0))
+    assert module.kl_scale[teacher.name] == pytest.approx(0.5 * kl.item() + 0.5 * 3.0, rel=1e-5)
+    assert module.teacher_weight(teacher, traj) == pytest.approx(1 / module.kl_scale[teacher.name])

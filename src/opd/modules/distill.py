@@ -81,7 +81,8 @@ class OPDDistill(AdapterPolicy):
                  sampler: Any, optimizer: Callable[..., torch.optim.Optimizer], lora: dict[str, Any] | None = None,
                  prompts_per_teacher: int = 3, timestep_fraction: float = 0.99, target_chunk: int = 64,
                  train_chunk: int = 16, grad_clip: float = 1.0, seed: int = 0,
-                 preview_prompts: Sequence[str] = ()) -> None:
+                 preview_prompts: Sequence[str] = (), teacher_weighting: str = "sum",
+                 balance_decay: float = 0.9) -> None:
         self.teachers = build_teachers(teachers)
         super().__init__(backbone, sampler, optimizer, lora, grad_clip, seed,
                          list(preview_prompts) or [t.prompts[0]["prompt"] for t in self.teachers])
@@ -92,6 +93,11 @@ class OPDDistill(AdapterPolicy):
         self.timestep_fraction = timestep_fraction
         self.target_chunk = target_chunk
         self.train_chunk = train_chunk
+        if teacher_weighting not in ("sum", "balanced"):
+            raise ValueError(f"module.teacher_weighting must be 'sum' or 'balanced', got {teacher_weighting!r}")
+        self.teacher_weighting = teacher_weighting
+        self.balance_decay = balance_decay
+        self.kl_scale: dict[str, float] = {}  # balanced: running mean of each teacher's KL (all ranks)
         self._monitor_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-monitor")
 
     def configure_model(self) -> None:
@@ -125,9 +131,13 @@ class OPDDistill(AdapterPolicy):
             for name, reward in teacher.monitor.items():
                 pending.append((teacher.name, name, self._monitor_pool.submit(
                     self.score_images, reward, name, traj.final.detach(), rows)))
-            loss = self.distill_on(traj, teacher, backward=True)
+            weight = self.teacher_weight(teacher, traj)
+            loss = self.distill_on(traj, teacher, backward=True, weight=weight)
+            self.update_kl_scale(teacher, loss)
             total += loss
             metrics[f"teacher/{teacher.name}/kl"] = loss.detach()
+            if self.teacher_weighting == "balanced":
+                metrics[f"teacher/{teacher.name}/weight"] = torch.as_tensor(weight)
         metrics["train/kl"] = torch.as_tensor(total).detach()
         metrics["train/grad_norm"] = self.optimizer_step_with_clip()
         for teacher_name, name, future in pending:  # gathered in a fixed order on every rank
@@ -161,9 +171,42 @@ class OPDDistill(AdapterPolicy):
                                   teacher.guidance_scale)[0])
         return torch.cat(out)
 
-    def distill_on(self, traj: Trajectory, teacher: Teacher, backward: bool) -> Tensor:
-        """``mean_i Σ_j KL_ij`` for one teacher; with ``backward`` the gradient is accumulated chunk
-        by chunk (chunks span steps), so memory is set by ``train_chunk``, not by ``B·T``."""
+    def teacher_weight(self, teacher: Teacher, traj: Trajectory) -> float:
+        """The weight of ``teacher``'s KL in this round's loss.
+
+        ``sum`` (the paper): 1 for every teacher. ``balanced``: 1 / (running mean of the teacher's
+        KL over earlier rounds and all ranks), so each teacher moves the shared LoRA about equally
+        however far apart its targets are (on the mini world the GenEval teacher's KL is ~10x smaller
+        than the others' and ``sum`` let them drown it). The first round measures the KL once
+        without grad to start the mean; later rounds reuse the KL they compute anyway.
+        """
+        if self.teacher_weighting == "sum":
+            return 1.0
+        if teacher.name not in self.kl_scale:
+            with torch.no_grad():
+                self.kl_scale[teacher.name] = self.gathered_kl(self.distill_on(traj, teacher, backward=False))
+        return 1.0 / max(self.kl_scale[teacher.name], 1e-12)
+
+    def gathered_kl(self, kl: Tensor) -> float:
+        return self.all_gather(kl.detach()).float().mean().item()
+
+    def update_kl_scale(self, teacher: Teacher, kl: Tensor) -> None:
+        if self.teacher_weighting == "balanced":
+            d = self.balance_decay
+            self.kl_scale[teacher.name] = d * self.kl_scale[teacher.name] + (1 - d) * self.gathered_kl(kl)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["opd_kl_scale"] = dict(self.kl_scale)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.kl_scale = dict(checkpoint.get("opd_kl_scale", {}))
+
+    def distill_on(self, traj: Trajectory, teacher: Teacher, backward: bool, weight: float = 1.0) -> Tensor:
+        """``mean_i Σ_j KL_ij`` for one teacher; with ``backward`` the gradient of ``weight`` times it
+        is accumulated chunk by chunk (chunks span steps), so memory is set by ``train_chunk``, not
+        by ``B·T``. Returns the unweighted KL."""
         x, sigma, sigma_next, cond = self.states(traj)
         target = self.teacher_targets(x, sigma, sigma_next, cond, teacher)
         b = traj.latents.shape[0]
@@ -174,7 +217,7 @@ class OPDDistill(AdapterPolicy):
             loss, _ = self.objective(mean, target[sl], std, sigma[sl] - sigma_next[sl])
             part = loss * (sl.numel() / b)  # the chunk's share of Σ_j mean_i
             if backward:
-                self.manual_backward(part)
+                self.manual_backward(part * weight)
             total = total + part.detach()
         return total
 
