@@ -2,9 +2,9 @@
 
 Whatever logger is configured, a PNG beside the checkpoints shows at a glance whether the KL falls
 and the rewards rise. Values are collected from ``trainer.callback_metrics`` after each step and
-redrawn every ``every_n_steps`` and at the end; keys are matched by prefix. A key whose value did
-not change since its last point is taken as not logged this step (multi-task runs log each task's
-reward on its own rounds only).
+redrawn every ``every_n_steps`` and at the end; keys are matched by prefix. Modules that keep their
+last step's metrics in ``last_metrics`` (every :class:`~opd.modules.policy.AdapterPolicy`) give
+exactly what each step logged; otherwise ``trainer.callback_metrics`` is used.
 """
 from __future__ import annotations
 
@@ -31,12 +31,14 @@ class CurvePlot(pl.Callback):
         return key.startswith(self.prefixes) and not any(e in key for e in self.exclude)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        for key, value in trainer.callback_metrics.items():
-            if not (self.wanted(key) and value.numel() == 1):
-                continue
-            seen = self.history[key]
-            if not seen or seen[-1][1] != float(value):  # a key not logged this step keeps its old value
-                seen.append((trainer.global_step, float(value)))
+        fresh = getattr(pl_module, "last_metrics", None)
+        if fresh is not None:  # exactly what this step logged (multi-task runs log rewards on their rounds)
+            values = fresh
+        else:  # other modules: Lightning's latest values, where a key not logged this step keeps its old one
+            values = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        for key, value in values.items():
+            if self.wanted(key):
+                self.history[key].append((trainer.global_step, value))
         if trainer.global_step % self.every_n_steps == 0:
             self.draw(trainer)
 

@@ -61,6 +61,7 @@ class AdapterPolicy(pl.LightningModule):
             resolve_lora_file(init_adapter)  # a wrong path fails now, before the backbone loads
         self.round = 0
         self.elapsed_minutes = 0.0
+        self.last_metrics: dict[str, float] = {}  # this round's metrics (curve plots read them)
         self._embed_cache: dict[str, PromptEmbeds] = {}
 
     # -- set-up ----------------------------------------------------------------------------
@@ -140,6 +141,7 @@ class AdapterPolicy(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         metrics = self.run_round()
+        self.last_metrics = {k: float(v) for k, v in metrics.items() if torch.as_tensor(v).numel() == 1}
         self.round += 1
         self.elapsed_minutes = (time.monotonic() - self._clock) / 60
         self.log("train/round", float(self.round), on_step=True)
