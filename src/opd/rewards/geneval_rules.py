@@ -27,13 +27,14 @@ the objects :func:`colour_queries` lists before the two judges read it.
 """
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from opd.data.world.scene import relations
 
 #: GenEval's ten colour names (the zero-shot classes of its CLIP colour classifier)
 COLORS: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
@@ -97,27 +98,12 @@ def select_objects(detections: Iterable[Detection], threshold: float, max_object
 
 def relative_position(box_a: Sequence[float], box_b: Sequence[float],
                       margin: float = POSITION_THRESHOLD) -> set[str]:
-    """Relations of A to B (``{"left of", "above"}``, …; empty when they overlap too much)."""
-    center_a = ((box_a[0] + box_a[2]) / 2, (box_a[1] + box_a[3]) / 2)
-    center_b = ((box_b[0] + box_b[2]) / 2, (box_b[1] + box_b[3]) / 2)
-    dims = (abs(box_a[2] - box_a[0]) + abs(box_b[2] - box_b[0]),
-            abs(box_a[3] - box_a[1]) + abs(box_b[3] - box_b[1]))
-    offset = (center_a[0] - center_b[0], center_a[1] - center_b[1])
-    revised = [max(abs(o) - margin * d, 0.0) * math.copysign(1.0, o) if o else 0.0 for o, d in zip(offset, dims)]
-    if all(abs(r) < 1e-3 for r in revised):
-        return set()
-    norm = math.hypot(*offset)
-    dx, dy = revised[0] / norm, revised[1] / norm
-    relations = set()
-    if dx < -0.5:
-        relations.add("left of")
-    if dx > 0.5:
-        relations.add("right of")
-    if dy < -0.5:
-        relations.add("above")
-    if dy > 0.5:
-        relations.add("below")
-    return relations
+    """Relations of A to B (``{"left of", "above"}``, …; empty when they overlap too much): GenEval's
+    rule, implemented once in :func:`opd.data.world.scene.relations` (boxes given corner-first)."""
+    def ordered(box: Sequence[float]) -> tuple[float, float, float, float]:
+        return (min(box[0], box[2]), min(box[1], box[3]), max(box[0], box[2]), max(box[1], box[3]))
+
+    return relations(ordered(box_a), ordered(box_b), margin)
 
 
 def colour_queries(objects: dict[str, list[Detection]], meta: dict[str, Any]) -> list[tuple[str, int]]:
