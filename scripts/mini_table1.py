@@ -20,7 +20,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 #: the three headline metrics: results.json key → column title
 METRICS = {"geneval/geneval_mini_correct": "GenEval-mini (strict)", "ocr/ocr_exact": "OCR (exact)",
@@ -148,10 +148,11 @@ def write_outputs(out: Path, rows: dict, results: dict, runs: dict, curves: dict
         share = gain_share(results, key, rows[key].get("teachers", []))
         if share:
             shares.append(f"- {rows[key]['label']}: " + ", ".join(f"{t} {100 * v:.0f}%" for t, v in share.items()))
-    md = "\n".join(["# The mini Table 1", "", "All rows evaluated by `make eval` (all 655 test prompts, 40 ODE steps, "
-                    "seed 0) at the CFG scale in the table: 4.5 for the base, the GRPO-Guard aesthetic teacher and the "
-                    "OPD students (which sample with CFG), 1.0 for the DiffusionNFT-trained models (CFG-free by "
-                    "construction). GPU minutes are training wall-clock on an H100 shared by 2-3 mini runs.", "", *lines, "",
+    intro = ("All rows evaluated by `make eval` (all 655 test prompts, 40 ODE steps, seed 0) at the CFG scale in "
+             "the table: 4.5 for the base, the GRPO-Guard aesthetic teacher and the OPD students (which sample with "
+             "CFG), 1.0 for the DiffusionNFT-trained models (CFG-free by construction). GPU minutes are training "
+             "wall-clock on an H100 shared by 2-3 mini runs.")
+    md = "\n".join(["# The mini Table 1", "", intro, "", *lines, "",
                     "## Share of each teacher's gain (over the base, on the teacher's own task) kept by the students",
                     "", *shares, ""])
     (out / "results.md").write_text(md)

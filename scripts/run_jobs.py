@@ -79,13 +79,13 @@ def main() -> int:
                 break
             elif all(status.get(d) == "ok" for d in deps) or (tolerant and finished):
                 run = root / name
-                fields = dict(root=root, run=run, name=name, gpu=job.get("gpu"), skill=name.rpartition("_")[2],
-                              experiment=job.get("experiment", name))
+                fields = {"root": root, "run": run, "name": name, "gpu": job.get("gpu"),
+                          "skill": name.rpartition("_")[2], "experiment": job.get("experiment", name)}
                 values = {k: str(v).format(**fields) for k, v in variables.items()}  # vars may use the fields
                 cmd = " ".join(job["cmd"].split()).format(**fields, **values)
                 env = dict(os.environ, CUDA_VISIBLE_DEVICES="" if job.get("gpu") is None else str(job["gpu"]))
-                log = open(root / "logs" / f"{name}.log", "w")
-                proc = subprocess.Popen(cmd, shell=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+                with open(root / "logs" / f"{name}.log", "w") as log:  # the child keeps its own handle
+                    proc = subprocess.Popen(cmd, shell=True, stdout=log, stderr=subprocess.STDOUT, env=env)
                 running[name] = (proc, time.time())
                 records[name] = {"status": "running", "cmd": cmd, "gpu": job.get("gpu"), "start": time.time()}
                 pending.pop(name)

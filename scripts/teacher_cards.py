@@ -18,9 +18,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
+from mini_table1 import EXTRA, METRICS, OWN, chained_log, command
 
-from mini_table1 import EXTRA, METRICS, OWN, chained_log, command  # noqa: E402
 
 def algorithm(run: str) -> str:
     """The plan's run names say the algorithm (``*nft*`` = DiffusionNFT, else GRPO-Guard)."""

@@ -18,9 +18,9 @@ EXPERIMENTS = sorted(str(p.relative_to(CONF / "experiment").with_suffix(""))
 #: a toy mini model (two blocks) so CPU tests take seconds
 TOY_MODEL = [
     "model.path=null",
-    "+model.transformer={sample_size:16,patch_size:4,in_channels:3,out_channels:3,num_layers:2,"
-    "attention_head_dim:16,num_attention_heads:2,joint_attention_dim:32,caption_projection_dim:32,"
-    "pooled_projection_dim:32,pos_embed_max_size:4}",
+    ("+model.transformer={sample_size:16,patch_size:4,in_channels:3,out_channels:3,num_layers:2,"
+     "attention_head_dim:16,num_attention_heads:2,joint_attention_dim:32,caption_projection_dim:32,"
+     "pooled_projection_dim:32,pos_embed_max_size:4}"),
     "+model.text_encoder={dim:32,num_layers:1,num_heads:2,max_length:40,pooled_dim:32}",
     "model.image_size=16",
 ]

@@ -10,10 +10,10 @@ from opd.models.build import mini_backbone
 from opd.models.mini import ByteTextEncoder, MiniBackbone
 from opd.sampling import generate
 
-TOY = dict(transformer=dict(sample_size=16, patch_size=4, in_channels=3, out_channels=3, num_layers=2,
-                            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                            caption_projection_dim=32, pooled_projection_dim=32, pos_embed_max_size=4),
-           text_encoder=dict(dim=32, num_layers=1, num_heads=2, max_length=40, pooled_dim=32), image_size=16)
+TOY = {'transformer': {'sample_size': 16, 'patch_size': 4, 'in_channels': 3, 'out_channels': 3, 'num_layers': 2,
+                            'attention_head_dim': 16, 'num_attention_heads': 2, 'joint_attention_dim': 32,
+                            'caption_projection_dim': 32, 'pooled_projection_dim': 32, 'pos_embed_max_size': 4},
+           'text_encoder': {'dim': 32, 'num_layers': 1, 'num_heads': 2, 'max_length': 40, 'pooled_dim': 32}, 'image_size': 16}
 
 
 def toy(seed=0):

@@ -30,7 +30,8 @@ def lora_state(module):
 def logged(out_dir, key):
     rows = []
     for file in sorted(out_dir.glob("csv/version_*/metrics.csv")):
-        rows += [r for r in csv.DictReader(open(file)) if r.get(key)]
+        with open(file) as f:
+            rows += [r for r in csv.DictReader(f) if r.get(key)]
     return {int(r["step"]): float(r[key]) for r in rows}
 
 
@@ -135,7 +136,8 @@ def test_multi_reward_rl_alternates_tasks_with_their_own_reward(cfg_factory, tmp
                                                 "geneval_mini": "GenEvalMini"}[module.task_name]
     assert seen[1] == ("ocr", {"ocr"})
     assert seen[0][1].isdisjoint({"ocr"}) and seen[2][1].isdisjoint({"ocr"})
-    logged_keys = set().union(*(set(r) for r in csv.DictReader(open(next(tmp_path.glob("**/metrics.csv"))))))
+    with open(next(tmp_path.glob("**/metrics.csv"))) as f:
+        logged_keys = set().union(*(set(r) for r in csv.DictReader(f)))
     assert {"reward/aesthetic_mini", "reward/ocr", "reward/geneval_mini"} <= logged_keys
 
 

@@ -30,10 +30,10 @@ from opd.modules.distill import OPDDistill
 from opd.objectives.opd import OPDLoss
 
 #: SD3.5-Medium's MMDiT (2.24 B parameters), from its published transformer config
-SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
-                   attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
-                   caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
-                   qk_norm="rms_norm", dual_attention_layers=tuple(range(13)))
+SD35_MEDIUM = {"sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 24,
+                   "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096,
+                   "caption_projection_dim": 1536, "pooled_projection_dim": 2048, "pos_embed_max_size": 384,
+                   "qk_norm": "rms_norm", "dual_attention_layers": tuple(range(13))}
 
 
 class RandomConditionBackbone(Backbone):

@@ -61,10 +61,10 @@ class ByteTextEncoder(nn.Module):
 
 def default_transformer_config(image_size: int = 64) -> dict[str, Any]:
     """The shipped mini model's transformer (≈ 12M parameters at these settings)."""
-    return dict(sample_size=image_size, patch_size=4, in_channels=3, out_channels=3, num_layers=5,
-                attention_head_dim=64, num_attention_heads=4, joint_attention_dim=256,
-                caption_projection_dim=256, pooled_projection_dim=256, pos_embed_max_size=image_size // 4,
-                qk_norm="rms_norm")
+    return {"sample_size": image_size, "patch_size": 4, "in_channels": 3, "out_channels": 3, "num_layers": 5,
+                "attention_head_dim": 64, "num_attention_heads": 4, "joint_attention_dim": 256,
+                "caption_projection_dim": 256, "pooled_projection_dim": 256, "pos_embed_max_size": image_size // 4,
+                "qk_norm": "rms_norm"}
 
 
 class MiniBackbone(Backbone):

@@ -59,7 +59,7 @@ def build_teachers(teachers: Mapping[str, Any]) -> list[Teacher]:
         file = resolve_lora_file(cfg["adapter"])
         try:
             with safe_open(str(file), framework="pt") as f:
-                these = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+                these = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 — a safetensors handle, not a dict
         except (SafetensorError, OSError) as err:
             raise ValueError(f"teacher.{key}.adapter: {file} is not a readable safetensors file ({err})") from err
         if shapes is not None and these != shapes:

@@ -36,7 +36,7 @@ class Trajectory:
         return self.latents[:, -1]
 
     @staticmethod
-    def cat(parts: list["Trajectory"]) -> "Trajectory":
+    def cat(parts: list[Trajectory]) -> Trajectory:
         """Concatenate trajectories of the same schedule along the batch."""
         def maybe(xs: list[Tensor | None]) -> Tensor | None:
             return None if any(x is None for x in xs) else torch.cat(xs)
