@@ -27,8 +27,13 @@ test: $(STAMP)  ## run the fast CPU test suite (installs first if needed)
 test-all: $(STAMP)  ## run every CPU test, slow ones included
 	$(BIN)/python -m pytest -q -m "not gpu"
 
-demo: $(STAMP)  ## the main job on the mini world: sample the shipped base, score it, write a report (CPU ok)
-	$(BIN)/python -m opd.evaluate max_prompts=8 num_steps=20 hydra.run.dir=outputs/demo
+demo: $(STAMP)  ## the main job: MOPD distils the three shipped mini teachers into one student (CPU: a short run; GPU: the full one), then compares student and base
+	@if $(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+	  exp="experiment=mini/mopd_aesthetic_ocr_geneval trainer=gpu"; ev=""; \
+	else exp="experiment=mini/mopd_demo"; ev="max_prompts=8 num_steps=20"; fi; \
+	$(BIN)/python -m opd.train $$exp hydra.run.dir=outputs/demo $(ARGS) && \
+	$(BIN)/python -m opd.evaluate +checkpoints.student=outputs/demo/adapter $$ev hydra.run.dir=outputs/demo/eval && \
+	echo "demo: KL curves outputs/demo/curves.png | student previews outputs/demo/images/ (step 0 = base) | student vs base outputs/demo/eval/results.md, grids in outputs/demo/eval/grids/"
 
 eval: $(STAMP)  ## full mini-world evaluation (all test prompts, 40 steps; a GPU makes it minutes). Pass ARGS="checkpoints.x=..."
 	$(BIN)/python -m opd.evaluate $(ARGS)
