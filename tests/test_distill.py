@@ -145,3 +145,23 @@ def test_balanced_weighting_divides_each_teacher_by_its_running_kl(cfg_factory, 
     module.update_kl_scale(teacher, torch.tensor(3.0))
     assert module.kl_scale[teacher.name] == pytest.approx(0.5 * kl.item() + 0.5 * 3.0, rel=1e-5)
     assert module.teacher_weight(teacher, traj) == pytest.approx(1 / module.kl_scale[teacher.name])
+
+
+def test_multirun_sweeps_the_kl_weight(tmp_path):
+    """`python -m opd.train -m ... objective.kl_weight=0.5,2` launches one job per value (the shipped
+    teachers, zero optimiser steps: composition, model and teacher loading per job)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = subprocess.run(
+        [sys.executable, "-m", "opd.train", "-m", "experiment=mini/mopd_aesthetic_ocr_geneval", "trainer=cpu",
+         "logger=csv", "trainer.max_steps=0", "callbacks.image_grid.num_steps=1", "objective.kl_weight=0.5,2",
+         f"hydra.sweep.dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    jobs = sorted(p.parent.parent for p in tmp_path.glob("*/.hydra/overrides.yaml"))
+    assert len(jobs) == 2
+    weights = sorted(float(OmegaConf.load(j / ".hydra" / "config.yaml").objective.kl_weight) for j in jobs)
+    assert weights == [0.5, 2.0]
