@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from opd.rewards.model_reward import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTransform
+from opd.rewards.model_reward import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTransform, ModelReward
 from opd.rewards.weights import resolve_weights
 
 
@@ -130,3 +131,25 @@ class CLIPEncoder:
         """Prompts → unit-norm text embeddings ``float32 [b, D]``."""
         emb = features(self.model.get_text_features(**self.tokens(prompts))).float()
         return emb / emb.norm(dim=-1, keepdim=True)
+
+
+class CLIPModelReward(ModelReward):
+    """A reward scored from one transformers ``CLIPModel``'s embeddings (PickScore, CLIPScore):
+    building from an already-made model and the networks the runtime moves and casts."""
+
+    encoder: CLIPEncoder
+
+    @classmethod
+    def from_model(cls, model: Any, processor: Any, *, device: str | None = None, batch_size: int = 32,
+                   dtype: str = "float32") -> CLIPModelReward:
+        """The reward around an already-built ``CLIPModel`` and ``CLIPProcessor`` (tests, notebooks)."""
+        self = cls.__new__(cls)
+        self._setup(model, processor, device, batch_size, dtype)
+        return self
+
+    def _setup(self, model: Any, processor: Any, device: str | None, batch_size: int, dtype: str) -> None:
+        self.encoder = CLIPEncoder(model, processor)
+        self._setup_runtime(device, batch_size, dtype)
+
+    def networks(self) -> Sequence[nn.Module]:
+        return [self.encoder.model]

@@ -12,17 +12,15 @@ found by :func:`~opd.rewards.weights.resolve_weights`.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from opd.rewards.base import mark_stand_in
-from opd.rewards.clip_hf import CLIPEncoder, load_clip, random_clip
-from opd.rewards.model_reward import ModelReward
+from opd.rewards.clip_hf import CLIPModelReward, load_clip, random_clip
 
 
-class CLIPScore(ModelReward):
+class CLIPScore(CLIPModelReward):
     """``reward = max(cos(text, image), 0)`` (0–1 scale); ``"x100"`` = torchmetrics' 0–100 score.
 
     Args:
@@ -51,21 +49,6 @@ class CLIPScore(ModelReward):
         seed of its own, so it differs from PickScore's stand-in), byte-level tokenizer, real
         preprocessing. Nothing is read from disk."""
         return random_clip(seed=1)
-
-    @classmethod
-    def from_model(cls, model: Any, processor: Any, *, device: str | None = None, batch_size: int = 32,
-                   dtype: str = "float32") -> CLIPScore:
-        """A CLIPScore around an already-built ``CLIPModel`` and ``CLIPProcessor`` (tests, notebooks)."""
-        self = cls.__new__(cls)
-        self._setup(model, processor, device, batch_size, dtype)
-        return self
-
-    def _setup(self, model: Any, processor: Any, device: str | None, batch_size: int, dtype: str) -> None:
-        self.encoder = CLIPEncoder(model, processor)
-        self._setup_runtime(device, batch_size, dtype)
-
-    def networks(self) -> Sequence[nn.Module]:
-        return [self.encoder.model]
 
     def score_batch(self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> dict[str, Tensor]:
         """``uint8 [b, 3, H, W]`` → ``{"reward": max(cos, 0), "x100": max(100 cos, 0)}``."""

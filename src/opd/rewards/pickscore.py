@@ -12,20 +12,18 @@ found by :func:`~opd.rewards.weights.resolve_weights`.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from opd.rewards.base import mark_stand_in
-from opd.rewards.clip_hf import CLIPEncoder, load_clip, random_clip
-from opd.rewards.model_reward import ModelReward
+from opd.rewards.clip_hf import CLIPModelReward, load_clip, random_clip
 
 #: Flow-GRPO's normalisation of the raw score ("norm to 0-1")
 PICKSCORE_SCALE = 26.0
 
 
-class PickScore(ModelReward):
+class PickScore(CLIPModelReward):
     """``reward = exp(logit_scale) · cos(text, image) / 26``; ``"raw"`` is the unscaled score.
 
     Args:
@@ -63,21 +61,6 @@ class PickScore(ModelReward):
         initialised (``logit_scale`` = ln 100, so ``raw`` keeps PickScore's ±100 range), with a
         byte-level tokenizer and the real image preprocessing. Nothing is read from disk."""
         return random_clip(seed=0)
-
-    @classmethod
-    def from_model(cls, model: Any, processor: Any, *, device: str | None = None, batch_size: int = 32,
-                   dtype: str = "float32") -> PickScore:
-        """A PickScore around an already-built ``CLIPModel`` and ``CLIPProcessor`` (tests, notebooks)."""
-        self = cls.__new__(cls)
-        self._setup(model, processor, device, batch_size, dtype)
-        return self
-
-    def _setup(self, model: Any, processor: Any, device: str | None, batch_size: int, dtype: str) -> None:
-        self.encoder = CLIPEncoder(model, processor)
-        self._setup_runtime(device, batch_size, dtype)
-
-    def networks(self) -> Sequence[nn.Module]:
-        return [self.encoder.model]
 
     def score_batch(self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> dict[str, Tensor]:
         """``uint8 [b, 3, H, W]`` → ``{"reward": raw / 26, "raw": exp(logit_scale) · cos}``."""
