@@ -42,6 +42,7 @@ from torch import Tensor
 
 from opd.data.world.scene import OBJECT_COLORS, SHAPE_KINDS, relations
 from opd.rewards.base import Reward, check_batch, to_uint8_hwc
+from opd.rewards.geneval_rules import partial_score_with
 
 _PALETTE_NAMES: tuple[str, ...] = tuple(OBJECT_COLORS)
 _PALETTE = np.array([OBJECT_COLORS[c] for c in _PALETTE_NAMES], dtype=np.float32)  # [P, 3]
@@ -222,11 +223,13 @@ def by_class(detections: list[Detection]) -> dict[str, list[Detection]]:
 # --------------------------------------------------------------------------- GenEval logic
 
 
+def _holds(found: list[Detection], relation: str, targets: list[Detection]) -> bool:
+    return all(relation in relations(obj.bbox, ref.bbox) for obj in found for ref in targets)
+
+
 def _position_ok(found: list[Detection], position: list, groups: list[list[Detection] | None]) -> bool:
     rel, target = position
-    if groups[target] is None:
-        return False
-    return all(rel in relations(obj.bbox, ref.bbox) for obj in found for ref in groups[target])
+    return groups[target] is not None and _holds(found, rel, groups[target])
 
 
 def strict_correct(objects: dict[str, list[Detection]], meta: dict[str, Any]) -> bool:
@@ -249,28 +252,9 @@ def strict_correct(objects: dict[str, list[Detection]], meta: dict[str, Any]) ->
 def partial_score(
     objects: dict[str, list[Detection]], meta: dict[str, Any], reference_quirk: bool = False
 ) -> float:
-    """Flow-GRPO's partial GenEval reward of one image (see the module docstring)."""
-    scores: list[float] = []
-    groups: list[list[Detection] | None] = []
-    for clause in meta["include"]:
-        n, found = clause["count"], objects.get(clause["class"], [])
-        scores.append(1 - abs(n - len(found)) / n)
-        matched = len(found) == n
-        if not matched:
-            scores.extend([0.0] * (("color" in clause) + ("position" in clause)))
-        if matched and "color" in clause:
-            num_match = sum(d.color == clause["color"] for d in found)
-            scores.append(1 - abs(n - num_match) / n)
-            matched = num_match == n
-        if "position" in clause and len(found) == n:
-            ok = matched and _position_ok(found, clause["position"], groups)
-            if reference_quirk:  # the reference appends 1 after every check: fail → [0, 1], pass → [1]
-                scores.extend([1.0] if ok else [0.0, 1.0])
-            else:
-                scores.append(float(ok))
-            matched = ok
-        groups.append(found if matched else None)
-    return sum(scores) / len(scores) if scores else 0.0
+    """Flow-GRPO's partial GenEval reward of one image (see the module docstring); the rule itself is
+    :func:`opd.rewards.geneval_rules.partial_score_with`, shared with the real-scale judge."""
+    return partial_score_with(objects, meta, lambda d: d.color, _holds, reference_quirk)
 
 
 class GenEvalMini(Reward):

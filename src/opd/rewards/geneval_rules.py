@@ -17,7 +17,7 @@ training score, Flow-GRPO's ``reward_server/gen_eval.py``:
   objects fails the prompt (this makes counting exact).
 - **Partial score** (:func:`partial_score`, Flow-GRPO's training reward): the mean of per-clause
   sub-scores — count ``1 − |n − n_found| / n`` over *all* kept objects of the class (negative for
-  far too many); a wrong count adds one 0 for the colour/position it asks; else colour
+  far too many); a wrong count adds a 0 for each colour/position it asks; else colour
   ``1 − |n − n_colour| / n`` and position 1 on success, 0 on failure. ``exclude`` is ignored.
   ``reference_quirk=True`` reproduces the reference's extra 1 appended after a position check
   that ran over the objects (a failure then scores ``[0, 1]``).
@@ -28,7 +28,7 @@ the objects :func:`colour_queries` lists before the two judges read it.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,25 +146,39 @@ def strict_correct(objects: dict[str, list[Detection]], meta: dict[str, Any],
 def partial_score(objects: dict[str, list[Detection]], meta: dict[str, Any], margin: float = POSITION_THRESHOLD,
                   reference_quirk: bool = False) -> float:
     """Flow-GRPO's partial GenEval reward of one image (see the module docstring)."""
+    return partial_score_with(objects, meta, _colour,
+                              lambda found, relation, targets: _position_holds(found, relation, targets, margin),
+                              reference_quirk)
+
+
+def partial_score_with(objects: dict[str, list[Any]], meta: dict[str, Any], colour_of: Callable[[Any], str],
+                       position_holds: Callable[[list[Any], str, list[Any]], bool],
+                       reference_quirk: bool = False) -> float:
+    """The partial score over any detection type: ``colour_of(det)`` reads a detection's colour and
+    ``position_holds(found, relation, targets)`` tests a relation, so this judge and the mini world's
+    (:mod:`opd.rewards.geneval_mini`) share one implementation of the rule.
+
+    Per clause: count ``1 − |n − n_found| / n``; a wrong count scores 0 for each colour/position the
+    clause asks; else colour ``1 − |n − n_colour| / n``, and the position 1 or 0 (0 also when the
+    colour or the clause it refers to failed). With ``reference_quirk`` a failed position scores
+    ``[0, 1]``.
+    """
     scores: list[float] = []
-    groups: list[list[Detection] | None] = []
+    groups: list[list[Any] | None] = []
     for clause in meta["include"]:
         n, found = clause["count"], objects.get(clause["class"], [])
         scores.append(1 - abs(n - len(found)) / n)
         matched = len(found) == n
-        if not matched and ("color" in clause or "position" in clause):
-            scores.append(0.0)
+        if not matched:
+            scores.extend([0.0] * (("color" in clause) + ("position" in clause)))
         if matched and "color" in clause:
-            num_colour = sum(_colour(d) == clause["color"] for d in found)
+            num_colour = sum(colour_of(d) == clause["color"] for d in found)
             scores.append(1 - abs(n - num_colour) / n)
             matched = num_colour == n
-        if matched and "position" in clause:
+        if "position" in clause and len(found) == n:
             relation, target = clause["position"]
-            if groups[target] is None:
-                matched = False
-                scores.append(0.0)
-            else:
-                matched = _position_holds(found, relation, groups[target], margin)
-                scores.extend([float(matched)] if not reference_quirk else ([1.0] if matched else [0.0, 1.0]))
+            ok = matched and groups[target] is not None and position_holds(found, relation, groups[target])
+            scores.extend(([1.0] if ok else [0.0, 1.0]) if reference_quirk else [float(ok)])
+            matched = ok
         groups.append(found if matched else None)
     return sum(scores) / len(scores) if scores else 0.0
