@@ -10,21 +10,12 @@ import torch
 
 from conftest import ROOT, compose_cfg
 from opd.evaluate import evaluate
-from opd.models.lora import add_lora, lora_parameters, save_lora
-from test_models import toy
+from test_models import toy_base_and_adapter
 
 
 @pytest.fixture(scope="module")
 def toy_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy_dist")
-    model = toy(seed=5)
-    model.save_pretrained(root / "base", dtype=torch.float32)
-    add_lora(model.transformer, "adapter", rank=2, alpha=4)
-    with torch.no_grad():
-        for p in lora_parameters(model.transformer, "adapter"):
-            p.add_(0.5 * torch.randn_like(p))
-    save_lora(model.transformer, "adapter", root / "lora")
-    return root
+    return toy_base_and_adapter(tmp_path_factory.mktemp("toy_dist"), seed=5)
 
 
 def overrides(toy_dirs: Path) -> list[str]:

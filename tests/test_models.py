@@ -21,6 +21,21 @@ def toy(seed=0):
     return MiniBackbone(**TOY).eval()
 
 
+def toy_base_and_adapter(root, seed: int):
+    """Save a toy base (``root/base``) and a LoRA on it with random B (``root/lora``): an adapter that
+    visibly changes the model, for evaluation tests."""
+    from opd.models.lora import add_lora, lora_parameters, save_lora
+
+    model = toy(seed=seed)
+    model.save_pretrained(root / "base", dtype=torch.float32)
+    add_lora(model.transformer, "adapter", rank=2, alpha=4)
+    with torch.no_grad():
+        for p in lora_parameters(model.transformer, "adapter"):
+            p.add_(0.5 * torch.randn_like(p))
+    save_lora(model.transformer, "adapter", root / "lora")
+    return root
+
+
 def test_byte_tokenizer_reads_bytes_and_cuts():
     enc = ByteTextEncoder(dim=32, num_layers=1, num_heads=2, max_length=5, pooled_dim=8)
     ids = enc.tokenize(['"CAT"', ""])
