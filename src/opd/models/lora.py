@@ -106,6 +106,7 @@ def load_lora(transformer: nn.Module, path: str | Path, name: str) -> None:
     try:
         with safe_open(str(file), framework="pt") as f:
             keys = list(f.keys())
+            meta = (f.metadata() or {}).get("lora_adapter_metadata")
     except (SafetensorError, OSError) as err:
         raise ValueError(f"LoRA adapter {file} is not a readable safetensors file: {err}") from err
     if not keys or not all(k.startswith("transformer.") for k in keys):
@@ -121,20 +122,17 @@ def load_lora(transformer: nn.Module, path: str | Path, name: str) -> None:
             from err
     if previous:
         transformer.set_adapter(previous if len(previous) > 1 else previous[0])
-    _check_alpha(transformer, file, name)
+    _check_alpha(transformer, file, name, meta)
     for n, p in transformer.named_parameters():
         if f".{name}." in n:
             p.requires_grad_(False)
 
 
-def _check_alpha(transformer: nn.Module, file: Path, name: str) -> None:
-    """The loaded adapter's scale must be the saved one (``lora_alpha / r`` from the metadata)."""
+def _check_alpha(transformer: nn.Module, file: Path, name: str, meta: str | None) -> None:
+    """The loaded adapter's scale must be the saved one (``lora_alpha / r`` from the file's
+    ``lora_adapter_metadata``, read when the file was first opened)."""
     import json
 
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt") as f:
-        meta = (f.metadata() or {}).get("lora_adapter_metadata")
     if meta is None:
         return  # a LoRA file from elsewhere without metadata: diffusers' inference is all there is
     saved = json.loads(meta)
