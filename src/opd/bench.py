@@ -1,6 +1,6 @@
 """DiffusionOPD throughput: our batched module vs a reference-style loop, in one process.
 
-    python -m opd.bench [--model sd35m-random|mini] [--batch 24] [--iters 3] [--out bench.json]
+    python -m opd.bench [--model sd35m-random|sd3-tiny|mini] [--batch 24] [--iters 3] [--out bench.json]
 
 (a) ours: rollout of ``--batch`` trajectories, teacher targets for all steps in large chunks, the
 student trained on chunks spanning steps (``OPDDistill.distill_on``); (b) reference-style: the
@@ -64,12 +64,22 @@ class RandomConditionBackbone(Backbone):
         return self.latent
 
 
+#: the same architecture cut down to seconds on a CPU (a dry run of the GPU path, and its test)
+SD3_TINY = {**SD35_MEDIUM, "sample_size": 16, "num_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2,
+            "joint_attention_dim": 32, "caption_projection_dim": 32, "pooled_projection_dim": 16,
+            "pos_embed_max_size": 16, "dual_attention_layers": (0,)}
+
+
 def build_backbone(model: str, device: str, dtype: torch.dtype) -> Backbone:
+    """``sd35m-random``: SD3.5-Medium's transformer at 512 px (64×64×16 latents, 333 text tokens);
+    ``sd3-tiny``: the same code path at toy size; ``mini``: the mini world's base architecture."""
     from diffusers import SD3Transformer2DModel
 
-    if model == "sd35m-random":
-        net = SD3Transformer2DModel(**SD35_MEDIUM)
-        return RandomConditionBackbone(net, 333, (16, 64, 64)).to(device, dtype)
+    if model in ("sd35m-random", "sd3-tiny"):
+        big = model == "sd35m-random"
+        with torch.device(device):  # 2.2 B random parameters are initialised where they will run
+            net = SD3Transformer2DModel(**(SD35_MEDIUM if big else SD3_TINY))
+        return RandomConditionBackbone(net, 333 if big else 7, (16, 64, 64) if big else (16, 8, 8)).to(device, dtype)
     from opd.models.mini import MiniBackbone
 
     return MiniBackbone().to(device, dtype)
@@ -113,11 +123,23 @@ def iteration(module: OPDDistill, opt: torch.optim.Optimizer, prompts: list[str]
     opt.zero_grad(set_to_none=True)
 
 
-def measure(module: OPDDistill, opt: torch.optim.Optimizer, batched: bool, args: argparse.Namespace) -> dict[str, float]:
+def measure(module: OPDDistill, opt: torch.optim.Optimizer, batched: bool, args: argparse.Namespace,
+            count_flops: bool = False) -> dict[str, float]:
+    """Seconds per iteration over ``args.iters`` timed iterations after one warm-up iteration (which,
+    with ``count_flops``, also counts the iteration's model FLOPs with torch's FLOP counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     prompts = [f"prompt {i}" for i in range(args.batch)]
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    iteration(module, opt, prompts, batched, args.ref_batch)  # warm-up
-    if torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    out: dict[str, float] = {}
+    if count_flops:
+        with FlopCounterMode(display=False) as counter:
+            iteration(module, opt, prompts, batched, args.ref_batch)
+        out["flops_per_iteration"] = float(counter.get_total_flops())
+    else:
+        iteration(module, opt, prompts, batched, args.ref_batch)
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
     sync()
     start = time.perf_counter()
@@ -125,8 +147,10 @@ def measure(module: OPDDistill, opt: torch.optim.Optimizer, batched: bool, args:
         iteration(module, opt, prompts, batched, args.ref_batch)
     sync()
     seconds = (time.perf_counter() - start) / args.iters
-    out = {"seconds_per_iteration": seconds, "trajectories_per_second": args.batch / seconds}
-    if torch.cuda.is_available():
+    out.update(seconds_per_iteration=seconds, trajectories_per_second=args.batch / seconds)
+    if "flops_per_iteration" in out:
+        out["achieved_tflops"] = out["flops_per_iteration"] / seconds / 1e12
+    if cuda:
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
 
@@ -147,19 +171,10 @@ def matmul_peak_tflops(device: str) -> float | None:
     return 20 * 2 * 8192**3 / (time.perf_counter() - start) / 1e12
 
 
-def iteration_flops(module: OPDDistill, opt: torch.optim.Optimizer, args: argparse.Namespace) -> float:
-    """Model FLOPs of one batched iteration, counted by torch's FLOP counter."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        iteration(module, opt, [f"prompt {i}" for i in range(args.batch)], True, args.ref_batch)
-    return float(counter.get_total_flops())
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cuda = torch.cuda.is_available()
-    parser.add_argument("--model", default="sd35m-random" if cuda else "mini", choices=["sd35m-random", "mini"])
+    parser.add_argument("--model", default="sd35m-random" if cuda else "mini", choices=["sd35m-random", "sd3-tiny", "mini"])
     parser.add_argument("--batch", type=int, default=24 if cuda else 6, help="trajectories per iteration (ours)")
     parser.add_argument("--ref-batch", type=int, default=3, help="the reference script's batch")
     parser.add_argument("--steps", type=int, default=10)
@@ -167,28 +182,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--noise-level", type=float, default=0.0)
     parser.add_argument("--target-chunk", type=int, default=64)
     parser.add_argument("--train-chunk", type=int, default=16)
-    parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    parser.add_argument("--iters", type=int, default=3, help="timed iterations after one warm-up")
+    parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here (after every stage)")
     args = parser.parse_args(argv)
     device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
+    result: dict[str, Any] = {"device": torch.cuda.get_device_name() if cuda else "cpu", "model": args.model,
+                              "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()}}
+
+    def report(stage: str) -> None:  # written after every stage: a run cut short keeps what it measured
+        print(f"[bench] {stage}: {json.dumps(result.get(stage))}", flush=True)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2))
+
+    result["matmul_peak_tflops"] = matmul_peak_tflops(device)
+    report("matmul_peak_tflops")
     with tempfile.TemporaryDirectory() as tmp:
         module = build_module(build_backbone(args.model, device, dtype), args, Path(tmp))
+    result["student_lora_parameters"] = sum(p.numel() for p in module.policy_parameters())
     opt = torch.optim.AdamW(module.policy_parameters(), lr=1e-5)
-    result: dict[str, Any] = {"device": torch.cuda.get_device_name() if cuda else "cpu", "model": args.model,
-                              "args": {k: str(v) for k, v in vars(args).items()}}
-    result["ours"] = measure(module, opt, True, args)
-    result["reference_style"] = measure(module, opt, False, args)
-    result["speedup"] = result["ours"]["trajectories_per_second"] / result["reference_style"]["trajectories_per_second"]
-    peak = matmul_peak_tflops(device)
+    peak = result["matmul_peak_tflops"]
+    ours = result["ours"] = measure(module, opt, True, args, count_flops=True)
     if peak:
-        flops = iteration_flops(module, opt, args)
-        result["matmul_peak_tflops"] = peak
-        result["ours"]["mfu"] = flops / result["ours"]["seconds_per_iteration"] / 1e12 / peak
+        ours["mfu"] = ours["achieved_tflops"] / peak
+    report("ours")
+    ref = result["reference_style"] = measure(module, opt, False, args)
+    ref["achieved_tflops"] = ours["flops_per_iteration"] / ref["seconds_per_iteration"] / 1e12  # same math
+    if peak:
+        ref["mfu"] = ref["achieved_tflops"] / peak
+    result["speedup"] = ours["trajectories_per_second"] / ref["trajectories_per_second"]
+    report("reference_style")
     print(json.dumps(result, indent=2))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
     return result
 
 
