@@ -71,6 +71,9 @@ def main() -> None:
     parser.add_argument("--device", default="one NVIDIA H100 shared by two runs")
     parser.add_argument("--teacher-stages", default="{}",
                         help='JSON: runs a teacher continued from, e.g. \'{"geneval": ["gen_nft_lr1e3"]}\'')
+    parser.add_argument("--cascade-stages", default="cascade_aesthetic,cascade_ocr,cascade_geneval",
+                        help="the cascade's runs in order (the first table's stage 1 was the aesthetic teacher: "
+                             "aes_lr1e3,cascade_ocr,cascade_geneval)")
     args = parser.parse_args()
     picked = json.loads((args.runs / "picked.json").read_text())
     stages = {skill: [p["winner"]] for skill, p in picked.items()}
@@ -82,8 +85,8 @@ def main() -> None:
                                     "stages": stages[skill]}
     rows.update({
         "multi_reward_rl": {"label": "multi-reward RL (DiffusionNFT, alternating tasks)", "run": "multi_reward_nft"},
-        "cascade_rl": {"label": "cascade RL (aesthetic → OCR → GenEval)", "run": "cascade_geneval",
-                       "stages": [*stages["aesthetic"], "cascade_ocr", "cascade_geneval"]},
+        "cascade_rl": {"label": "cascade RL (aesthetic → OCR → GenEval)", "run": args.cascade_stages.split(",")[-1],
+                       "stages": args.cascade_stages.split(",")},
         "sopd_geneval": {"label": "SOPD student, GenEval teacher", "run": "sopd_geneval", "teachers": ["geneval"]},
         "sopd_ocr": {"label": "SOPD student, OCR teacher", "run": "sopd_ocr", "teachers": ["ocr"]},
         "sopd_aesthetic": {"label": "SOPD student, aesthetic teacher", "run": "sopd_aesthetic",
