@@ -62,16 +62,21 @@ def test_only_the_student_adapter_trains(cfg_factory):
     assert all("lora_" in k for k in changed)  # the backbone is frozen
 
 
-def test_kill_and_resume_matches_uninterrupted(cfg_factory, tmp_path_factory):
+@pytest.mark.parametrize("algorithm", ["grpo_guard", "nft"])
+def test_kill_and_resume_matches_uninterrupted(cfg_factory, tmp_path_factory, algorithm):
+    """A run stopped after 2 rounds and resumed with ``ckpt_path=last`` ends with the same LoRA (student,
+    and NFT's old adapter) and logs the same losses as one that ran 4 rounds straight."""
+    launch = run if algorithm == "grpo_guard" else run_nft_objects
     straight_dir = tmp_path_factory.mktemp("straight")
-    straight = run(lambda name, o: compose_cfg(name, o, straight_dir), 4)
+    straight = launch(lambda name, o: compose_cfg(name, o, straight_dir), 4)
     resumed_dir = tmp_path_factory.mktemp("resumed")
     def factory(name, overrides):
         return compose_cfg(name, overrides, resumed_dir)
 
-    run(factory, 2, ["callbacks.model_checkpoint.every_n_train_steps=2"])
-    resumed = run(factory, 4, ["ckpt_path=last"])
+    launch(factory, 2, ["callbacks.model_checkpoint.every_n_train_steps=2"])
+    resumed = launch(factory, 4, ["ckpt_path=last"])
     a, b = lora_state(straight["module"]), lora_state(resumed["module"])
+    assert algorithm == "grpo_guard" or any(".old." in k for k in a)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     la, lb = logged(straight_dir, "train/policy_loss"), logged(resumed_dir, "train/policy_loss")
@@ -100,10 +105,15 @@ def test_nft_round_trains_student_and_soft_updates_old(cfg_factory):
     assert any(not torch.equal(init[k], after[k]) for k in names if "lora_B" in k)
 
 
-def run_nft(cfg_factory, steps):
-    cfg = cfg_factory("train", ["experiment=mini/teacher_geneval", *NFT, f"trainer.max_steps={steps}"])
+def run_nft_objects(cfg_factory, steps, extra=()):
+    cfg = cfg_factory("train", ["experiment=mini/teacher_geneval", *NFT, "trainer.log_every_n_steps=1",
+                                f"trainer.max_steps={steps}", *extra])
     OmegaConf.resolve(cfg)
-    return lora_state(train(cfg)[1]["module"])
+    return train(cfg)[1]
+
+
+def run_nft(cfg_factory, steps):
+    return lora_state(run_nft_objects(cfg_factory, steps)["module"])
 
 
 # the SD3.5 teacher experiments (teacher_ocr included) run a round in test_sd35_teachers.py
