@@ -30,7 +30,8 @@ def main() -> None:
                         help="conf/teacher: set guidance_scale in mini_<skill>.yaml to the winner's")
     parser.add_argument("choices", nargs="+", metavar="SKILL=RUN[,RUN...]")
     args = parser.parse_args()
-    picked = {}
+    record = args.root / "picked.json"  # a later pick (of other skills) keeps the earlier ones
+    picked = json.loads(record.read_text()) if record.exists() else {}
     for choice in args.choices:
         skill, _, names = choice.partition("=")
         scores = {}
@@ -59,7 +60,7 @@ def main() -> None:
         picked[skill] = {"winner": best, "metric": METRIC[skill], "candidates": scores}
         print(f"[pick] {skill}: {best} ({METRIC[skill]} = {scores[best]['score']:.3f}) → {target}; "
               + ", ".join(f"{n} {s['score']:.3f}" for n, s in scores.items()))
-    (args.root / "picked.json").write_text(json.dumps(picked, indent=1))
+    record.write_text(json.dumps(picked, indent=1))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 A plan is a YAML file ``{vars: {...}, jobs: [{name, gpu, cmd, after}]}``. ``cmd`` is a shell
 command formatted with ``{root}``, ``{run}`` (= ``<root>/<name>``), ``{name}``, ``{skill}`` (the name's last ``_`` part), ``{experiment}`` (the job's
 ``experiment`` key, else its name), ``{gpu}`` and the plan's
-``vars`` (overridable with ``--set``); it runs with ``CUDA_VISIBLE_DEVICES=<gpu>`` (``gpu: null``
+``vars`` (overridable with ``--set``) and the job's own ``vars`` (which may use the plan's); it runs with ``CUDA_VISIBLE_DEVICES=<gpu>`` (``gpu: null``
 hides the GPUs), its output going to ``<root>/logs/<name>.log``. A job starts once every job it
 names in ``after`` has succeeded; a failed job skips its dependants (unless a dependant says
 ``tolerate_failures: true``: it starts once they have all finished). Several jobs may share a GPU
@@ -82,6 +82,8 @@ def main() -> int:
                 fields = {"root": root, "run": run, "name": name, "gpu": job.get("gpu"),
                           "skill": name.rpartition("_")[2], "experiment": job.get("experiment", name)}
                 values = {k: str(v).format(**fields) for k, v in variables.items()}  # vars may use the fields
+                # a job's own vars may use the fields and the plan's vars, and override the latter
+                values |= {k: str(v).format(**fields, **values) for k, v in (job.get("vars") or {}).items()}
                 cmd = " ".join(job["cmd"].split()).format(**fields, **values)
                 env = dict(os.environ, CUDA_VISIBLE_DEVICES="" if job.get("gpu") is None else str(job["gpu"]))
                 with open(root / "logs" / f"{name}.log", "w") as log:  # the child keeps its own handle
