@@ -1,0 +1,66 @@
+"""Overlay the logged curves of several runs, one panel per metric.
+
+    python scripts/compare_runs.py --out kl.png sum=outputs/a balanced=outputs/b \
+        --keys teacher/aesthetic/kl teacher/ocr/kl teacher/geneval/kl --smooth 5
+
+Reads every ``<run>/csv/version_*/metrics.csv`` (``logger=csv``) and plots each key against the
+optimiser step, with an optional centred moving average (the raw values faintly behind it).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+
+def logged(run: Path, key: str) -> list[tuple[int, float]]:
+    points = {}
+    for file in sorted(run.glob("csv/version_*/metrics.csv")):
+        with open(file) as f:
+            for row in csv.DictReader(f):
+                if row.get(key):
+                    points[int(row["step"])] = float(row[key])
+    if not points:
+        raise SystemExit(f"{run}: no logged values of {key!r} in csv/version_*/metrics.csv (was logger=csv set?)")
+    return sorted(points.items())
+
+
+def moving_average(values: list[float], width: int) -> list[float]:
+    half = width // 2
+    return [sum(values[max(0, i - half) : i + half + 1]) / len(values[max(0, i - half) : i + half + 1])
+            for i in range(len(values))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", metavar="LABEL=RUN_DIR")
+    parser.add_argument("--keys", nargs="+", required=True)
+    parser.add_argument("--smooth", type=int, default=1, help="moving-average width in steps (1: none)")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(args.keys), figsize=(4.6 * len(args.keys), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], args.keys):
+        for i, spec in enumerate(args.runs):
+            label, _, run = spec.partition("=")
+            steps, values = zip(*logged(Path(run), key))
+            colour = f"C{i}"
+            if args.smooth > 1:
+                ax.plot(steps, values, color=colour, alpha=0.25, linewidth=0.8)
+                values = moving_average(list(values), args.smooth)
+            ax.plot(steps, values, color=colour, label=label)
+        ax.set_title(key)
+        ax.set_xlabel("optimiser step (round)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=110)
+    print(f"[compare] {args.out}")
+
+
+if __name__ == "__main__":
+    main()
