@@ -141,7 +141,8 @@ def test_balanced_weighting_divides_each_teacher_by_its_running_kl(cfg_factory, 
         p.grad = None
     module.distill_on(traj, teacher, backward=True)
     for g_w, p in zip(weighted, params):
-        torch.testing.assert_close(g_w, p.grad * w, rtol=1e-4, atol=1e-8)
+        # float32: where terms cancel an element keeps only the error of its summands, so atol scales with them
+        torch.testing.assert_close(g_w, p.grad * w, rtol=1e-4, atol=1e-5 * float(g_w.abs().max()))
     module.update_kl_scale(teacher, torch.tensor(3.0))
     assert module.kl_scale[teacher.name] == pytest.approx(0.5 * kl.item() + 0.5 * 3.0, rel=1e-5)
     assert module.teacher_weight(teacher, traj) == pytest.approx(1 / module.kl_scale[teacher.name])
