@@ -1,6 +1,7 @@
 """Shared fixtures: compose the real Hydra config, shrunk for CPU tests."""
 from __future__ import annotations
 
+import csv
 import inspect
 from pathlib import Path
 
@@ -66,3 +67,12 @@ def stand_in_reward_overrides(cfg, root: str = "reward") -> list[str]:
 
     visit(cfg.get(root), root)
     return out
+
+
+def logged(out_dir: Path, key: str) -> dict[int, float]:
+    """``step → value`` of ``key`` over every CSV-logger version of a run (a resumed run adds one)."""
+    rows = []
+    for file in sorted(out_dir.glob("csv/version_*/metrics.csv")):
+        with open(file) as f:
+            rows += [r for r in csv.DictReader(f) if r.get(key)]
+    return {int(r["step"]): float(r[key]) for r in rows}

@@ -152,22 +152,13 @@ def test_kill_and_resume_matches_uninterrupted(toy_world, tmp_path_factory):
     """MOPD stopped after 2 rounds and resumed with ``ckpt_path=last`` ends with the same student LoRA and
     logs the same per-teacher KLs as a 4-round run; balanced weighting, so its running KL scales
     must survive the checkpoint too."""
-    import csv
-
-    from conftest import compose_cfg
+    from conftest import compose_cfg, logged
 
     def launch(out_dir, steps, extra=()):
         cfg = compose_cfg("train", overrides(toy_world, ["module.teacher_weighting=balanced", "trainer.log_every_n_steps=1",
                                                          f"trainer.max_steps={steps}", *extra]), out_dir)
         OmegaConf.resolve(cfg)
         return train(cfg)[1]["module"]
-
-    def logged(out_dir):
-        rows = []
-        for file in sorted(out_dir.glob("csv/version_*/metrics.csv")):
-            with open(file) as f:
-                rows += [r for r in csv.DictReader(f) if r.get("teacher/ocr/kl")]
-        return {int(r["step"]): (float(r["teacher/ocr/kl"]), float(r["teacher/geneval/weight"])) for r in rows}
 
     straight_dir, resumed_dir = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("resumed")
     straight = launch(straight_dir, 4)
@@ -179,8 +170,9 @@ def test_kill_and_resume_matches_uninterrupted(toy_world, tmp_path_factory):
     for n, p in a.items():
         torch.testing.assert_close(p, b[n], rtol=0, atol=0)
     assert straight.kl_scale == resumed.kl_scale
-    la, lb = logged(straight_dir), logged(resumed_dir)
-    assert len(la) == 4 and la == lb
+    for key in ("teacher/ocr/kl", "teacher/geneval/weight"):
+        la, lb = logged(straight_dir, key), logged(resumed_dir, key)
+        assert len(la) == 4 and la == lb
 
 
 def test_multirun_sweeps_the_kl_weight(tmp_path):

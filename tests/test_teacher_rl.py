@@ -5,7 +5,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import TOY_MODEL, compose_cfg
+from conftest import TOY_MODEL, compose_cfg, logged
 from opd.data.prompts import rank_slice, round_groups
 from opd.train import train
 
@@ -25,14 +25,6 @@ def run(cfg_factory, steps, extra=()):
 
 def lora_state(module):
     return {k: v.detach().clone() for k, v in module.backbone.transformer.named_parameters() if "lora_" in k}
-
-
-def logged(out_dir, key):
-    rows = []
-    for file in sorted(out_dir.glob("csv/version_*/metrics.csv")):
-        with open(file) as f:
-            rows += [r for r in csv.DictReader(f) if r.get(key)]
-    return {int(r["step"]): float(r[key]) for r in rows}
 
 
 def test_round_groups_are_seeded_distinct_and_split_over_ranks():
