@@ -9,17 +9,14 @@ optimiser step, with an optional centred moving average (the raw values faintly 
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
+
+from mini_table1 import training_log  # the same CSV-logger reader
 
 
 def logged(run: Path, key: str) -> list[tuple[int, float]]:
-    points = {}
-    for file in sorted(run.glob("csv/version_*/metrics.csv")):
-        with open(file) as f:
-            for row in csv.DictReader(f):
-                if row.get(key):
-                    points[int(row["step"])] = float(row[key])
+    """``(step, value)`` of ``key`` over the run's CSV logs, in step order."""
+    points = {int(r["step"]): float(r[key]) for r in training_log(run)[0] if r.get(key)}
     if not points:
         raise SystemExit(f"{run}: no logged values of {key!r} in csv/version_*/metrics.csv (was logger=csv set?)")
     return sorted(points.items())

@@ -79,14 +79,14 @@ def main() -> None:
     stages = {skill: [p["winner"]] for skill, p in picked.items()}
     for skill, runs_before in json.loads(args.teacher_stages).items():  # a teacher trained in several runs
         stages[skill] = [*runs_before, *stages[skill]]
+    cascade = args.cascade_stages.split(",")
     rows: dict[str, dict] = {"base": {"label": "base (mini_base)", "run": None, "cfg": 4.5}}
     for skill in ("geneval", "ocr", "aesthetic"):
         rows[f"teacher_{skill}"] = {"label": f"{skill} teacher ({picked[skill]['winner']})", "run": f"teacher_{skill}",
                                     "stages": stages[skill]}
     rows.update({
         "multi_reward_rl": {"label": "multi-reward RL (DiffusionNFT, alternating tasks)", "run": "multi_reward_nft"},
-        "cascade_rl": {"label": "cascade RL (aesthetic → OCR → GenEval)", "run": args.cascade_stages.split(",")[-1],
-                       "stages": args.cascade_stages.split(",")},
+        "cascade_rl": {"label": "cascade RL (aesthetic → OCR → GenEval)", "run": cascade[-1], "stages": cascade},
         "sopd_geneval": {"label": "SOPD student, GenEval teacher", "run": "sopd_geneval", "teachers": ["geneval"]},
         "sopd_ocr": {"label": "SOPD student, OCR teacher", "run": "sopd_ocr", "teachers": ["ocr"]},
         "sopd_aesthetic": {"label": "SOPD student, aesthetic teacher", "run": "sopd_aesthetic",

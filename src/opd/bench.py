@@ -13,6 +13,7 @@ SD3.5-Medium-shaped transformer with random weights at 512 px (1024 image + 333 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 import time
@@ -133,12 +134,10 @@ def measure(module: OPDDistill, opt: torch.optim.Optimizer, batched: bool, args:
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     out: dict[str, float] = {}
-    if count_flops:
-        with FlopCounterMode(display=False) as counter:
-            iteration(module, opt, prompts, batched, args.ref_batch)
-        out["flops_per_iteration"] = float(counter.get_total_flops())
-    else:
+    with FlopCounterMode(display=False) if count_flops else contextlib.nullcontext() as counter:
         iteration(module, opt, prompts, batched, args.ref_batch)
+    if count_flops:
+        out["flops_per_iteration"] = float(counter.get_total_flops())
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     sync()
