@@ -76,6 +76,20 @@ def test_student_starts_equal_to_the_base(cfg_factory, toy_world):
                if "lora_B.student" in n)
 
 
+def test_a_second_phase_starts_from_the_first_students_adapter(cfg_factory, toy_world, tmp_path):
+    first = build(cfg_factory, toy_world)
+    with torch.no_grad():
+        for p in first.policy_parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    save_lora(first.backbone.transformer, first.STUDENT, tmp_path / "phase1")
+    second = build(cfg_factory, toy_world, [f"+module.init_adapter={tmp_path / 'phase1'}"])
+    for a, b in zip(first.policy_parameters(), second.policy_parameters(), strict=True):
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=0, atol=0)
+    assert all(p.requires_grad for p in second.policy_parameters())
+    with pytest.raises(Exception, match="LoRA adapter not found: .*phase0"):  # before the backbone loads
+        build(cfg_factory, toy_world, [f"+module.init_adapter={tmp_path / 'phase0'}"])
+
+
 def test_mopd_round_sums_teacher_kls_and_trains_only_the_student(cfg_factory, toy_world):
     with_monitors = [o for o in overrides(toy_world, ["trainer.max_steps=2"]) if "monitor_reward" not in o]
     cfg = cfg_factory("train", with_monitors)

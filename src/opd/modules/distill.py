@@ -74,7 +74,8 @@ def build_teachers(teachers: Mapping[str, Any]) -> list[Teacher]:
 
 
 class OPDDistill(AdapterPolicy):
-    """Student = a fresh LoRA on the base (B = 0, so it starts equal to it); teachers = frozen
+    """Student = a fresh LoRA on the base (B = 0, so it starts equal to it), or a copy of
+    ``init_adapter`` (a second phase of an earlier student, e.g. at a lower lr); teachers = frozen
     adapters on the same backbone."""
 
     def __init__(self, backbone: Callable[[], Backbone], teachers: Mapping[str, Any], objective: OPDLoss,
@@ -82,10 +83,10 @@ class OPDDistill(AdapterPolicy):
                  prompts_per_teacher: int = 3, timestep_fraction: float = 0.99, target_chunk: int = 64,
                  train_chunk: int = 16, grad_clip: float = 1.0, seed: int = 0,
                  preview_prompts: Sequence[str] = (), teacher_weighting: str = "sum",
-                 balance_decay: float = 0.9) -> None:
+                 balance_decay: float = 0.9, init_adapter: str | None = None) -> None:
         self.teachers = build_teachers(teachers)
         super().__init__(backbone, sampler, optimizer, lora, grad_clip, seed,
-                         list(preview_prompts) or [t.prompts[0]["prompt"] for t in self.teachers])
+                         list(preview_prompts) or [t.prompts[0]["prompt"] for t in self.teachers], init_adapter)
         if sampler.kernel == "dpm2":
             raise ValueError("sampler.kernel=dpm2 keeps a history across steps; distil with a first-order kernel")
         self.objective = objective
