@@ -63,36 +63,53 @@ def command(run: Path) -> str:
     return "python -m opd.train " + " ".join(items)
 
 
+ROWS = {  # row key → label, the run evaluated (default: the row's last training run), the teachers it distils
+    "multi_reward_rl": {"label": "multi-reward RL (DiffusionNFT, alternating tasks)", "stages": ["multi_reward_nft"]},
+    "cascade_rl": {"label": "cascade RL (aesthetic → OCR → GenEval)",
+                   "stages": ["cascade_aesthetic", "cascade_ocr", "cascade_geneval"]},
+    "sopd_geneval": {"label": "SOPD student, GenEval teacher", "teachers": ["geneval"]},
+    "sopd_ocr": {"label": "SOPD student, OCR teacher", "teachers": ["ocr"]},
+    "sopd_aesthetic": {"label": "SOPD student, aesthetic teacher", "teachers": ["aesthetic"]},
+    "mopd": {"label": "**MOPD student** (3 teachers)", "teachers": ["geneval", "ocr", "aesthetic"]},
+}
+
+
+def table_rows(picked: dict, stages: dict[str, list[str]], extra: dict[str, dict]) -> dict[str, dict]:
+    """Every row with its evaluated run and training stages; ``stages`` overrides a row's training
+    runs (a teacher's: the runs it continued from, then its picked winner), ``extra`` adds rows."""
+    rows: dict[str, dict] = {"base": {"label": "base (mini_base)", "run": None, "cfg": 4.5}}
+    for skill in ("geneval", "ocr", "aesthetic"):
+        winner = picked[skill]["winner"] if skill in picked else f"teacher_{skill}"
+        rows[f"teacher_{skill}"] = {"label": f"{skill} teacher ({winner})", "run": f"teacher_{skill}",
+                                    "stages": [*stages.get(f"teacher_{skill}", []), winner]}
+    for key, row in {**ROWS, **extra}.items():
+        row = {"stages": [key], **row}
+        if key in stages:
+            row["stages"] = stages[key]
+        rows[key] = {"run": row["stages"][-1], **row}
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, required=True)
     parser.add_argument("--base", type=Path, default=Path("docs/results/mini_base/results.json"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="one NVIDIA H100 shared by two runs")
-    parser.add_argument("--teacher-stages", default="{}",
-                        help='JSON: runs a teacher continued from, e.g. \'{"geneval": ["gen_nft_lr1e3"]}\'')
-    parser.add_argument("--cascade-stages", default="cascade_aesthetic,cascade_ocr,cascade_geneval",
-                        help="the cascade's runs in order (the first table's stage 1 was the aesthetic teacher: "
-                             "aes_lr1e3,cascade_ocr,cascade_geneval)")
+    parser.add_argument("--stages", default="{}",
+                        help='JSON: a row\'s training runs in order, e.g. \'{"mopd": ["mopd_a", "mopd_a_phase2"], '
+                             '"teacher_geneval": ["gen_nft_lr1e3"]}\' (a teacher: the runs before its picked winner)')
+    parser.add_argument("--extra", default="{}",
+                        help='JSON: more MOPD rows, e.g. \'{"mopd_sum": {"label": "MOPD, summed KLs"}}\'')
+    parser.add_argument("--previous", type=Path, default=None,
+                        help="an earlier table (results.json, runs.json): rows not evaluated under --runs come from it")
     args = parser.parse_args()
-    picked = json.loads((args.runs / "picked.json").read_text())
-    stages = {skill: [p["winner"]] for skill, p in picked.items()}
-    for skill, runs_before in json.loads(args.teacher_stages).items():  # a teacher trained in several runs
-        stages[skill] = [*runs_before, *stages[skill]]
-    cascade = args.cascade_stages.split(",")
-    rows: dict[str, dict] = {"base": {"label": "base (mini_base)", "run": None, "cfg": 4.5}}
-    for skill in ("geneval", "ocr", "aesthetic"):
-        rows[f"teacher_{skill}"] = {"label": f"{skill} teacher ({picked[skill]['winner']})", "run": f"teacher_{skill}",
-                                    "stages": stages[skill]}
-    rows.update({
-        "multi_reward_rl": {"label": "multi-reward RL (DiffusionNFT, alternating tasks)", "run": "multi_reward_nft"},
-        "cascade_rl": {"label": "cascade RL (aesthetic → OCR → GenEval)", "run": cascade[-1], "stages": cascade},
-        "sopd_geneval": {"label": "SOPD student, GenEval teacher", "run": "sopd_geneval", "teachers": ["geneval"]},
-        "sopd_ocr": {"label": "SOPD student, OCR teacher", "run": "sopd_ocr", "teachers": ["ocr"]},
-        "sopd_aesthetic": {"label": "SOPD student, aesthetic teacher", "run": "sopd_aesthetic",
-                           "teachers": ["aesthetic"]},
-        "mopd": {"label": "**MOPD student** (3 teachers)", "run": "mopd", "teachers": ["geneval", "ocr", "aesthetic"]},
-    })
+    picked_file = args.runs / "picked.json"
+    picked = json.loads(picked_file.read_text()) if picked_file.exists() else {}
+    extra = {k: {"teachers": ["geneval", "ocr", "aesthetic"], **v} for k, v in json.loads(args.extra).items()}
+    rows = table_rows(picked, json.loads(args.stages), extra)
+    previous = ({name: json.loads((args.previous / f"{name}.json").read_text()) for name in ("results", "runs")}
+                if args.previous else {"results": {}, "runs": {}})
     results, runs, curves = {}, {}, {}
     base = json.loads(args.base.read_text())["base"]
     for key, row in rows.items():
@@ -103,7 +120,14 @@ def main() -> None:
         run = args.runs / row["run"]
         eval_file = run / "eval" / "results.json"
         if not eval_file.exists():
-            print(f"[table1] {key}: no evaluation at {eval_file}; row left out")
+            if key in previous["results"]:
+                results[key], runs[key] = previous["results"][key], dict(previous["runs"][key], table=str(args.previous))
+                row["label"] = previous["runs"][key].get("label", row["label"])
+                row["cfg"] = previous["runs"][key].get("cfg", "")
+                row["previous"] = True
+                print(f"[table1] {key}: from {args.previous}")
+            else:
+                print(f"[table1] {key}: no evaluation at {eval_file}; row left out")
             continue
         results[key] = json.loads(eval_file.read_text())[row["run"]]
         hydra_cfg = run / "eval" / ".hydra" / "config.yaml"
@@ -111,14 +135,17 @@ def main() -> None:
             import yaml
 
             row["cfg"] = yaml.safe_load(hydra_cfg.read_text()).get("guidance_scale")
-        stages = row.get("stages", [row["run"]])
-        log, own = chained_log(args.runs, stages)
+        log, own = chained_log(args.runs, row["stages"])
         cumulative = own + sum(runs.get(f"teacher_{t}", {}).get("minutes", 0.0) for t in row.get("teachers", []))
-        runs[key] = {"run": row["run"], "stages": stages, "minutes": round(own, 2),
-                     "cumulative_minutes": round(cumulative, 2),
-                     "command": " ; ".join(command(args.runs / s) for s in stages), "device": args.device}
+        runs[key] = {"run": row["run"], "stages": row["stages"], "minutes": round(own, 2),
+                     "cumulative_minutes": round(cumulative, 2), "label": row["label"], "cfg": row.get("cfg"),
+                     "command": " ; ".join(command(args.runs / s) for s in row["stages"]), "device": args.device}
         curves[key] = log
-    write_outputs(args.out, rows, results, runs, curves)
+    for key in list(curves):  # a row that another row continues is that row's curve up to its end
+        if any(len(r["stages"]) > len(rows[key]["stages"]) and r["stages"][:len(rows[key]["stages"])] == rows[key]["stages"]
+               for r in rows.values() if r.get("run")):
+            del curves[key]
+    write_outputs(args.out, rows, results, runs, curves, args.device, args.previous)
 
 
 def gain_share(results: dict, student: str, teachers: list[str]) -> dict[str, float]:
@@ -133,7 +160,8 @@ def gain_share(results: dict, student: str, teachers: list[str]) -> dict[str, fl
     return out
 
 
-def write_outputs(out: Path, rows: dict, results: dict, runs: dict, curves: dict) -> None:
+def write_outputs(out: Path, rows: dict, results: dict, runs: dict, curves: dict, device: str,
+                  previous: Path | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
     (out / "runs.json").write_text(json.dumps(runs, indent=1))
@@ -143,18 +171,22 @@ def write_outputs(out: Path, rows: dict, results: dict, runs: dict, curves: dict
         if key not in results:
             continue
         r = results[key]
-        cells = [row["label"], str(row.get("cfg", "")), *(f"{r[m]:.3f}" for m in METRICS), *(f"{r[m]:.3f}" for m in EXTRA),
+        label = row["label"] + (" ¹" if row.get("previous") else "")
+        cells = [label, str(row.get("cfg", "")), *(f"{r[m]:.3f}" for m in METRICS), *(f"{r[m]:.3f}" for m in EXTRA),
                  f"{runs[key]['minutes']:.1f}", f"{runs[key]['cumulative_minutes']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     shares = []
-    for key in ("mopd", "sopd_geneval", "sopd_ocr", "sopd_aesthetic"):
-        share = gain_share(results, key, rows[key].get("teachers", []))
+    for key in [k for k, row in rows.items() if row.get("teachers")]:
+        share = gain_share(results, key, rows[key]["teachers"])
         if share:
             shares.append(f"- {rows[key]['label']}: " + ", ".join(f"{t} {100 * v:.0f}%" for t, v in share.items()))
     intro = ("All rows evaluated by `make eval` (all 655 test prompts, 40 ODE steps, seed 0) at the CFG scale in "
              "the table: 4.5 for the base, the GRPO-Guard aesthetic teacher and the OPD students (which sample with "
              "CFG), 1.0 for the DiffusionNFT-trained models (CFG-free by construction). GPU minutes are training "
-             "wall-clock on an H100 shared by 2-3 mini runs.")
+             f"wall-clock on {device}.")
+    if any(row.get("previous") for row in rows.values()):
+        intro += (f" ¹ Carried over from the earlier table `{previous}` (same evaluation; its device and command "
+                  "in runs.json); its curves are in that table's curves.png.")
     md = "\n".join(["# The mini Table 1", "", intro, "", *lines, "",
                     "## Share of each teacher's gain (over the base, on the teacher's own task) kept by the students",
                     "", *shares, ""])

@@ -27,8 +27,10 @@ def shrink(cfg_factory, experiment, tmp_path):
         file = tmp_path / "prompts.txt"
         file.write_text('a sign that says "OPD"\na photo of a cat\n')
         overrides.append(f"module.prompts.path={file}")
-    if "init_adapter" in list((probe.get("module") or {}).keys()):  # a cascade stage starts from a toy adapter
-        overrides.append(f"module.init_adapter={toy_adapter(tmp_path, sd3, rank=16, alpha=32)}")
+    if "init_adapter" in list((probe.get("module") or {}).keys()):  # a later stage starts from a toy adapter
+        lora = OmegaConf.select(probe, "module.lora") or {}
+        rank, alpha = lora.get("rank", 32), lora.get("alpha", 64)
+        overrides.append(f"module.init_adapter={toy_adapter(tmp_path, sd3, rank=rank, alpha=alpha)}")
     for key, teacher in (probe.get("teacher") or {}).items():  # toy adapters of the toy model's shape
         overrides.append(f"teacher.{key}.adapter={toy_adapter(tmp_path, sd3)}")
         if teacher.prompts.get("_target_", "").endswith("load_prompt_file"):
