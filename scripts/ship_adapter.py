@@ -15,8 +15,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from opd.models.build import mini_backbone
 from opd.models.lora import WEIGHT_NAME, active_adapter, load_lora, resolve_lora_file
+from opd.models.mini import MiniBackbone
 
 
 def to_fp16(source: Path, dest: Path) -> Path:
@@ -30,7 +30,7 @@ def to_fp16(source: Path, dest: Path) -> Path:
 
 @torch.no_grad()
 def velocity_gaps(base: Path, original: Path, copy: Path, prompts: list[str], seed: int = 0) -> dict[str, float]:
-    backbone = mini_backbone(str(base))
+    backbone = MiniBackbone.from_pretrained(str(base))
     load_lora(backbone.transformer, original, "original")
     load_lora(backbone.transformer, copy, "copy")
     g = torch.Generator().manual_seed(seed)

@@ -1,10 +1,15 @@
-"""scripts/mini_table1.py: rows from chained runs and from an earlier table, gain shares, minutes."""
+"""The scripts that turn runs into shipped results: mini_table1.py (rows from chained runs and from an
+earlier table, gain shares, minutes) and ship_adapter.py (the fp16 copy of an adapter)."""
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "mini_table1.py"
+import torch
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+SCRIPT = SCRIPTS / "mini_table1.py"
 KEYS = ("geneval/geneval_mini_correct", "ocr/ocr_exact", "aesthetic/aesthetic_mini", "geneval/geneval_mini", "ocr/ocr")
 
 
@@ -49,3 +54,31 @@ def test_table_chains_stages_carries_earlier_rows_and_computes_gain_shares(tmp_p
     assert "**MOPD student** (3 teachers): geneval 75%, ocr 90%, aesthetic 50%" in table
     assert "sopd_ocr" not in results  # no evaluation anywhere: left out
     assert (out / "curves.png").stat().st_size > 0
+
+
+def test_shipped_fp16_adapter_keeps_keys_and_metadata_and_the_velocity(tmp_path):
+    from safetensors import safe_open
+
+    from opd.models.lora import add_lora, lora_parameters, save_lora
+    from test_models import toy
+
+    spec = importlib.util.spec_from_file_location("ship_adapter", SCRIPTS / "ship_adapter.py")
+    ship = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+    base = toy(seed=3)
+    base.save_pretrained(tmp_path / "base", dtype=torch.float32)
+    add_lora(base.transformer, "s", rank=4, alpha=8)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in lora_parameters(base.transformer, "s"):
+            p.add_(0.2 * torch.randn_like(p))
+    source = save_lora(base.transformer, "s", tmp_path / "fp32")
+    copy = ship.to_fp16(source, tmp_path / "fp16")
+    with safe_open(str(source), framework="pt") as a, safe_open(str(copy), framework="pt") as b:
+        assert a.metadata() == b.metadata() and set(a.keys()) == set(b.keys())
+        for k in a.keys():  # noqa: SIM118 (safe_open is not iterable)
+            assert b.get_tensor(k).dtype == torch.float16
+            torch.testing.assert_close(b.get_tensor(k).float(), a.get_tensor(k), rtol=1e-3, atol=1e-4)
+    gaps = ship.velocity_gaps(tmp_path / "base", source, copy, ["a red circle", 'a sign that says "CAT"'])
+    assert gaps["adapter_vs_base"] > 1e-2  # the adapter changes the velocity ...
+    assert 0 < gaps["fp16_vs_fp32"] < 1e-2 * gaps["adapter_vs_base"]  # ... far more than rounding does
