@@ -52,6 +52,11 @@ def main() -> None:
             for path in part:
                 tar.add(path, arcname=str(path.relative_to(args.root.parent)))
         print(f"packed {len(part)} files into {out}")
+        if out.stat().st_size > budget:  # one file larger than a part: the part cannot be smaller
+            big = max(part, key=lambda q: q.stat().st_size)
+            print(f"warning: {out} is {out.stat().st_size / 2**20:.1f} MiB, over --max-mb {args.max_mb:g}: "
+                  f"{big} alone is {big.stat().st_size / 2**20:.1f} MiB (leave it out, e.g. without --with-ckpt)")
+
 
 if __name__ == "__main__":
     main()
