@@ -115,3 +115,7 @@ def test_normalised_average_and_its_bounds():
     table, note = main_table(results, {"GenEval": "g", "PickScore": "p", "T": "t"}, {"a": 4.5, "b": 4.5, "c": 1.0})
     assert "| c | 1 | 0.500 | 20.00 | 1.000 | 0.750 |" in table
     assert "GenEval [0.000, 1.000], PickScore [10.00, 20.00]" in note and "all checkpoints tie): T" in note
+    # the same model saved in fp16 and fp32: scores equal up to float32 rounding are a tie, not 0 vs 1
+    same = {"fp32": {"g": 0.9197092950344086, "o": 0.5}, "fp16": {"g": 0.9197093322873116, "o": 0.5}}
+    averages, bounds = normalised_average(same, ["g", "o"])
+    assert bounds == {} and all(math.isnan(a) for a in averages.values())  # no information: shown as "–"

@@ -155,11 +155,12 @@ def normalised_average(results: dict[str, dict[str, float]], columns: list[str]
                        ) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
     """Per checkpoint, the mean over ``columns`` of ``(x − min) / (max − min)`` with the bounds taken
     over the checkpoints in ``results`` (columns where all of them tie carry no information and are
-    left out); returns the averages and the bounds used."""
+    left out; so are differences at float32 rounding, which would otherwise be blown up to 0 vs 1);
+    returns the averages and the bounds used."""
     bounds = {}
     for col in columns:
         values = [m[col] for m in results.values() if col in m]
-        if values and max(values) > min(values):
+        if values and max(values) - min(values) > 1e-6 * max(1.0, abs(max(values))):
             bounds[col] = (min(values), max(values))
     averages = {}
     for ckpt, metrics in results.items():
