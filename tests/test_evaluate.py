@@ -1,6 +1,7 @@
 """`python -m opd.evaluate` end to end on a toy mini model: report files, metrics, adapters."""
 import json
 
+import numpy as np
 import pytest
 
 from opd.evaluate import evaluate
@@ -34,9 +35,18 @@ def test_report_files_and_metrics(cfg_factory, toy_dirs, tmp_path):
     assert results["lora"]["ocr/ocr_exact"] == pytest.approx(sum(ocr) / len(ocr), abs=1e-6)
     for f in ("results.md", "scores.png", "grids/base_geneval.png", "grids/lora_ocr.png"):
         assert (tmp_path / f).is_file()
-    # the adapter changes the images: same prompt and seed, different pixels
-    import numpy as np
+    # side by side: 3 prompts (rows) × 2 checkpoints (columns), each cell the image that checkpoint drew
     from PIL import Image
+    single = Image.open(tmp_path / "grids/base_ocr.png")  # 3 cells in one row
+    compare = Image.open(tmp_path / "grids/compare_ocr.png")
+    cell_w, cell_h = (single.width - 4) // 3, single.height - 4
+    assert (compare.width - 4) // cell_w == 2 and (compare.height - 4) // cell_h == 3
+    drawn = np.asarray(Image.open(tmp_path / "images/lora/ocr/00001.png").convert("RGB"))
+    scale = (cell_w - 4) // drawn.shape[1]
+    x, y = 4 + cell_w, 4 + cell_h  # row 2 (the second prompt), column 2 (lora)
+    cell = np.asarray(compare.convert("RGB"))[y:y + drawn.shape[0] * scale:scale, x:x + drawn.shape[1] * scale:scale]
+    assert np.array_equal(cell, drawn)
+    # the adapter changes the images: same prompt and seed, different pixels
     a = np.asarray(Image.open(tmp_path / "images/base/ocr/00000.png"), dtype=np.float32)
     b = np.asarray(Image.open(tmp_path / "images/lora/ocr/00000.png"), dtype=np.float32)
     assert np.abs(a - b).max() > 10

@@ -4,7 +4,8 @@ Generates every task's test prompts with every checkpoint (the base model and Lo
 it, each at its own CFG scale if given), scores them with the task's rewards and writes, under
 the run folder: ``results.json`` (checkpoint → metric → value, per-tag accuracies included),
 ``results.md`` (the paper's Table 1 layout plus a min–max normalised average), ``scores.png``
-(bar chart), ``grids/<checkpoint>_<task>.png``, ``images/…png`` and ``samples.jsonl`` (one line
+(bar chart), ``grids/<checkpoint>_<task>.png``, ``grids/compare_<task>.png`` (with several
+checkpoints: the same prompts side by side), ``images/…png`` and ``samples.jsonl`` (one line
 per image with its prompt, metadata and scores). Under ``torchrun --nproc_per_node N`` the batches
 are shared among the ranks and rank 0 writes the report (:mod:`opd.evaluation.distributed`).
 """

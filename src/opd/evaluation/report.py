@@ -95,9 +95,11 @@ class Report:
               f"\nimages: {self.out_dir / 'grids'} (grids), {self.out_dir / 'images'} (every image), "
               f"{self.out_dir / 'samples.jsonl'}")
 
-    def write_grids(self) -> None:
+    def write_grids(self, compare_rows: int = 8) -> None:
         """``grids/<checkpoint>_<task>.png``: the first ``grid_size`` images, captioned with the
-        first score and the prompt (read back from the saved images, whichever rank made them)."""
+        first score and the prompt (read back from the saved images, whichever rank made them);
+        with several checkpoints also ``grids/compare_<task>.png``: the first ``compare_rows``
+        prompts (rows) as every checkpoint drew them (columns, in the checkpoints' order)."""
         grouped: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
         for sample in self.samples:
             grouped[sample["checkpoint"], sample["task"]].append(sample)
@@ -105,11 +107,25 @@ class Report:
         grid_dir.mkdir(parents=True, exist_ok=True)
         for (ckpt, task), samples in grouped.items():
             shown = samples[: self.grid_size]
-            images = torch.stack([torch.from_numpy(np.asarray(Image.open(self.out_dir / s["image"]).convert("RGB"),
-                                                              dtype=np.float32) / 255).permute(2, 0, 1)
-                                  for s in shown])
-            captions = [f"[{next(iter(s['scores'].values()), float('nan')):.2f}] {s['prompt']}" for s in shown]
-            caption_grid(images, captions, num_cols=8).save(grid_dir / f"{ckpt}_{task}.png")
+            captions = [f"[{_first_score(s):.2f}] {s['prompt']}" for s in shown]
+            caption_grid(self._load(shown), captions, num_cols=8).save(grid_dir / f"{ckpt}_{task}.png")
+        checkpoints = list(dict.fromkeys(c for c, _ in grouped))
+        if len(checkpoints) < 2:
+            return
+        for task in dict.fromkeys(t for _, t in grouped):
+            n = min(compare_rows, *(len(grouped[c, task]) for c in checkpoints))
+            shown = [grouped[c, task][i] for i in range(n) for c in checkpoints]  # row = prompt, column = checkpoint
+            captions = [f"{s['checkpoint']} [{_first_score(s):.2f}]" + (f": {s['prompt']}" if s["checkpoint"] ==
+                                                                         checkpoints[0] else "") for s in shown]
+            caption_grid(self._load(shown), captions, num_cols=len(checkpoints)).save(grid_dir / f"compare_{task}.png")
+
+    def _load(self, samples: list[dict[str, Any]]) -> Tensor:
+        return torch.stack([torch.from_numpy(np.asarray(Image.open(self.out_dir / s["image"]).convert("RGB"),
+                                                        dtype=np.float32) / 255).permute(2, 0, 1) for s in samples])
+
+
+def _first_score(sample: dict[str, Any]) -> float:
+    return next(iter(sample["scores"].values()), float("nan"))
 
 
 def task_metrics(task: EvalTask, samples: list[dict[str, Any]]) -> dict[str, float]:
