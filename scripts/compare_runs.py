@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mini_table1 import training_log  # the same CSV-logger reader
+from mini_table1 import moving_average, training_log  # the same CSV reader and smoothing
 
 
 def logged(run: Path, key: str) -> list[tuple[int, float]]:
@@ -20,12 +20,6 @@ def logged(run: Path, key: str) -> list[tuple[int, float]]:
     if not points:
         raise SystemExit(f"{run}: no logged values of {key!r} in csv/version_*/metrics.csv (was logger=csv set?)")
     return sorted(points.items())
-
-
-def moving_average(values: list[float], width: int) -> list[float]:
-    half = width // 2
-    return [sum(values[max(0, i - half) : i + half + 1]) / len(values[max(0, i - half) : i + half + 1])
-            for i in range(len(values))]
 
 
 def main() -> None:
@@ -48,7 +42,7 @@ def main() -> None:
             colour = f"C{i}"
             if args.smooth > 1:
                 ax.plot(steps, values, color=colour, alpha=0.25, linewidth=0.8)
-                values = moving_average(list(values), args.smooth)
+                values = moving_average(list(values), args.smooth, centred=True)
             ax.plot(steps, values, color=colour, label=label)
         ax.set_title(key)
         ax.set_xlabel("optimiser step (round)")

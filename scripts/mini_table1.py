@@ -40,6 +40,13 @@ def training_log(run: Path) -> tuple[list[dict[str, str]], float]:
     return rows, max(minutes, default=0.0)
 
 
+def moving_average(values: list[float], width: int, centred: bool = False) -> list[float]:
+    """Mean over the ``width`` values ending at each point (``centred``: around it), shorter at the ends."""
+    before, after = (width // 2, width // 2) if centred else (width - 1, 0)
+    windows = [values[max(0, i - before): i + after + 1] for i in range(len(values))]
+    return [sum(w) / len(w) for w in windows]
+
+
 def chained_log(root: Path, stages: list[str]) -> tuple[list[dict[str, str]], float]:
     """The logs of runs that continued one another, as one log on one wall-clock axis."""
     rows, offset = [], 0.0
@@ -208,9 +215,7 @@ def plot_curves(path: Path, curves: dict[str, list[dict[str, str]]]) -> None:
                 if len(pts) < 2:
                     continue
                 xs, ys = zip(*pts)
-                k = max(1, len(ys) // 25)  # moving average over ~4% of the run
-                smooth = [sum(ys[max(0, i - k + 1): i + 1]) / len(ys[max(0, i - k + 1): i + 1]) for i in range(len(ys))]
-                ax.plot(xs, smooth, label=key)
+                ax.plot(xs, moving_average(list(ys), max(1, len(ys) // 25)), label=key)  # over ~4% of the run
         ax.set_title(f"{skill}: reward during training")
         ax.set_xlabel("wall-clock minutes (training)")
         ax.legend(fontsize=7)

@@ -19,7 +19,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from mini_table1 import EXTRA, METRICS, OWN, chained_log, command
+from mini_table1 import EXTRA, METRICS, OWN, chained_log, command, moving_average
 
 
 def algorithm(run: str) -> str:
@@ -37,8 +37,7 @@ def plot(root: Path, stages: list[str], skill: str, out: Path) -> None:
         if not pts:
             continue
         xs, ys = zip(*pts)
-        k = max(1, len(ys) // 25)
-        smooth = [sum(ys[max(0, i - k + 1): i + 1]) / (i + 1 - max(0, i - k + 1)) for i in range(len(ys))]
+        smooth = moving_average(list(ys), max(1, len(ys) // 25))
         ax.plot(xs, ys, lw=0.6, alpha=0.35)
         ax.plot(xs, smooth, lw=1.8, label=f"{key} (moving avg.)")
     ax.set_xlabel("training wall-clock minutes")

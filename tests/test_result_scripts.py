@@ -82,3 +82,12 @@ def test_shipped_fp16_adapter_keeps_keys_and_metadata_and_the_velocity(tmp_path)
     gaps = ship.velocity_gaps(tmp_path / "base", source, copy, ["a red circle", 'a sign that says "CAT"'])
     assert gaps["adapter_vs_base"] > 1e-2  # the adapter changes the velocity ...
     assert 0 < gaps["fp16_vs_fp32"] < 1e-2 * gaps["adapter_vs_base"]  # ... far more than rounding does
+
+
+def test_moving_average_trailing_and_centred_by_hand():
+    sys.path.insert(0, str(SCRIPTS))
+    from mini_table1 import moving_average
+
+    assert moving_average([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]  # each value with the one before
+    assert moving_average([1.0, 2.0, 3.0, 4.0], 3, centred=True) == [1.5, 2.0, 3.0, 3.5]  # with both neighbours
+    assert moving_average([1.0, 5.0], 1) == [1.0, 5.0]
