@@ -1,33 +1,39 @@
-"""Prompt grammar of the mini world: three task prompt sets and their splits.
+"""Prompt grammar of the mini world: three task prompt sets and their train/val/test splits.
 
 Tasks and their metadata (one JSON object per line in ``data/mini/<task>_<split>.jsonl``):
 
 - ``geneval``: GenEval's ``*_metadata.jsonl`` schema, shape kinds as classes::
 
       {"tag": "position", "include": [{"class": "circle", "count": 1},
-       {"class": "square", "count": 1, "position": ["left of", 0]}], "exclude": [],
-       "prompt": "a photo of a square left of a circle"}
+       {"class": "star", "count": 1, "position": ["left of", 0]}], "exclude": [],
+       "prompt": "a photo of a star left of a circle"}
 
-  Tags ``single_object``, ``two_object``, ``counting`` (1-4; ``exclude`` holds ``count + 1`` so the
-  count is exact, as in GenEval), ``colors``, ``position`` (clause 1 lies ``rel`` of clause 0) and
-  ``color_attr``. Split: the ``GENEVAL_TEST_FRACTION`` of the ``colors``, ``position`` and
-  ``color_attr`` prompts with the lowest salted hash are held out for test; ``single_object``,
-  ``two_object`` and ``counting`` have only 3-12 possible prompts in this world, so both splits
-  share them (as GenEval's test set shares templates with Flow-GRPO's training prompts). Each
-  split file lists every tag equally often (rows cycle through the tag's prompts), so per-tag
-  accuracies have similar variance.
+  Tags ``single_object``, ``two_object``, ``counting`` (2-4; ``exclude`` holds ``count + 1`` as in
+  GenEval), ``colors``, ``position`` (clause 1 lies ``rel`` of clause 0) and ``color_attr``; each
+  prompt opens with one of ``GENEVAL_TEMPLATES`` ("a photo of", "a drawing of", ...).
+  **Held-out compositions**: every entry has a *composition* — the (template, kind) pair of a
+  single object, the unordered kind pair of two objects and of a position prompt, the
+  (count, kind) pair of a counting prompt, the (colour, kind) pairs of colour prompts — and a
+  salted hash ranks the compositions of each kind into test (``TEST_FRACTION``), val
+  (``VAL_FRACTION``) and train. A colour-attribution prompt is test (val) when either of its
+  colour-shape pairs is. So "a photo of a purple star" is in test only if no train or val prompt
+  pairs purple with star, and a test position prompt names a kind pair that train never shows
+  together. Test and val list each prompt once (at most ``GENEVAL_EVAL_PER_TAG`` per tag);
+  train rows cycle through the tag's prompts, every tag equally often.
 - ``ocr``: ``{"tag": "ocr", "prompt": 'a sign that says "CAT"', "text": "CAT"}``; 3-character
   upper-case strings (English words, numbers, mixed). A salted hash of the string sends
-  ``OCR_TEST_FRACTION`` of the vocabulary to test; pre-training never draws a test string either.
-- ``aesthetic``: captions of whole scenes (``"a red circle and a blue square on a navy
+  ``OCR_TEST_FRACTION`` of the vocabulary to test and ``OCR_VAL_FRACTION`` to val; pre-training
+  never draws a val or test string.
+- ``aesthetic``: captions of whole scenes (``"a red circle and a blue star on a navy
   background"``) with ``{"tag": "aesthetic", "prompt": ..., "background": ..., "objects": [...]}``;
   ``objects`` lists what the caption states (``class``/``color`` where named, ``count``) so that
-  :func:`opd.data.world.layout.scene_for` can draw it; ``distinct_colors``/``layout``/``scale`` are optional. Split by a
-  salted hash of the prompt, so no caption is in both.
+  :func:`opd.data.world.layout.scene_for` can draw it and ``rewards/aesthetic_mini.py`` can check
+  it; ``distinct_colors``/``layout``/``scale`` are optional. Split by a salted hash of the caption.
 
-``opd.data.world.layout`` draws scenes satisfying any entry (``scene_for``) and the pre-training
-pairs with truthful captions (``random_scene``). All randomness flows from the ``random.Random``
-passed in.
+Pre-training (:func:`opd.data.world.layout.random_scene`) draws GenEval-style captions from the
+train compositions only and rejects any caption of a val or test set (:func:`held_out_prompts`),
+so no evaluation prompt string is ever a training string. All randomness flows from the
+``random.Random`` passed in.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ from opd.data.world.scene import (
 )
 
 TASKS: tuple[str, ...] = ("geneval", "ocr", "aesthetic")
-SPLITS: tuple[str, ...] = ("train", "test")
+SPLITS: tuple[str, ...] = ("train", "val", "test")
 GENEVAL_TAGS: tuple[str, ...] = (
     "single_object",
     "two_object",
@@ -59,15 +65,20 @@ GENEVAL_TAGS: tuple[str, ...] = (
     "position",
     "color_attr",
 )
-SHARED_TAGS: frozenset[str] = frozenset({"single_object", "two_object", "counting"})
 NUMBER_WORDS: dict[int, str] = {1: "one", 2: "two", 3: "three", 4: "four"}
+COUNTS: tuple[int, ...] = (2, 3, 4)
+GENEVAL_TEMPLATES: tuple[str, ...] = ("a photo of", "a picture of", "an image of", "a drawing of", "a render of")
 
-GENEVAL_TEST_FRACTION = 0.25
-OCR_TEST_FRACTION = 0.1
-AESTHETIC_TEST_FRACTION = 0.2
-#: rows per file: (train, test). GenEval rows are per tag.
-GENEVAL_ROWS_PER_TAG = (334, 50)
-AESTHETIC_ROWS = (1000, 200)
+#: shares of each composition space held out for test and val (the rest is train)
+TEST_FRACTION = 0.2
+VAL_FRACTION = 0.1
+OCR_TEST_FRACTION = 0.12
+OCR_VAL_FRACTION = 0.08
+#: GenEval train rows per tag (cycling through the tag's train prompts); val/test: unique prompts, capped
+GENEVAL_TRAIN_ROWS_PER_TAG = 334
+GENEVAL_EVAL_PER_TAG = {"val": 30, "test": 70}
+#: distinct aesthetic captions per split
+AESTHETIC_ROWS = {"train": 1000, "val": 100, "test": 200}
 
 #: where write_prompt_files puts the committed prompt sets: <repo>/data/mini
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[4] / "data" / "mini"
@@ -104,17 +115,30 @@ def _hash_unit(key: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def _in_test(key: str, fraction: float, seed: int) -> bool:
-    return _hash_unit(key, seed) < fraction
+def _ranked_split(keys: list[str], salt: str, seed: int, test: float = TEST_FRACTION,
+                  val: float = VAL_FRACTION) -> dict[str, str]:
+    """Key → split: the ``ceil(test·n)`` keys of lowest salted hash are test, the next ``ceil(val·n)``
+    val, the rest train (exact shares, so even small composition spaces get both held-out sets)."""
+    ranked = sorted(keys, key=lambda k: _hash_unit(f"{salt}:{k}", seed))
+    num_test, num_val = math.ceil(test * len(keys)), math.ceil(val * len(keys))
+    return {k: "test" if i < num_test else "val" if i < num_test + num_val else "train"
+            for i, k in enumerate(ranked)}
+
+
+def _hash_split(key: str, seed: int, test: float, val: float) -> str:
+    """Split of one key of a large space by its salted hash (test below ``test``, then val)."""
+    u = _hash_unit(key, seed)
+    return "test" if u < test else "val" if u < test + val else "train"
 
 
 # --------------------------------------------------------------------------- geneval
 
 
 def _clause(
-    kind: str, count: int = 1, color: str | None = None, position: list | None = None
+    kind: str | None = None, count: int = 1, color: str | None = None, position: list | None = None
 ) -> dict[str, Any]:
-    clause: dict[str, Any] = {"class": kind, "count": count}
+    clause: dict[str, Any] = {} if kind is None else {"class": kind}
+    clause["count"] = count
     if color is not None:
         clause["color"] = color
     if position is not None:
@@ -126,57 +150,77 @@ def _geneval(tag: str, include: list[dict], prompt: str, exclude: list[dict] | N
     return {"tag": tag, "include": include, "exclude": exclude or [], "prompt": prompt}
 
 
-def geneval_pool(tag: str) -> list[dict[str, Any]]:
-    """Every distinct GenEval entry of ``tag`` in this world, in a fixed order."""
-    pairs = list(itertools.permutations(SHAPE_KINDS, 2))
-    if tag == "single_object":
-        return [_geneval(tag, [_clause(k)], f"a photo of a {k}") for k in SHAPE_KINDS]
-    if tag == "two_object":
-        return [_geneval(tag, [_clause(a), _clause(b)], f"a photo of a {a} and a {b}") for a, b in pairs]
-    if tag == "counting":
-        return [
-            _geneval(
-                tag,
-                [_clause(k, n)],
-                f"a photo of {NUMBER_WORDS[n]} {k if n == 1 else PLURALS[k]}",
-                [_clause(k, n + 1)],
-            )
-            for k in SHAPE_KINDS
-            for n in NUMBER_WORDS
-        ]
-    if tag == "colors":
-        return [
-            _geneval(tag, [_clause(k, color=c)], f"a photo of a {c} {k}")
-            for k in SHAPE_KINDS
-            for c in OBJECT_COLORS
-        ]
-    if tag == "position":
-        # GenEval's encoding: clause 1 is `rel` of clause 0, and the prompt names clause 1 first
-        return [
-            _geneval(tag, [_clause(a), _clause(b, position=[rel, 0])], f"a photo of a {b} {rel} a {a}")
-            for a, b in pairs
-            for rel in RELATIONS
-        ]
-    if tag == "color_attr":
-        return [
-            _geneval(
-                tag, [_clause(a, color=ca), _clause(b, color=cb)], f"a photo of a {ca} {a} and a {cb} {b}"
-            )
-            for a, b in pairs
-            for ca, cb in itertools.permutations(OBJECT_COLORS, 2)
-        ]
-    raise ValueError(f"unknown GenEval tag {tag!r}; expected one of {GENEVAL_TAGS}")
+def _article(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def _pair_key(a: str, b: str) -> str:
+    return "|".join(sorted((a, b)))
+
+
+@lru_cache(maxsize=4)
+def _composition_splits(seed: int) -> dict[str, dict[str, str]]:
+    """Composition → split, per composition family (see the module docstring)."""
+    kinds, colours = SHAPE_KINDS, tuple(OBJECT_COLORS)
+    return {
+        "single": _ranked_split([f"{t}|{k}" for t in GENEVAL_TEMPLATES for k in kinds], "single", seed),
+        "pair": _ranked_split([_pair_key(a, b) for a, b in itertools.combinations(kinds, 2)], "pair", seed),
+        "count": _ranked_split([f"{n}|{k}" for n in COUNTS for k in kinds], "count", seed),
+        "colour": _ranked_split([f"{c}|{k}" for c in colours for k in kinds], "colour", seed),
+    }
+
+
+def _worst(*splits: str) -> str:
+    """The most held-out of several splits (a prompt with any test composition is test)."""
+    return "test" if "test" in splits else "val" if "val" in splits else "train"
+
+
+def _geneval_entries(tag: str, seed: int) -> list[tuple[str, dict[str, Any]]]:
+    """Every ``(split, entry)`` of ``tag``, in a fixed order."""
+    comp = _composition_splits(seed)
+    out: list[tuple[str, dict[str, Any]]] = []
+    for t in GENEVAL_TEMPLATES:
+        if tag == "single_object":
+            out += [(comp["single"][f"{t}|{k}"], _geneval(tag, [_clause(k)], f"{t} {_article(k)}"))
+                    for k in SHAPE_KINDS]
+        elif tag == "two_object":
+            out += [(comp["pair"][_pair_key(a, b)],
+                     _geneval(tag, [_clause(a), _clause(b)], f"{t} {_article(a)} and {_article(b)}"))
+                    for a, b in itertools.permutations(SHAPE_KINDS, 2)]
+        elif tag == "counting":
+            out += [(comp["count"][f"{n}|{k}"],
+                     _geneval(tag, [_clause(k, n)], f"{t} {NUMBER_WORDS[n]} {PLURALS[k]}", [_clause(k, n + 1)]))
+                    for n in COUNTS for k in SHAPE_KINDS]
+        elif tag == "colors":
+            out += [(comp["colour"][f"{c}|{k}"], _geneval(tag, [_clause(k, color=c)], f"{t} {_article(c)} {k}"))
+                    for c in OBJECT_COLORS for k in SHAPE_KINDS]
+        elif tag == "position":
+            # GenEval's encoding: clause 1 is `rel` of clause 0, and the prompt names clause 1 first
+            out += [(comp["pair"][_pair_key(a, b)],
+                     _geneval(tag, [_clause(a), _clause(b, position=[rel, 0])],
+                              f"{t} {_article(b)} {rel} {_article(a)}"))
+                    for a, b in itertools.permutations(SHAPE_KINDS, 2) for rel in RELATIONS]
+        elif tag == "color_attr":
+            out += [(_worst(comp["colour"][f"{ca}|{a}"], comp["colour"][f"{cb}|{b}"]),
+                     _geneval(tag, [_clause(a, color=ca), _clause(b, color=cb)],
+                              f"{t} {_article(ca)} {a} and {_article(cb)} {b}"))
+                    for a, b in itertools.permutations(SHAPE_KINDS, 2)
+                    for ca, cb in itertools.permutations(OBJECT_COLORS, 2)]
+        else:
+            raise ValueError(f"unknown GenEval tag {tag!r}; expected one of {GENEVAL_TAGS}")
+    return out
+
+
+def geneval_pool(tag: str, seed: int = 0) -> list[dict[str, Any]]:
+    """Every distinct GenEval entry of ``tag`` in this world (all splits), in a fixed order."""
+    return [entry for _, entry in _geneval_entries(tag, seed)]
 
 
 def geneval_split(tag: str, split: str, seed: int = 0) -> list[dict[str, Any]]:
-    """The distinct entries of ``tag`` that belong to ``split`` (shared tags: all of them)."""
-    pool = geneval_pool(tag)
-    if tag in SHARED_TAGS:
-        return pool
-    # the pools are small (18-180), so hold out an exact fraction: the entries of lowest hash
-    ranked = sorted(pool, key=lambda m: _hash_unit(m["prompt"], seed))
-    held_out = {m["prompt"] for m in ranked[: math.ceil(GENEVAL_TEST_FRACTION * len(pool))]}
-    return [m for m in pool if (m["prompt"] in held_out) == (split == "test")]
+    """The distinct entries of ``tag`` whose composition belongs to ``split``."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    return [entry for where, entry in _geneval_entries(tag, seed) if where == split]
 
 
 def _cycle_rows(pool: list[dict], num_rows: int, rng: random.Random) -> list[dict]:
@@ -190,10 +234,16 @@ def _cycle_rows(pool: list[dict], num_rows: int, rng: random.Random) -> list[dic
 
 
 def geneval_rows(split: str, seed: int = 0) -> list[dict[str, Any]]:
-    """The rows of ``geneval_<split>.jsonl``: every tag equally often, shuffled."""
+    """The rows of ``geneval_<split>.jsonl``: train cycles every tag equally often; val and test
+    list up to ``GENEVAL_EVAL_PER_TAG[split]`` distinct prompts per tag, sampled evenly."""
     rng = random.Random(f"geneval-{split}-{seed}")
-    per_tag = GENEVAL_ROWS_PER_TAG[SPLITS.index(split)]
-    rows = [row for tag in GENEVAL_TAGS for row in _cycle_rows(geneval_split(tag, split, seed), per_tag, rng)]
+    rows = []
+    for tag in GENEVAL_TAGS:
+        pool = geneval_split(tag, split, seed)
+        if split == "train":
+            rows += _cycle_rows(pool, GENEVAL_TRAIN_ROWS_PER_TAG, rng)
+        else:
+            rows += rng.sample(pool, min(len(pool), GENEVAL_EVAL_PER_TAG[split]))
     rng.shuffle(rows)
     return rows
 
@@ -215,9 +265,21 @@ def ocr_vocabulary(seed: int = 0) -> tuple[str, ...]:
 
 
 @lru_cache(maxsize=4)
+def ocr_splits(seed: int = 0) -> dict[str, str]:
+    """String → split (test, val or train) by a salted hash of the string."""
+    return {t: _hash_split(t, seed, OCR_TEST_FRACTION, OCR_VAL_FRACTION) for t in ocr_vocabulary(seed)}
+
+
+@lru_cache(maxsize=4)
 def ocr_test_strings(seed: int = 0) -> frozenset[str]:
     """Strings held out for testing; never used for training or pre-training."""
-    return frozenset(t for t in ocr_vocabulary(seed) if _in_test(t, OCR_TEST_FRACTION, seed))
+    return frozenset(t for t, where in ocr_splits(seed).items() if where == "test")
+
+
+@lru_cache(maxsize=4)
+def ocr_held_out_strings(seed: int = 0) -> frozenset[str]:
+    """Val and test strings: pre-training and training never draw them."""
+    return frozenset(t for t, where in ocr_splits(seed).items() if where != "train")
 
 
 def ocr_meta(text: str) -> dict[str, Any]:
@@ -226,21 +288,21 @@ def ocr_meta(text: str) -> dict[str, Any]:
 
 def ocr_rows(split: str, seed: int = 0) -> list[dict[str, Any]]:
     """The rows of ``ocr_<split>.jsonl``: every string of the split once, shuffled."""
-    held_out = ocr_test_strings(seed)
-    texts = [t for t in ocr_vocabulary(seed) if (t in held_out) == (split == "test")]
+    splits = ocr_splits(seed)
+    texts = [t for t in ocr_vocabulary(seed) if splits[t] == split]
     random.Random(f"ocr-{split}-{seed}").shuffle(texts)
     return [ocr_meta(t) for t in texts]
 
 
 @lru_cache(maxsize=4)
 def _ocr_train_strings(seed: int) -> tuple[str, ...]:
-    held_out = ocr_test_strings(seed)
-    return tuple(t for t in ocr_vocabulary(seed) if t not in held_out)
+    splits = ocr_splits(seed)
+    return tuple(t for t in ocr_vocabulary(seed) if splits[t] == "train")
 
 
 def random_text(rng: random.Random, seed: int = 0) -> str:
-    """A training string: half from the training vocabulary, half uniformly random (never test)."""
-    held_out = ocr_test_strings(seed)
+    """A training string: half from the training vocabulary, half uniformly random (never val or test)."""
+    held_out = ocr_held_out_strings(seed)
     if rng.random() < 0.5:
         return rng.choice(_ocr_train_strings(seed))
     while True:
@@ -263,22 +325,23 @@ def random_aesthetic_meta(rng: random.Random) -> dict[str, Any]:
     style = rng.choice(["single", "pair", "trio", "group", "colourful", "row"])
     meta: dict[str, Any] = {"tag": "aesthetic", "background": bg}
     if style == "single":
-        scale, kind, color = rng.choice(["small", "large"]), rng.choice(kinds), rng.choice(colors)
+        scale, kind, color = rng.choice(["small", "large", None]), rng.choice(kinds), rng.choice(colors)
         meta.update(
-            prompt=f"a {scale} {color} {kind} on a {bg} background",
+            prompt=f"{_article(scale) + ' ' + color if scale else _article(color)} {kind} on a {bg} background",
             objects=[_clause(kind, color=color)],
-            scale=scale,
         )
+        if scale:
+            meta["scale"] = scale
     elif style == "pair":
-        (ka, kb), (ca, cb) = (rng.choice(kinds), rng.choice(kinds)), distinct_colors(rng, 2)
+        (ka, kb), (ca, cb) = rng.sample(kinds, 2), distinct_colors(rng, 2)
         meta.update(
-            prompt=f"a {ca} {ka} and a {cb} {kb} on a {bg} background",
+            prompt=f"{_article(ca)} {ka} and {_article(cb)} {kb} on a {bg} background",
             objects=[_clause(ka, color=ca), _clause(kb, color=cb)],
         )
     elif style == "trio":
         (ka, kb, kc), (ca, cb, cc) = rng.sample(kinds, 3), distinct_colors(rng, 3)
         meta.update(
-            prompt=f"a {ca} {ka}, a {cb} {kb} and a {cc} {kc} on a {bg} background",
+            prompt=f"{_article(ca)} {ka}, {_article(cb)} {kb} and {_article(cc)} {kc} on a {bg} background",
             objects=[_clause(ka, color=ca), _clause(kb, color=cb), _clause(kc, color=cc)],
         )
     elif style == "group":
@@ -291,7 +354,7 @@ def random_aesthetic_meta(rng: random.Random) -> dict[str, Any]:
         n = rng.randint(3, 4)
         meta.update(
             prompt=f"a colourful scene with {NUMBER_WORDS[n]} shapes on a {bg} background",
-            objects=[{"count": n}],
+            objects=[_clause(count=n)],
             distinct_colors=True,
         )
     else:
@@ -306,14 +369,19 @@ def random_aesthetic_meta(rng: random.Random) -> dict[str, Any]:
     return meta
 
 
+def aesthetic_split(prompt: str, seed: int = 0) -> str:
+    """The split of an aesthetic caption (a salted hash of the caption string)."""
+    return _hash_split(f"aesthetic:{prompt}", seed, TEST_FRACTION, VAL_FRACTION)
+
+
 def aesthetic_rows(split: str, seed: int = 0) -> list[dict[str, Any]]:
     """The rows of ``aesthetic_<split>.jsonl``: distinct captions, split by a salted hash."""
     rng = random.Random(f"aesthetic-{seed}")
-    want_test, num_rows = split == "test", AESTHETIC_ROWS[SPLITS.index(split)]
+    num_rows = AESTHETIC_ROWS[split]
     rows: dict[str, dict[str, Any]] = {}
-    for _ in range(200 * num_rows):  # the caption space (~3.3k) is far larger than both splits
+    for _ in range(200 * num_rows):  # the caption space (~60k) is far larger than every split
         meta = random_aesthetic_meta(rng)
-        if _in_test(meta["prompt"], AESTHETIC_TEST_FRACTION, seed) == want_test:
+        if aesthetic_split(meta["prompt"], seed) == split:
             rows.setdefault(meta["prompt"], meta)
             if len(rows) == num_rows:
                 return list(rows.values())
@@ -331,6 +399,12 @@ _REGENERATE = (
 def _rows(task: str, split: str, seed: int) -> list[dict[str, Any]]:
     builders = {"geneval": geneval_rows, "ocr": ocr_rows, "aesthetic": aesthetic_rows}
     return builders[task](split, seed)
+
+
+@lru_cache(maxsize=4)
+def held_out_prompts(seed: int = 0) -> frozenset[str]:
+    """Every prompt string of a val or test set (all tasks): training streams must never draw one."""
+    return frozenset(row["prompt"] for task in TASKS for split in ("val", "test") for row in _rows(task, split, seed))
 
 
 def prompt_file(task: str, split: str, path: str | Path | None = None) -> Path:

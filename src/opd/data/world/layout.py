@@ -12,7 +12,8 @@ from typing import Any
 from opd.data.world.grammar import (
     GENEVAL_TAGS,
     distinct_colors,
-    geneval_pool,
+    geneval_split,
+    held_out_prompts,
     ocr_meta,
     random_aesthetic_meta,
     random_text,
@@ -34,8 +35,9 @@ from opd.data.world.scene import (
 # --------------------------------------------------------------------------- scenes for prompts
 
 #: side of each object (canvas px) by the number of objects in the scene: smaller when crowded
-SIZE_RANGE: dict[int, tuple[float, float]] = {1: (16, 26), 2: (13, 20), 3: (11, 17), 4: (10, 15)}
-SCALE_RANGE: dict[str, tuple[float, float]] = {"small": (10, 13), "large": (30, 38)}
+#: (ten kinds must stay recognisable: a 10 px star or crescent is a blob, so the floor is 12 px)
+SIZE_RANGE: dict[int, tuple[float, float]] = {1: (18, 28), 2: (14, 22), 3: (13, 18), 4: (12, 16)}
+SCALE_RANGE: dict[str, tuple[float, float]] = {"small": (12, 14), "large": (30, 38)}
 EDGE = 2.0  # the least distance between an object's box and the canvas edge
 GAP = 3.0  # the least gap between two boxes: objects never touch, so counts stay countable
 #: a generated "A left of B" must still hold with twice GenEval's margin (robust to small shifts)
@@ -166,21 +168,25 @@ def scene_for(meta: dict[str, Any], rng: random.Random) -> Scene:
 
 
 @cache
-def _pool_json(tag: str) -> tuple[str, ...]:
-    return tuple(json.dumps(m) for m in geneval_pool(tag))
+def _train_pool_json(tag: str, seed: int) -> tuple[str, ...]:
+    return tuple(json.dumps(m) for m in geneval_split(tag, "train", seed))
 
 
 def random_scene(rng: random.Random, seed: int = 0, sign_fraction: float = 0.5) -> tuple[Scene, str, dict[str, Any]]:
     """A pre-training example ``(scene, caption, metadata)`` with a truthful caption.
 
-    A ``sign_fraction`` share are signs (never showing an OCR test string), the rest 1-4 shapes
-    with a GenEval-style (60%) or aesthetic-style (40%) caption; every GenEval prompt of both
-    splits can appear. The mixture sets how fast each skill is learned relative to the others.
+    A ``sign_fraction`` share are signs (never showing an OCR val or test string), the rest 1-4
+    shapes with a GenEval-style (60%, train compositions only) or aesthetic-style (40%) caption;
+    a caption that is a val or test prompt of any task is drawn again. The mixture sets how fast
+    each skill is learned relative to the others.
     """
-    if rng.random() < sign_fraction:
-        meta = ocr_meta(random_text(rng, seed))
-    elif rng.random() < 0.6:
-        meta = json.loads(rng.choice(_pool_json(rng.choice(GENEVAL_TAGS))))
-    else:
-        meta = random_aesthetic_meta(rng)
-    return scene_for(meta, rng), meta["prompt"], meta
+    held_out = held_out_prompts(seed)
+    while True:
+        if rng.random() < sign_fraction:
+            meta = ocr_meta(random_text(rng, seed))
+        elif rng.random() < 0.6:
+            meta = json.loads(rng.choice(_train_pool_json(rng.choice(GENEVAL_TAGS), seed)))
+        else:
+            meta = random_aesthetic_meta(rng)
+        if meta["prompt"] not in held_out:
+            return scene_for(meta, rng), meta["prompt"], meta

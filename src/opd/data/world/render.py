@@ -8,8 +8,10 @@ on every machine and need no system fonts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,9 +40,8 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
     hi = size * SUPERSAMPLE
     scale = hi / CANVAS
     canvas = Image.new("RGB", (hi, hi), BACKGROUNDS[scene.background])
-    draw = ImageDraw.Draw(canvas)
     for shape in scene.shapes:
-        _draw_shape(draw, shape, scale)
+        _draw_shape(canvas, shape, scale)
     if scene.sign is not None:
         _draw_sign(canvas, scene.sign, scale)
     return canvas.resize((size, size), Image.Resampling.BOX)
@@ -52,18 +53,58 @@ def render_tensor(scenes: Sequence[Scene], size: int = 64) -> Tensor:
     return torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape, scale: float) -> None:
+def _star(points: int = 5, inner: float = 0.45) -> list[tuple[float, float]]:
+    """A ``points``-pointed star, apex up, stretched to fill the unit box."""
+    pts = [(r * math.cos(math.radians(-90 + 180 * i / points)), r * math.sin(math.radians(-90 + 180 * i / points)))
+           for i, r in zip(range(2 * points), [1.0, inner] * points, strict=True)]
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    return [((x - min(xs)) / (max(xs) - min(xs)), (y - min(ys)) / (max(ys) - min(ys))) for x, y in pts]
+
+
+#: each kind's outline in its unit box (u, v in [0, 1], v down): ("poly", points) and ("ellipse", box)
+#: parts are filled, ("cut", box) ellipses are cleared again; ("pie", box) is an ellipse's upper half
+UNIT_OUTLINES: dict[str, list[tuple[str, Any]]] = {
+    "circle": [("ellipse", (0, 0, 1, 1))],
+    "square": [("poly", [(0, 0), (1, 0), (1, 1), (0, 1)])],
+    "triangle": [("poly", [(0.5, 0), (1, 1), (0, 1)])],
+    "diamond": [("poly", [(0.5, 0), (1, 0.5), (0.5, 1), (0, 0.5)])],
+    "star": [("poly", _star())],
+    "cross": [("poly", [(0.32, 0), (0.68, 0), (0.68, 0.32), (1, 0.32), (1, 0.68), (0.68, 0.68), (0.68, 1),
+                        (0.32, 1), (0.32, 0.68), (0, 0.68), (0, 0.32), (0.32, 0.32)])],
+    "ring": [("ellipse", (0, 0, 1, 1)), ("cut", (0.26, 0.26, 0.74, 0.74))],
+    "heart": [("ellipse", (0, 0, 0.54, 0.54)), ("ellipse", (0.46, 0, 1, 0.54)),
+              ("poly", [(0.03, 0.38), (0.97, 0.38), (0.5, 1)])],
+    "crescent": [("ellipse", (0, 0, 1, 1)), ("cut", (0.36, -0.06, 1.3, 0.88))],
+    "semicircle": [("pie", (0, 0, 1, 2))],
+}
+
+
+def kind_mask(kind: str, width: int, height: int) -> Image.Image:
+    """An ``L`` mask (255 inside) of ``kind`` filling a ``width`` x ``height`` box: the one outline
+    both the renderer and the judges' templates (``rewards/geneval_mini.py``) use."""
+    if kind not in UNIT_OUTLINES:
+        raise ValueError(f"cannot draw shape kind {kind!r}; expected one of {tuple(UNIT_OUTLINES)}")
+    mask = Image.new("L", (max(1, width), max(1, height)), 0)
+    draw = ImageDraw.Draw(mask)
+
+    def box(b: tuple[float, ...]) -> tuple[float, ...]:  # PIL's x1/y1 are inclusive
+        return (b[0] * width, b[1] * height, b[2] * width - 1, b[3] * height - 1)
+
+    for op, arg in UNIT_OUTLINES[kind]:
+        if op == "poly":
+            draw.polygon([(u * width, v * height) for u, v in arg], fill=255)
+        elif op == "pie":
+            draw.pieslice(box(arg), 180, 360, fill=255)
+        else:
+            draw.ellipse(box(arg), fill=0 if op == "cut" else 255)
+    return mask
+
+
+def _draw_shape(canvas: Image.Image, shape: Shape, scale: float) -> None:
     x0, y0, x1, y1 = (v * scale for v in shape.bbox)
-    fill = OBJECT_COLORS[shape.color]
-    # PIL treats x1/y1 as inclusive; subtract one supersampled pixel so the box is exactly `size` wide
-    if shape.kind == "circle":
-        draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
-    elif shape.kind == "square":
-        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
-    elif shape.kind == "triangle":
-        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
-    else:  # unreachable: Shape validates its kind
-        raise ValueError(f"cannot draw shape kind {shape.kind!r}")
+    left, top = round(x0), round(y0)
+    mask = kind_mask(shape.kind, round(x1) - left, round(y1) - top)
+    canvas.paste(Image.new("RGB", mask.size, OBJECT_COLORS[shape.color]), (left, top), mask)
 
 
 @lru_cache(maxsize=64)

@@ -13,16 +13,24 @@ from dataclasses import dataclass, field
 #: side of the canvas that scene coordinates refer to (pixels)
 CANVAS = 64
 
-#: shape kinds; they play the role of GenEval's object classes
-SHAPE_KINDS: tuple[str, ...] = ("circle", "square", "triangle")
-PLURALS: dict[str, str] = {kind: kind + "s" for kind in SHAPE_KINDS}
+#: shape kinds; they play the role of GenEval's object classes. Each is drawn upright in its box
+#: (``opd.data.world.render.draw_kind``) and the judges fit the same outlines as templates, so the
+#: set is chosen for outlines that stay apart at 10-30 px (no hexagon next to the circle).
+SHAPE_KINDS: tuple[str, ...] = (
+    "circle", "square", "triangle", "diamond", "star", "cross", "ring", "heart", "crescent", "semicircle",
+)
+PLURALS: dict[str, str] = {kind: kind + ("es" if kind.endswith("ss") else "s") for kind in SHAPE_KINDS}
+#: height / width of each kind's box (the semicircle is a half disc, flat side down)
+ASPECT: dict[str, float] = {kind: 0.5 if kind == "semicircle" else 1.0 for kind in SHAPE_KINDS}
 
-#: object colours, chosen pairwise far apart in RGB (closest pair: blue/purple, 127 apart)
+#: object colours, chosen pairwise far apart in RGB (closest pair: red/orange, 110 apart)
 OBJECT_COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
+    "red": (215, 30, 45),
+    "orange": (245, 130, 10),
+    "yellow": (245, 235, 60),
     "green": (40, 180, 60),
+    "cyan": (40, 200, 210),
     "blue": (40, 80, 230),
-    "yellow": (240, 210, 40),
     "purple": (160, 50, 200),
     "white": (245, 245, 245),
 }
@@ -32,6 +40,7 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "gray": (128, 128, 128),
     "black": (25, 25, 25),
     "navy": (25, 35, 85),
+    "brown": (100, 62, 40),
 }
 
 #: the background of GenEval-style scenes (their prompts never name one)
@@ -60,9 +69,10 @@ Box = tuple[float, float, float, float]  # (x0, y0, x1, y1), pixels, x1/y1 exclu
 
 @dataclass(frozen=True)
 class Shape:
-    """A flat, axis-aligned shape. ``size`` is the side of its square bounding box (pixels).
+    """A flat, upright shape. ``size`` is the width of its bounding box (pixels); the box is
+    ``size * ASPECT[kind]`` tall (square for every kind but the semicircle).
 
-    Triangles point up: apex at the top centre, base along the bottom of the box.
+    Triangles point up (apex at the top centre), hearts point down, crescents open to the right.
     """
 
     kind: str
@@ -79,8 +89,8 @@ class Shape:
 
     @property
     def bbox(self) -> Box:
-        half = self.size / 2
-        return (self.cx - half, self.cy - half, self.cx + half, self.cy + half)
+        half_w, half_h = self.size / 2, self.size * ASPECT[self.kind] / 2
+        return (self.cx - half_w, self.cy - half_h, self.cx + half_w, self.cy + half_h)
 
 
 @dataclass(frozen=True)
