@@ -1,7 +1,7 @@
 """Throughput of the mini world's rewards on this machine: ``python -m opd.bench_rewards``.
 
 Scores ``--num-images`` clean renders of the mini world's test prompts (signs for OCR, GenEval
-scenes for the others) with each reward and prints images/s and the mean of each returned key.
+scenes for GenEval, aesthetic captions for the aesthetic reward) with each reward and prints images/s and the mean of each returned key.
 
 Measured when the OCR reward was written (2-core CPU shared with another job; random upper-case
 3-letter signs, 64×64, font size 22; exact match, 80 clean / 150 degraded signs per cell; the
@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     signs = world_batch("ocr", args.num_images, args.size)
-    scenes = world_batch("geneval", args.num_images, args.size)
+    batches = {"geneval_mini": world_batch("geneval", args.num_images, args.size),
+               "aesthetic_mini": world_batch("aesthetic", args.num_images, args.size)}
     start = time.perf_counter()
     rewards: dict[str, Reward] = {"ocr (1 thread)": OCRReward(num_workers=1)}
     print(f"OCRReward(rapidocr) constructed in {time.perf_counter() - start:.2f} s")
@@ -83,10 +84,10 @@ def main(argv: list[str] | None = None) -> None:
         "aesthetic_mini": AestheticMini(),
         "geneval_mini": GenEvalMini(),
     }
-    print(f"{args.num_images} clean test renders of {args.size}×{args.size} (signs for OCR, GenEval scenes "
-          f"otherwise); torch threads: {torch.get_num_threads()}")
+    print(f"{args.num_images} clean test renders of {args.size}×{args.size} (each reward on its own task's "
+          f"prompts); torch threads: {torch.get_num_threads()}")
     for label, reward in rewards.items():
-        batch = scenes if label == "geneval_mini" else signs
+        batch = batches.get(label, signs)
         images_per_s, means = bench(reward, *batch, args.num_repeats)
         summary = ", ".join(f"{key}={value:.3f}" for key, value in means.items())
         print(f"{label:>16}: {images_per_s:10.1f} images/s   ({summary})")
