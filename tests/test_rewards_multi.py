@@ -32,7 +32,9 @@ class _Brightness(Reward):
 
 def _batch(num_images: int = 3) -> tuple[Tensor, list[str], list[dict[str, Any]]]:
     images = torch.rand(num_images, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    return images, ["a prompt"] * num_images, [{} for _ in range(num_images)]
+    # AestheticMini is prompt-conditioned: aesthetic rows (objects, background)
+    row = {"tag": "aesthetic", "background": "gray", "objects": [{"count": 1}], "prompt": "a shape on a gray background"}
+    return images, [row["prompt"]] * num_images, [dict(row) for _ in range(num_images)]
 
 
 def test_weighted_sum_and_keys() -> None:
@@ -45,9 +47,14 @@ def test_weighted_sum_and_keys() -> None:
     assert set(out) == {
         "reward",
         "aes",
-        "aes/colourfulness",
+        "aes/adherence",
+        "aes/errors",
+        "aes/quality",
+        "aes/balance",
+        "aes/spacing",
+        "aes/scale",
+        "aes/clean",
         "aes/contrast",
-        "aes/structure",
         "light",
         "light/bright",
     }
@@ -56,14 +63,14 @@ def test_weighted_sum_and_keys() -> None:
     torch.testing.assert_close(out["light/bright"], expected_light["bright"])
     for value in out.values():
         assert value.shape == (3,) and value.dtype == torch.float32
-    torch.testing.assert_close(multi(images, prompts), out["reward"])
+    torch.testing.assert_close(multi(images, prompts, metadata), out["reward"])
 
 
 def test_mismatched_names_fail_clearly() -> None:
     with pytest.raises(ValueError, match=r"\['aes', 'ocr'\].*\['aes'\]"):
         MultiReward(rewards={"aes": AestheticMini(), "ocr": _Brightness()}, weights={"aes": 1.0})
     with pytest.raises(TypeError, match="rewards.aes.*_target_"):
-        MultiReward(rewards={"aes": {"colour_weight": 0.5}}, weights={"aes": 1.0})  # type: ignore[dict-item]
+        MultiReward(rewards={"aes": {"quality_floor": 0.5}}, weights={"aes": 1.0})  # type: ignore[dict-item]
 
 
 def test_nan_component_names_the_reward() -> None:
@@ -79,7 +86,7 @@ def test_instantiates_from_hydra_config() -> None:
         {
             "_target_": "opd.rewards.multi.MultiReward",
             "rewards": {
-                "aesthetic": {"_target_": "opd.rewards.aesthetic_mini.AestheticMini", "colour_weight": 0.5},
+                "aesthetic": {"_target_": "opd.rewards.aesthetic_mini.AestheticMini", "quality_floor": 0.5},
                 "light": {"_target_": f"{__name__}._Brightness"},
             },
             "weights": {"aesthetic": 2.0, "light": 1.0},
@@ -89,4 +96,4 @@ def test_instantiates_from_hydra_config() -> None:
     images, prompts, metadata = _batch()
     out = multi.score(images, prompts, metadata)
     torch.testing.assert_close(out["reward"], 2 * out["aesthetic"] + out["light"])
-    assert multi.rewards["aesthetic"].colour_weight == 0.5
+    assert multi.rewards["aesthetic"].quality_floor == 0.5
