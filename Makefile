@@ -30,7 +30,7 @@ test-all: $(STAMP)  ## run every CPU test, slow ones included
 demo: $(STAMP)  ## the main job: MOPD distils the three shipped mini teachers into one student (CPU: a short run; GPU: the full one), then compares student and base
 	@if $(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
 	  exp="experiment=mini/mopd_aesthetic_ocr_geneval trainer=gpu"; ev=""; \
-	else exp="experiment=mini/mopd_demo"; ev="max_prompts=8 num_steps=20"; fi; \
+	else exp="experiment=mini/mopd_demo"; ev="max_prompts=8 num_steps=20 images_per_prompt=1"; fi; \
 	$(BIN)/python -m opd.train $$exp hydra.run.dir=outputs/demo $(ARGS) && \
 	$(BIN)/python -m opd.evaluate +checkpoints.student=outputs/demo/adapter $$ev hydra.run.dir=outputs/demo/eval && \
 	echo "demo: KL curves outputs/demo/curves.png | student previews outputs/demo/images/ (step 0 = base) | student vs base outputs/demo/eval/results.md, grids in outputs/demo/eval/grids/"

@@ -31,7 +31,7 @@ def unready(reward) -> bool:
 
 def sd35_overrides(files, extra=()):
     return ["eval_tasks=sd35", "model=sd3_tiny_random", "num_steps=2", "device=cpu", "batch_size=4",
-            "max_prompts=3", f"eval_tasks.geneval.prompts.path={files / 'geneval.jsonl'}",
+            "max_prompts=3", "images_per_prompt=1", f"eval_tasks.geneval.prompts.path={files / 'geneval.jsonl'}",
             f"eval_tasks.ocr.prompts.path={files / 'ocr.txt'}",
             f"eval_tasks.drawbench.prompts.path={files / 'drawbench.txt'}",
             f"eval_tasks.pickapic.prompts.path={files / 'pickapic.txt'}", *extra]

@@ -1,13 +1,24 @@
 """Evaluation entry point: ``python -m opd.evaluate [checkpoints.<name>=<adapter>] ...``.
 
 Generates every task's test prompts with every checkpoint (the base model and LoRA adapters on
-it, each at its own CFG scale if given), scores them with the task's rewards and writes, under
-the run folder: ``results.json`` (checkpoint → metric → value, per-tag accuracies included),
-``results.md`` (the paper's Table 1 layout plus a min–max normalised average), ``scores.png``
-(bar chart), ``grids/<checkpoint>_<task>.png``, ``grids/compare_<task>.png`` (with several
-checkpoints: the same prompts side by side), ``images/…png`` and ``samples.jsonl`` (one line
-per image with its prompt, metadata and scores). Under ``torchrun --nproc_per_node N`` the batches
-are shared among the ranks and rank 0 writes the report (:mod:`opd.evaluation.distributed`).
+it, each at its own CFG scale if given), ``images_per_prompt`` images per prompt, each from its own
+noise seed (:mod:`opd.evaluation.seeds`: the same image whatever the batch size or rank count),
+scores them with the task's rewards and writes, under the run folder: ``results.json``
+(row → metric → value; the key scheme is in :mod:`opd.evaluation.report`), ``results.md`` (the
+paper's Table 1 layout with 95 % prompt-clustered bootstrap intervals, a min–max normalised average,
+the controls, all metrics and per-tag means), ``scores.png`` (bar chart with the intervals),
+``grids/<checkpoint>_<task>.png``, ``grids/compare_<task>.png`` (with several checkpoints: the same
+prompts side by side), ``grids/cover_<task>.png``, ``images/…png`` and ``samples.jsonl`` (one line
+per image with its prompt, metadata, scores and swapped-prompt scores).
+
+Controls (:mod:`opd.evaluation.controls`, settings under ``controls`` in conf/eval.yaml): each
+image is also scored against another prompt of its tag (``controls.swapped``); each checkpoint's
+prompt sensitivity is measured on ``controls.sensitivity_pairs`` prompt pairs against the base model
+(adapter off) at the same CFG scale; and a task with a ``cover`` entry gets a ``cover`` row: the best
+constant image among random mini-world scenes, found on its training prompts.
+
+Under ``torchrun --nproc_per_node N`` the batches (and sensitivity pairs) are shared among the
+ranks and rank 0 searches the covers and writes the report (:mod:`opd.evaluation.distributed`).
 """
 from __future__ import annotations
 
@@ -24,8 +35,10 @@ from omegaconf import DictConfig, OmegaConf
 
 import opd.config  # noqa: F401 — registers the structured-config schemas
 from opd.evaluation.checkpoints import Checkpoint, parse_checkpoints
+from opd.evaluation.controls import find_cover, sensitivity_differences, sensitivity_pairs, subsample
 from opd.evaluation.distributed import Ranks, init_ranks
-from opd.evaluation.report import EvalTask, Report, score_task
+from opd.evaluation.report import Report, score_task
+from opd.evaluation.tasks import CoverSpec, EvalTask
 from opd.models.lora import active_adapter, adapter_names, load_lora
 from opd.rewards.base import Reward
 
@@ -34,21 +47,48 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 RANDOM_FLAG = "random_weights_for_tests"
 
 
+def _instantiate_prompts(spec: DictConfig, where: str) -> list[dict[str, Any]]:
+    try:
+        rows = list(hydra.utils.instantiate(spec))
+    except InstantiationException as err:
+        raise InstantiationException(f"{where}: {err}\n(point it at your file with {where}.path=<file>, or leave "
+                                     f"it out with ~{where.rsplit('.', 1)[0]})") from err
+    if not rows:
+        raise ValueError(f"{where}: the prompt set is empty")
+    return rows
+
+
 def load_prompt_sets(cfg: DictConfig) -> dict[str, list[dict[str, Any]]]:
     """Every task's prompt rows, read before any model loads: a missing or empty file fails first."""
     sets = {}
     for name, spec in cfg.eval_tasks.items():
-        try:
-            rows = list(hydra.utils.instantiate(spec.prompts))
-        except InstantiationException as err:
-            raise InstantiationException(f"eval_tasks.{name}.prompts: {err}\n(point it at your file with "
-                                         f"eval_tasks.{name}.prompts.path=<file>, or leave the task out with "
-                                         f"~eval_tasks.{name})") from err
-        rows = rows[: cfg.max_prompts] if cfg.max_prompts else rows
-        if not rows:
-            raise ValueError(f"eval_tasks.{name}: the prompt set is empty")
-        sets[name] = rows
+        rows = _instantiate_prompts(spec.prompts, f"eval_tasks.{name}.prompts")
+        sets[name] = rows[: cfg.max_prompts] if cfg.max_prompts else rows
     return sets
+
+
+def cover_specs(cfg: DictConfig) -> dict[str, CoverSpec]:
+    """Each task's cover search: its ``cover`` entry (``prompts``: the training prompts to search on;
+    any of ``num_scenes``, ``num_train_prompts``, ``seed`` overrides ``controls.cover``). Tasks
+    without one, or every task when ``controls.cover`` is null, have none. The prompts are read
+    here, before any model loads."""
+    defaults = cfg.get("controls", {}).get("cover")
+    if defaults is None:
+        return {}
+    specs = {}
+    for name, spec in cfg.eval_tasks.items():
+        cover = spec.get("cover")
+        if cover is None:
+            continue
+        settings = {**OmegaConf.to_container(defaults, resolve=True),
+                    **{k: v for k, v in OmegaConf.to_container(cover, resolve=True).items() if k != "prompts"}}
+        unknown = set(settings) - {"num_scenes", "num_train_prompts", "seed"}
+        if unknown:
+            raise ValueError(f"eval_tasks.{name}.cover: unknown key(s) {sorted(unknown)}")
+        rows = _instantiate_prompts(cover.prompts, f"eval_tasks.{name}.cover.prompts")
+        specs[name] = CoverSpec(subsample(rows, settings["num_train_prompts"], settings["seed"]),
+                                num_scenes=int(settings["num_scenes"]), seed=int(settings["seed"]))
+    return specs
 
 
 def takes_random_flag(spec: DictConfig) -> bool:
@@ -62,7 +102,8 @@ def build_reward(spec: DictConfig, random_weights: bool) -> Reward:
     return hydra.utils.instantiate(spec, **flag)
 
 
-def build_tasks(cfg: DictConfig, prompt_sets: dict[str, list[dict[str, Any]]]) -> dict[str, EvalTask]:
+def build_tasks(cfg: DictConfig, prompt_sets: dict[str, list[dict[str, Any]]],
+                covers: dict[str, CoverSpec] | None = None) -> dict[str, EvalTask]:
     """Tasks with their rewards; a reward configured identically for several tasks is built once."""
     built: dict[str, Reward] = {}
     tasks = {}
@@ -74,7 +115,7 @@ def build_tasks(cfg: DictConfig, prompt_sets: dict[str, list[dict[str, Any]]]) -
                 built[ident] = build_reward(reward_cfg, cfg.get(RANDOM_FLAG, False))
             rewards[key] = built[ident]
         tasks[name] = EvalTask(name, prompt_sets[name], rewards, average=spec.get("average", "image"),
-                               table=dict(spec.get("table") or {}))
+                               table=dict(spec.get("table") or {}), cover=(covers or {}).get(name))
     return tasks
 
 
@@ -101,27 +142,65 @@ def resolve_device(device: str, ranks: Ranks) -> str:
     return f"cuda:{ranks.local_rank}" if device == "cuda" and ranks.world_size > 1 else device
 
 
+def _adapter_context(backbone: Any, adapter: str | None):
+    transformer = backbone.transformer
+    return active_adapter(transformer, adapter) if adapter_names(transformer) else nullcontext()
+
+
 def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     ranks = init_ranks()
     device = resolve_device(cfg.device, ranks)
     checkpoints = parse_checkpoints(OmegaConf.to_container(cfg.checkpoints, resolve=True), cfg.guidance_scale)
-    tasks = build_tasks(cfg, load_prompt_sets(cfg))
+    controls = cfg.get("controls") or {}
+    tasks = build_tasks(cfg, load_prompt_sets(cfg), cover_specs(cfg))
     backbone = hydra.utils.instantiate(cfg.model)().to(device).eval()
     load_checkpoints(backbone, checkpoints)
-    report = Report(Path(ranks.broadcast(str(cfg.output_dir))), grid_size=cfg.grid_size)
+    bootstrap = OmegaConf.to_container(controls.get("bootstrap"), resolve=True) if controls.get("bootstrap") else {}
+    report = Report(Path(ranks.broadcast(str(cfg.output_dir))), grid_size=cfg.grid_size, bootstrap=bootstrap)
     n_images = sum(len(t.rows) for t in tasks.values()) * cfg.images_per_prompt * len(checkpoints)
     log.info("evaluating %d checkpoint(s) on %s: %d images, %d steps, on %s (rank %d of %d)", len(checkpoints),
              ", ".join(tasks), n_images, cfg.num_steps, device, ranks.rank, ranks.world_size)
+    pairs = {name: sensitivity_pairs(t.rows, int(controls.get("sensitivity_pairs", 0) or 0))
+             for name, t in tasks.items()}
+    # prompt sensitivity, per (adapter, CFG) and task: this rank's {pair: pixel difference}
+    differences: dict[tuple[str | None, float, str], dict[int, float]] = {}
+
+    def reference_sensitivity(adapter: str | None, guidance: float) -> None:
+        for name, task in tasks.items():
+            if pairs[name] and (adapter, guidance, name) not in differences:
+                differences[adapter, guidance, name] = sensitivity_differences(
+                    backbone, task.rows, pairs[name], seed=cfg.seed, num_steps=cfg.num_steps,
+                    guidance_scale=guidance, shift=cfg.sampler.shift, batch_size=cfg.batch_size, ranks=ranks)
+
     for ckpt in checkpoints:
         adapter = ckpt.name if ckpt.adapter is not None else None
-        with active_adapter(backbone.transformer, adapter) if adapter_names(backbone.transformer) else nullcontext():
-            for task in tasks.values():
-                score_task(report, backbone, ckpt.name, task, num_steps=cfg.num_steps,
-                           guidance_scale=ckpt.guidance_scale, shift=cfg.sampler.shift, seed=cfg.seed,
-                           images_per_prompt=cfg.images_per_prompt, batch_size=cfg.batch_size, ranks=ranks)
-    gathered = ranks.gather(report.samples)
+        with _adapter_context(backbone, adapter):
+            for name, task in tasks.items():
+                differences[adapter, ckpt.guidance_scale, name] = score_task(
+                    report, backbone, ckpt.name, task, num_steps=cfg.num_steps, guidance_scale=ckpt.guidance_scale,
+                    shift=cfg.sampler.shift, seed=cfg.seed, images_per_prompt=cfg.images_per_prompt,
+                    batch_size=cfg.batch_size, ranks=ranks, swapped=bool(controls.get("swapped", False)),
+                    pairs=pairs[name])
+    with _adapter_context(backbone, None):  # the base model (adapter off) at every checkpoint's CFG
+        for guidance in dict.fromkeys(c.guidance_scale for c in checkpoints):
+            reference_sensitivity(None, guidance)
+    gathered = ranks.gather((report.samples, differences))
     if ranks.is_main:
-        report.merge([s for part in gathered for s in part], tasks, [c.name for c in checkpoints])
+        merged: dict[tuple[str | None, float, str], dict[int, float]] = {}
+        for _, part in gathered:
+            for key, values in part.items():
+                merged.setdefault(key, {}).update(values)
+        mean = {key: sum(v.values()) / len(v) for key, v in merged.items() if v}
+        sensitivity = {(c.name, name): (mean[c.name if c.adapter is not None else None, c.guidance_scale, name],
+                                        mean[None, c.guidance_scale, name])
+                       for c in checkpoints for name in tasks if (None, c.guidance_scale, name) in mean}
+        report.merge([s for part, _ in gathered for s in part], tasks, [c.name for c in checkpoints], sensitivity)
+        size = getattr(backbone, "image_size", None) or 64
+        for task in tasks.values():
+            if task.cover is not None:
+                log.info("cover search for %s: %d random scenes on %d training prompts", task.name,
+                         task.cover.num_scenes, len(task.cover.rows))
+                report.add_cover(task, find_cover(task, size))
         report.write(OmegaConf.to_container(cfg, resolve=True), tasks,
                      {c.name: c.guidance_scale for c in checkpoints}, random_weight_notes(cfg))
     return ranks.broadcast(report.results)

@@ -1,1 +1,1 @@
-"""Scoring generated images and writing evaluation reports."""
+"""Evaluation: generating and scoring images, per-image noise seeds, bootstrap intervals, controls and reports."""

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 _KEYS = {"adapter", "guidance_scale"}
+#: results.json's row of the cover images (:mod:`opd.evaluation.report`), never a checkpoint's name
+RESERVED = "cover"
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,8 @@ def parse_checkpoints(spec: Mapping[str, Any], guidance_scale: float) -> list[Ch
         raise ValueError("checkpoints is empty: name at least one, e.g. checkpoints.base=null")
     out = []
     for name, value in spec.items():
+        if name == RESERVED:
+            raise ValueError(f"checkpoints.{RESERVED}: the name is reserved for the cover-image control; rename it")
         if value is None or isinstance(value, (str, Path)):
             out.append(Checkpoint(name, None if value is None else str(value), float(guidance_scale)))
         elif isinstance(value, Mapping):

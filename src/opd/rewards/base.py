@@ -10,6 +10,14 @@ A reward scores a batch of images against their prompts:
 the training signal; other keys are evaluation metrics of the same images (e.g. ``"exact"`` for
 OCR exact match, ``"correct"`` for GenEval strict correctness). ``__call__`` returns
 ``score(...)["reward"]``.
+
+``score_matrix(images [N, 3, H, W], metadata: M rows)`` judges every image against every row (each
+row's ``"prompt"`` is its prompt) and returns ``{key: Tensor[N, M]}`` with the keys of ``score``:
+entry ``[n, m]`` is what ``score`` gives image ``n`` under row ``m``. The evaluation's controls use
+it (the best constant "cover" image, :mod:`opd.evaluation.controls`). The default here calls
+``score`` once per image (or per row, whichever is fewer) — correct for any reward, but it
+re-analyses each image ``M`` times; rewards whose analysis of an image does not depend on the
+prompt override it to analyse each image once.
 """
 from __future__ import annotations
 
@@ -36,6 +44,35 @@ class Reward(ABC):
 
     def __call__(self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]] | None = None) -> Tensor:
         return self.score(images, prompts, metadata or [{} for _ in prompts])["reward"]
+
+    def score_matrix(self, images: Tensor, metadata: list[dict[str, Any]], batch_size: int = 64
+                     ) -> dict[str, Tensor]:
+        """Every image against every row: ``{key: Tensor[N, M]}``, ``[n, m]`` = ``score`` of image
+        ``n`` with row ``m`` (prompt ``metadata[m]["prompt"]``). This default loops over
+        :meth:`score` in batches of at most ``batch_size`` pairs: one image against a run of rows
+        when there are fewer images than rows, else a run of images against one row."""
+        n, m = images.shape[0], len(metadata)
+        prompts = [row["prompt"] for row in metadata]
+        out: dict[str, Tensor] = {}
+
+        def put(rows: slice | int, cols: slice | int, scores: dict[str, Tensor]) -> None:
+            for key, value in scores.items():
+                if key not in out:
+                    out[key] = torch.zeros(n, m, dtype=torch.float32)
+                out[key][rows, cols] = value.detach().float().cpu()
+
+        if n <= m:
+            for i in range(n):
+                for j in range(0, m, batch_size):
+                    k = min(batch_size, m - j)
+                    put(i, slice(j, j + k), self.score(images[i : i + 1].expand(k, -1, -1, -1),
+                                                       prompts[j : j + k], metadata[j : j + k]))
+        else:
+            for j in range(m):
+                for i in range(0, n, batch_size):
+                    k = min(batch_size, n - i)
+                    put(slice(i, i + k), j, self.score(images[i : i + k], [prompts[j]] * k, [metadata[j]] * k))
+        return out
 
 
 def mark_stand_in(reward: Reward, what: str) -> None:

@@ -263,6 +263,24 @@ class OCRReward(Reward):
         }
 
 
+    def score_matrix(self, images: Tensor, metadata: list[dict[str, Any]], batch_size: int = 64
+                     ) -> dict[str, Tensor]:
+        """Every image against every row (prompt ``row["prompt"]``): ``{"reward", "exact"}``, each
+        ``float32 [N, M]``. Each image is read once; each distinct (recognised text, target) pair
+        is compared once. ``batch_size`` is unused (one read per image whatever the batch)."""
+        check_batch(images, [""] * images.shape[0], [{}] * images.shape[0])
+        targets = [_target(row["prompt"], row) for row in metadata]
+        recognised = self.read_all(to_uint8_hwc(images))
+        texts, text_of = np.unique(np.array(recognised, dtype=object), return_inverse=True)
+        goals, goal_of = np.unique(np.array(targets, dtype=object), return_inverse=True)
+        accuracy = np.array([[ocr_accuracy(g, t) for g in goals] for t in texts], dtype=np.float32).reshape(
+            len(texts), len(goals))
+        exact = np.array([[float(exact_match(g, t)) for g in goals] for t in texts], dtype=np.float32).reshape(
+            len(texts), len(goals))
+        rows, cols = np.ix_(text_of.reshape(-1), goal_of.reshape(-1))
+        return {"reward": torch.from_numpy(accuracy[rows, cols]), "exact": torch.from_numpy(exact[rows, cols])}
+
+
 def _target(prompt: str, meta: dict[str, Any]) -> str:
     """The text an image should show: ``meta["text"]``, else the prompt's first quoted span."""
     target = meta.get("text", quoted_text(prompt))

@@ -1,6 +1,7 @@
 """Rollouts: run a backbone with classifier-free guidance over a σ grid with a pure kernel."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -94,11 +95,16 @@ def rollout(backbone: Backbone, cond: PromptEmbeds, noise: Tensor, sigmas: Tenso
 @torch.no_grad()
 def generate(backbone: Backbone, prompts: list[str], *, num_steps: int = 40, guidance_scale: float = 4.5,
              shift: float = 3.0, height: int | None = None, width: int | None = None, seed: int = 0,
-             kernel: str = "ode", noise_level: float = 0.0, batch_size: int = 64) -> Tensor:
+             kernel: str = "ode", noise_level: float = 0.0, batch_size: int = 64,
+             seeds: Sequence[int] | None = None) -> Tensor:
     """Prompts → images ``[B, 3, H, W]`` in [0, 1] (CPU, float32), reproducible from ``seed``.
 
     The initial noise of image ``i`` depends only on ``(seed, i)``, so results do not change
-    with ``batch_size``.
+    with ``batch_size``. ``seeds`` (one per prompt) instead seeds image ``i``'s initial noise with
+    ``seeds[i]`` alone, so an image does not depend on the call it is part of (the evaluation
+    passes :func:`opd.evaluation.seeds.image_seed` of each image). Either way a stochastic kernel's
+    per-step noise comes from one generator per batch (seeded ``seed + start``, or ``seeds[start]``),
+    so only the deterministic ``"ode"`` kernel is fully batch-independent.
     """
     from opd.sampling.schedules import sd3_sigmas
 
@@ -108,16 +114,19 @@ def generate(backbone: Backbone, prompts: list[str], *, num_steps: int = 40, gui
         raise ValueError("generate: pass height and width for this backbone")
     shape = backbone.latent_shape(height, width)
     sigmas = sd3_sigmas(num_steps, shift, device=backbone.device)
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"generate: {len(seeds)} seeds for {len(prompts)} prompts; pass one per prompt")
+    noise_seeds = list(seeds) if seeds is not None else [seed * 1_000_003 + i for i in range(len(prompts))]
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         noise = torch.stack([
-            torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + start + i))
-            for i in range(len(chunk))
+            torch.randn(shape, generator=torch.Generator().manual_seed(s))
+            for s in noise_seeds[start : start + len(chunk)]
         ]).to(backbone.device)
         cond = backbone.encode_prompts(chunk)
         uncond = backbone.encode_prompts([""] * len(chunk)) if guidance_scale != 1.0 else None
-        gen = torch.Generator(device=backbone.device).manual_seed(seed + start)
+        gen = torch.Generator(device=backbone.device).manual_seed(seed + start if seeds is None else seeds[start])
         traj = rollout(backbone, cond, noise, sigmas, kernel=kernel, noise_level=noise_level,
                        guidance_scale=guidance_scale, uncond=uncond, generator=gen)
         images.append(backbone.decode(traj.final.to(backbone.dtype)).float().cpu())
