@@ -16,15 +16,8 @@ from opd.data.world.layout import scene_for
 from opd.data.world.render import render, render_tensor
 from opd.data.world.scene import BACKGROUNDS, OBJECT_COLORS, OPPOSITE, SHAPE_KINDS, Scene, Shape
 from opd.rewards.base import Reward
-from opd.rewards.geneval_mini import (
-    MARGIN,
-    GenEvalMini,
-    by_class,
-    detect,
-    segment,
-    strict_correct,
-    template_ious,
-)
+from opd.rewards.geneval_mini import GenEvalMini, by_class, detect, strict_correct
+from opd.rewards.shapes import MARGIN, segment, template_ious
 
 COLORS = list(OBJECT_COLORS)
 GAP = 3.0  # the least gap the tests leave between an added object and the scene's objects

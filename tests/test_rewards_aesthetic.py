@@ -18,7 +18,7 @@ from opd.data.world.render import render_tensor
 from opd.data.world.scene import BACKGROUNDS, OBJECT_COLORS, SHAPE_KINDS, Scene, Shape
 from opd.rewards.aesthetic_mini import AestheticMini
 from opd.rewards.base import Reward
-from opd.rewards.geneval_mini import detect
+from opd.rewards.shapes import detect
 
 YELLOW = (245, 235, 60)
 

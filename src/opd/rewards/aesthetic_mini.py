@@ -5,7 +5,7 @@ preference *for an image given its prompt*: a picture that ignores the caption s
 pretty, and among pictures that show the caption the better composed one wins. The mini world's
 pictures are flat shapes in a fixed palette, so both halves can be measured exactly instead of
 learned: adherence checks every fact the caption states with the GenEval-mini detector
-(:func:`opd.rewards.geneval_mini.detect`), and quality scores the layout with hand-crafted
+(:func:`opd.rewards.shapes.detect`), and quality scores the layout with hand-crafted
 photo-quality features in the tradition of Datta et al. (2006, "Studying aesthetics in
 photographic images using a computational approach", ECCV: size of the subject, rule of thirds /
 placement, brightness contrast), Ke, Tang & Jing (2006, "The design of high-level features for
@@ -91,7 +91,7 @@ from torch import Tensor
 
 from opd.data.world.scene import BACKGROUNDS, CANVAS, OBJECT_COLORS, SHAPE_KINDS
 from opd.rewards.base import Reward, check_batch, to_uint8_hwc
-from opd.rewards.geneval_mini import Detection, detect
+from opd.rewards.shapes import Detection, detect
 
 #: the world's colours: backgrounds first, then object colours
 _WORLD_NAMES: tuple[str, ...] = tuple(BACKGROUNDS) + tuple(OBJECT_COLORS)
