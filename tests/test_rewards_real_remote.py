@@ -105,7 +105,7 @@ def test_geneval_needs_geneval_metadata(stub_factory):
 
 def test_server_error_is_retried_then_reported_with_its_traceback(stub_factory):
     stub = stub_factory(lambda payload: (500, b"Traceback (most recent call last):\nKeyError: 'tag'"))
-    reward = GenEvalRemote(url=stub.url, num_retries=1)
+    reward = GenEvalRemote(url=stub.url, max_retries=1, backoff_s=0.01)
     with pytest.raises(RemoteRewardError, match="(?s)HTTP 500.*KeyError: 'tag'"):
         reward.score(flat_images([0.5]), ["a cat"], [META])
     assert len(stub.requests) == 2
@@ -122,7 +122,7 @@ def test_unreachable_server_is_a_connection_error_naming_the_url():
         sock.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     with pytest.raises(ConnectionError, match=f"cannot reach the reward server at {url}"):
-        UnifiedRewardRemote(url=url).score(flat_images([0.5]), ["a cat"], [{}])
+        UnifiedRewardRemote(url=url, backoff_s=0.01).score(flat_images([0.5]), ["a cat"], [{}])
 
 
 def test_slow_server_times_out(stub_factory):
@@ -131,8 +131,8 @@ def test_slow_server_times_out(stub_factory):
         return 200, pickle.dumps({"outputs": [3.0]})
 
     stub = stub_factory(slow)
-    with pytest.raises(TimeoutError, match="no answer .* within 0.2 s"):
-        UnifiedRewardRemote(url=stub.url, timeout=0.2).score(flat_images([0.5]), ["a cat"], [{}])
+    with pytest.raises(TimeoutError, match="no complete answer .* within 0.2 s"):
+        UnifiedRewardRemote(url=stub.url, timeout=0.2, max_retries=0).score(flat_images([0.5]), ["a cat"], [{}])
 
 
 def test_unifiedreward_scores_divide_by_five(stub_factory):
@@ -150,3 +150,4 @@ def test_parse_score():
     assert parse_score(2) == 2.0
     assert parse_score("blah Final Score: 5") == 5.0
     assert parse_score("Final Score: 7") is None  # outside UnifiedReward's 1–5 range
+    assert parse_score(np.float32(3.5)) == 3.5  # a numpy number is no str to search
