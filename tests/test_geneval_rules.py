@@ -1,4 +1,5 @@
 """GenEval's decision rules on synthetic detections, against hand-computed answers."""
+import numpy as np
 import pytest
 
 from opd.rewards.geneval_rules import (
@@ -62,6 +63,44 @@ def test_select_objects_threshold_order_cap_and_nms():
     overlapping = [det("cup", 0.9, (0, 0, 9, 9)), det("cup", 0.8, (1, 0, 10, 9)), det("cup", 0.7, (50, 50, 59, 59))]
     assert len(select_objects(overlapping, threshold=0.3)["cup"]) == 3  # NMS 1.0 = off (GenEval's default)
     assert [d.score for d in select_objects(overlapping, threshold=0.3, nms_threshold=0.5)["cup"]] == [0.9, 0.7]
+
+
+def test_threshold_is_compared_in_float32_as_the_reference():
+    # float32(0.3) = 10066330 · 2^-25 = 0.300000011920928955078125: above 0.3 in float64, equal in float32
+    at_boundary = 10066330 * 2.0**-25
+    assert at_boundary == float(np.float32(0.3)) and at_boundary > 0.3
+    assert select_objects([det("cat", at_boundary)], threshold=0.3) == {}
+    assert select_objects([det("cat", 0.3 + 1e-10)], threshold=0.3) == {}  # rounds to float32(0.3) as well
+    above = (10066330 + 1) * 2.0**-25  # the next float32
+    assert [d.score for d in select_objects([det("cat", above)], threshold=0.3)["cat"]] == [above]
+    # counting: float32(0.9) = 15099494 · 2^-24 ≈ 0.8999999762 < 0.9, and 0.9 + 1e-10 rounds down to it
+    assert select_objects([det("cup", 0.9 + 1e-10)], threshold=0.9) == {}
+    assert len(select_objects([det("cup", 15099495 * 2.0**-24)], threshold=0.9)["cup"]) == 1
+
+
+def test_equal_scores_keep_the_reference_argsort_order():
+    a, b, c = det("car", 0.5, color="red"), det("car", 0.9), det("car", 0.5, color="blue")
+    # np.argsort([0.5, 0.9, 0.5]) = [0, 2, 1], reversed [1, 2, 0]: of the equal scores the later first
+    assert select_objects([a, b, c], threshold=0.3)["car"] == [b, c, a]
+    assert select_objects([a, c], threshold=0.3)["car"] == [c, a]
+    # 0.7 and 0.7 + 1e-10 differ in float64 but are the same float32: a tie, so the later comes first
+    d, e = det("cup", 0.7 + 1e-10), det("cup", 0.7)
+    assert select_objects([d, e], threshold=0.3)["cup"] == [e, d]
+    # so a red and a blue car of equal confidence: GenEval colours the later one (blue) and fails
+    assert not strict_correct(objects(a, c), RED_CAR)
+    assert strict_correct(objects(c, a), RED_CAR)
+
+
+def test_order_is_the_reference_expression_on_many_ties():
+    """``np.argsort(float32 scores)[::-1]``, thresholded, capped at 16: the reference's own lines."""
+    rng = np.random.default_rng(0)
+    for n in (4, 5, 9, 17, 25):
+        for _ in range(20):
+            scores = rng.choice(np.float32([0.2, 0.3, 0.5, 0.8]), n)
+            dets = [det("cat", float(sc)) for sc in scores]
+            ref = np.argsort(scores)[::-1]
+            ref = ref[scores[ref] > 0.3][:16].tolist()
+            assert select_objects(dets, threshold=0.3).get("cat", []) == [dets[i] for i in ref]
 
 
 def test_counting_prompts_use_the_stricter_threshold():
@@ -136,3 +175,32 @@ def test_partial_score_worked_examples():
     # exclude is ignored by the partial score; strict correctness is not
     three = objects(det("cup"), det("cup"))
     assert partial_score(three, COUNT2) == 1.0 and strict_correct(three, COUNT2)
+
+
+RED_CAR_LEFT_OF_DOG = {"tag": "position", "include": [
+    {"class": "dog", "count": 1}, {"class": "car", "count": 1, "color": "red", "position": ["left of", 0]}]}
+
+
+def test_reference_quirk_reproduces_the_reference_lists():
+    """Sub-score lists as Flow-GRPO's ``evaluate_reward`` builds them, against ours."""
+    # the referent (dog) is missing: dog [0]; car [1] and the position [0] — the reference adds no 1 here
+    lone_car = objects(det("car", box=at(0, 0)))
+    assert partial_score(lone_car, CAR_LEFT_OF_DOG) == pytest.approx(1 / 3)  # [0, 1, 0]
+    assert partial_score(lone_car, CAR_LEFT_OF_DOG, reference_quirk=True) == pytest.approx(1 / 3)  # [0, 1, 0]
+    # two cars where one red car is asked, left of the dog: count 1 − 1/1 = 0, then
+    # ours a 0 for the colour and one for the position, the reference a single 0 for both
+    two_cars = objects(det("dog", box=at(50, 0)), det("car", box=at(0, 0), color="red"),
+                       det("car", box=at(0, 30), color="red"))
+    assert partial_score(two_cars, RED_CAR_LEFT_OF_DOG) == pytest.approx(1 / 4)  # [1, 0, 0, 0]
+    assert partial_score(two_cars, RED_CAR_LEFT_OF_DOG, reference_quirk=True) == pytest.approx(1 / 3)  # [1, 0, 0]
+    # the car is left of the dog but blue: colour 0, then ours a 0 for the position, the reference nothing
+    blue = objects(det("dog", box=at(50, 0)), det("car", box=at(0, 0), color="blue"))
+    assert partial_score(blue, RED_CAR_LEFT_OF_DOG) == pytest.approx(2 / 4)  # [1, 1, 0, 0]
+    assert partial_score(blue, RED_CAR_LEFT_OF_DOG, reference_quirk=True) == pytest.approx(2 / 3)  # [1, 1, 0]
+    # red but right of the dog: the relation check ran and failed, the reference appends 0 then 1
+    wrong_side = objects(det("dog", box=at(0, 0)), det("car", box=at(50, 0), color="red"))
+    assert partial_score(wrong_side, RED_CAR_LEFT_OF_DOG) == pytest.approx(3 / 4)  # [1, 1, 1, 0]
+    assert partial_score(wrong_side, RED_CAR_LEFT_OF_DOG, reference_quirk=True) == pytest.approx(4 / 5)  # [1, 1, 1, 0, 1]
+    right = objects(det("dog", box=at(50, 0)), det("car", box=at(0, 0), color="red"))
+    assert partial_score(right, RED_CAR_LEFT_OF_DOG) == partial_score(right, RED_CAR_LEFT_OF_DOG,
+                                                                      reference_quirk=True) == 1  # [1, 1, 1, 1]

@@ -23,9 +23,13 @@ def scalar_expect(kernel, x, v, s, sn, a, x0_prev=None, s_prev=None):
     if kernel == "dance":
         score = -(x - (1 - s) * x0) / s**2
         return x + d * v - 0.5 * a * a * score * d, a * math.sqrt(-d)
-    if kernel == "ddim":
+    if kernel == "cps":
         std = sn * math.sin(a * math.pi / 2)
         return (1 - sn) * x0 + math.sqrt(sn * sn - std * std) * (x + (1 - s) * v), std
+    if kernel == "ddim":  # DiffusionNFT's ddim_update: σ_DDIM = η σ', ρ = σ_DDIM · sqrt(1 − σ'²(1−σ)²/(σ²(1−σ')²))
+        rho = a * sn * math.sqrt(1 - sn**2 * (1 - s) ** 2 / (s**2 * (1 - sn) ** 2))
+        eps = (x - (1 - s) * x0) / s
+        return (1 - sn) * x0 + math.sqrt(sn**2 - rho**2) * eps, rho
     lam = lambda t: math.log((1 - t) / t) if 0 < t < 1 else (math.inf if t == 0 else -math.inf)
     h = lam(sn) - lam(s)
     D = x0
@@ -37,7 +41,7 @@ def scalar_expect(kernel, x, v, s, sn, a, x0_prev=None, s_prev=None):
     return mean, sn * math.sqrt(1 - ex(2 * a))
 
 
-@pytest.mark.parametrize("kernel", ["ode", "flow", "dance", "ddim", "dpm1", "dpm2"])
+@pytest.mark.parametrize("kernel", ["ode", "flow", "dance", "cps", "ddim", "dpm1", "dpm2"])
 @pytest.mark.parametrize("s,sn", [(1.0, 0.9), (0.8, 0.55), (0.3, 0.1), (0.2, 0.0)])
 @pytest.mark.parametrize("a", [0.0, 0.7])
 def test_kernel_mean_std_match_formula(kernel, s, sn, a):
@@ -61,12 +65,47 @@ def test_dpm2_uses_history(s_prev, s, sn, a):
         assert not torch.allclose(step.mean, transition("dpm1", X, V, s, sn, a).mean)
 
 
-@pytest.mark.parametrize("kernel", ["flow", "dance", "ddim", "dpm1", "dpm2"])
+@pytest.mark.parametrize("kernel", ["flow", "dance", "cps", "ddim", "dpm1", "dpm2"])
 def test_zero_noise_is_euler_for_first_order(kernel):
     euler = transition("ode", X, V, 0.7, 0.4)
     step = transition(kernel, X, V, 0.7, 0.4, 0.0)
     torch.testing.assert_close(step.mean, euler.mean, rtol=1e-5, atol=1e-5)
     assert float(step.std.max()) == 0.0
+
+
+@pytest.mark.parametrize("s,sn", [(1.0, 0.9), (0.8, 0.55), (0.3, 0.1), (0.2, 0.0)])
+def test_ddim_and_cps_by_hand_agree_only_at_zero_noise(s, sn):
+    """One element, every number written out: x = 0.5, v = −1.2, a = η = 0.6."""
+    x, v, a = 0.5, -1.2, 0.6
+    x0 = x - s * v
+    eps = x + (1 - s) * v  # = (x − (1 − σ) x̂0)/σ
+    euler = x + (sn - s) * v
+    assert (1 - sn) * x0 + sn * eps == pytest.approx(euler)  # both kernels' mean at noise 0
+    std_cps = sn * math.sin(a * math.pi / 2)
+    ratio = sn * (1 - s) / (s * (1 - sn))  # e^{−h}: 0 at σ = 1 and at σ' = 0
+    std_ddim = a * sn * math.sqrt(1 - ratio**2)
+    one = lambda t: torch.full((1, 1), t)
+    for kernel, std in (("cps", std_cps), ("ddim", std_ddim)):
+        step = transition(kernel, one(x), one(v), s, sn, a)
+        assert step.std.item() == pytest.approx(std, abs=1e-7)
+        assert step.mean.item() == pytest.approx((1 - sn) * x0 + math.sqrt(sn**2 - std**2) * eps, abs=1e-6)
+        at_zero = transition(kernel, one(x), one(v), s, sn, 0.0)
+        assert at_zero.mean.item() == pytest.approx(euler, abs=1e-6) and at_zero.std.item() == 0.0
+    if 0 < sn:  # with noise their stds differ (at σ' = 0 both are 0)
+        assert abs(std_cps - std_ddim) > 1e-3
+
+
+def test_ddim_at_eta_one_is_the_sde_dpm_solver_step():
+    """DDIM with η = 1 and SDE-DPM-Solver++(1) are the same Gaussian (Lu et al. 2022, DPM-Solver++ §4)."""
+    for s, sn in [(1.0, 0.9), (0.7, 0.4), (0.3, 0.1)]:
+        ddim, dpm = transition("ddim", X, V, s, sn, 1.0), transition("dpm1", X, V, s, sn, 1.0)
+        torch.testing.assert_close(ddim.mean, dpm.mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ddim.std, dpm.std)
+
+
+def test_ddim_rejects_eta_above_one():
+    with pytest.raises(ValueError, match="noise_level"):
+        transition("ddim", X, V, 0.7, 0.4, 1.5)
 
 
 def test_flow_at_zero_noise_equals_ode_on_whole_schedule():
@@ -77,7 +116,7 @@ def test_flow_at_zero_noise_equals_ode_on_whole_schedule():
         torch.testing.assert_close(a.mean, b.mean)
 
 
-@pytest.mark.parametrize("kernel", ["flow", "dance", "ddim", "dpm1"])
+@pytest.mark.parametrize("kernel", ["flow", "dance", "cps", "ddim", "dpm1"])
 def test_log_prob_matches_torch_distributions(kernel):
     step = transition(kernel, X, V, 0.6, 0.45, 0.7)
     x_next = step.sample(torch.Generator().manual_seed(1))
@@ -92,7 +131,7 @@ def test_log_prob_of_deterministic_step_raises():
         step.log_prob(step.mean)
 
 
-@pytest.mark.parametrize("kernel", ["flow", "dance", "ddim", "dpm1"])
+@pytest.mark.parametrize("kernel", ["flow", "dance", "cps", "ddim", "dpm1"])
 def test_sampling_matches_stated_mean_and_std(kernel):
     x, v = torch.randn(1, 1, 1, 1).expand(20000, 1, 4, 4).clone(), torch.randn(1, 1, 1, 1).expand(20000, 1, 4, 4).clone()
     step = transition(kernel, x, v, 0.8, 0.6, 0.7)

@@ -1,5 +1,7 @@
 """DiffusionOPD's per-step KL loss (DESIGN.md §2) against torch.distributions, Monte Carlo and
 hand-derived gradients, on real transitions of ``opd.sampling``."""
+import math
+
 import pytest
 import torch
 from torch.distributions import Independent, Normal, kl_divergence
@@ -46,11 +48,11 @@ def test_closed_form_matches_torch_kl_and_monte_carlo():
     assert ((mc - kl_sum).abs() < 4 * se).all(), (mc, kl_sum, se)
 
 
-def test_code_variant_is_paper_times_delta():
+def test_code_variant_is_paper_times_delta_for_flow():
     tr_s, tr_t = _step_pair(3, (2, 4, 4), seed=1)
     for delta in (DELTA, torch.tensor([0.1, 0.05, 0.2], dtype=torch.float64)):
         paper, _ = OPDLoss()(tr_s.mean, tr_t.mean, tr_s.std, delta)
-        code, mc = OPDLoss(variant="code")(tr_s.mean, tr_t.mean, tr_s.std, delta)
+        code, mc = OPDLoss(variant="code", kernel="flow")(tr_s.mean, tr_t.mean, tr_s.std, delta)
         per_sample = gaussian_kl_same_std(tr_s.mean, tr_t.mean, tr_s.std)
         torch.testing.assert_close(paper, per_sample.mean())
         torch.testing.assert_close(code, (torch.as_tensor(delta) * per_sample).mean())
@@ -59,7 +61,8 @@ def test_code_variant_is_paper_times_delta():
     x_next = tr_s.sample(torch.Generator().manual_seed(0))
     delta = torch.tensor([0.1, 0.05, 0.2], dtype=torch.float64)
     sf_paper, _ = OPDLoss("score_function")(tr_s.mean, tr_t.mean, tr_s.std, delta, x_next=x_next)
-    sf_code, m = OPDLoss("score_function", "code")(tr_s.mean, tr_t.mean, tr_s.std, delta, x_next=x_next)
+    sf_code, m = OPDLoss("score_function", "code", kernel="flow")(tr_s.mean, tr_t.mean, tr_s.std, delta,
+                                                                  x_next=x_next)
     # c_i = (log q_S − log q_T)(x'_i) / D for two Gaussians with the same std
     c = (Normal(tr_s.mean, tr_s.std).log_prob(x_next) - Normal(tr_t.mean, tr_s.std).log_prob(x_next)).flatten(1)
     c = c.mean(1)
@@ -73,8 +76,8 @@ def test_ode_step_is_half_mean_squared_gap():
     assert tr_s.std.item() == 0
     gap = (tr_s.mean - tr_t.mean).flatten(1)
     by_hand = sum(0.5 * sum(e**2 for e in row) / len(row) for row in gap.tolist()) / 3
-    for variant in ("paper", "code"):  # Δ only rescales the SDE KL
-        loss, _ = OPDLoss(variant=variant)(tr_s.mean, tr_t.mean, tr_s.std, DELTA)
+    for variant in ("paper", "code"):  # the variant only rescales the SDE KL
+        loss, _ = OPDLoss(variant=variant, kernel="ode")(tr_s.mean, tr_t.mean, tr_s.std, DELTA)
         assert loss.item() == pytest.approx(by_hand, rel=1e-12)
     loss_sum, _ = OPDLoss(reduction="sum")(tr_s.mean, tr_t.mean, tr_s.std, DELTA)
     assert loss_sum.item() == pytest.approx(6 * by_hand, rel=1e-12)
@@ -83,6 +86,109 @@ def test_ode_step_is_half_mean_squared_gap():
     mixed, _ = OPDLoss()(tr_s.mean, tr_t.mean, std, DELTA)
     sq = gap.square().mean(1)
     torch.testing.assert_close(mixed, (0.5 * sq[0] + sq[1] / (2 * 0.25) + sq[2] / (2 * 0.0625)) / 3)
+
+
+# The authors' released loss by hand, per kernel: ½ mean_D (μ_S − μ_T)² / std_dev_t², std_dev_t being what
+# their step function returns: Flow-GRPO's SDE g = a sqrt(σ/(1 − σ)) (σ_1 in the guard at σ = 1), DanceGRPO's
+# a sqrt(Δ), DDIM's ρ = η σ' sqrt(1 − σ'²(1−σ)²/(σ²(1−σ')²)), Flow-GRPO's cps σ' sin(aπ/2); ½ mean_D (μ_S − μ_T)²
+# at noise 0 (ode, dpm).
+XS, VS, VT = [0.4, -1.1, 2.0], [0.3, 0.8, -0.5], [0.1, 1.0, -0.2]
+
+
+def _released_mean_and_std_dev(kernel, x, v, s, sn, a):
+    d, x0 = sn - s, x - s * v
+    if kernel == "flow":
+        g = a * math.sqrt(s / (1 - (sn if s == 1 else s)))
+        return x * (1 + g * g * d / (2 * s)) + v * (1 + g * g * (1 - s) / (2 * s)) * d, g
+    if kernel == "dance":
+        score = -(x - x0 * (1 - s)) / s**2
+        return x + d * v + (-0.5 * a * a * score) * d, a * math.sqrt(s - sn)
+    if kernel == "ddim":
+        rho = a * sn * math.sqrt(1 - sn**2 * (1 - s) ** 2 / (s**2 * (1 - sn) ** 2))
+        return (1 - sn) * x0 + math.sqrt(sn**2 - rho**2) * (x - (1 - s) * x0) / s, rho
+    if kernel == "cps":
+        std = sn * math.sin(a * math.pi / 2)
+        return (1 - sn) * x0 + math.sqrt(sn**2 - std**2) * (x + (1 - s) * v), std
+    assert a == 0  # ode, dpm1 (deterministic: DPM-Solver++(1) is Euler at first order)
+    return x + d * v, 0.0
+
+
+@pytest.mark.parametrize("kernel,a", [("flow", 0.7), ("dance", 0.7), ("ddim", 0.7), ("cps", 0.7),
+                                      ("ode", 0.0), ("dpm1", 0.0), ("flow", 0.0)])
+@pytest.mark.parametrize("s,sn", [(1.0, 0.9), (0.8, 0.6), (0.3, 0.1)])
+def test_code_variant_reproduces_the_released_loss_by_hand(kernel, a, s, sn):
+    released, paper = 0.0, 0.0
+    for x, v_s, v_t in zip(XS, VS, VT):
+        mu_s, std_dev = _released_mean_and_std_dev(kernel, x, v_s, s, sn, a)
+        mu_t, _ = _released_mean_and_std_dev(kernel, x, v_t, s, sn, a)
+        step_std = std_dev * math.sqrt(s - sn) if kernel == "flow" else std_dev  # the step's real std
+        released += 0.5 * (mu_s - mu_t) ** 2 / (std_dev**2 if a > 0 else 1.0) / len(XS)
+        paper += 0.5 * (mu_s - mu_t) ** 2 / (step_std**2 if a > 0 else 1.0) / len(XS)
+    x = torch.tensor([XS], dtype=torch.float64)
+    tr_s = transition(kernel, x, torch.tensor([VS], dtype=torch.float64), s, sn, a)
+    tr_t = transition(kernel, x, torch.tensor([VT], dtype=torch.float64), s, sn, a)
+    code, _ = OPDLoss(variant="code", kernel=kernel)(tr_s.mean, tr_t.mean, tr_s.std, s - sn)
+    ours, _ = OPDLoss()(tr_s.mean, tr_t.mean, tr_s.std, s - sn)
+    assert code.item() == pytest.approx(released, rel=2e-5)
+    assert ours.item() == pytest.approx(paper, rel=2e-5)
+    if kernel == "flow" and a > 0:  # the only kernel where the two differ: by the factor Δ
+        assert released == pytest.approx((s - sn) * paper, rel=1e-12)
+    else:
+        assert released == pytest.approx(paper, rel=1e-12)
+
+
+def test_code_variant_score_function_weight_follows_the_kernel():
+    tr_s, tr_t = _step_pair(3, (2, 4), seed=7, kernel="dance")
+    x_next = tr_s.sample(torch.Generator().manual_seed(0))
+    paper, mp = OPDLoss("score_function")(tr_s.mean, tr_t.mean, tr_s.std, DELTA, x_next=x_next)
+    code, mc = OPDLoss("score_function", "code", kernel="dance")(tr_s.mean, tr_t.mean, tr_s.std, DELTA,
+                                                                 x_next=x_next)
+    torch.testing.assert_close(code, paper)  # dance's released std carries sqrt(Δ): nothing rescaled
+    torch.testing.assert_close(mc["train/sf_weight_mean"], mp["train/sf_weight_mean"])
+
+
+def test_code_variant_needs_a_kernel_with_a_released_loss():
+    with pytest.raises(ValueError, match="kernel"):
+        OPDLoss(variant="code")
+    with pytest.raises(ValueError, match="kernel"):
+        OPDLoss(variant="code", kernel="eulr")
+    tr_s, tr_t = _step_pair(2, (3,), seed=8, kernel="dpm1")  # η = 0.7: SDE-DPM-Solver++
+    with pytest.raises(ValueError, match="deterministic"):
+        OPDLoss(variant="code", kernel="dpm1")(tr_s.mean, tr_t.mean, tr_s.std, DELTA)
+    OPDLoss()(tr_s.mean, tr_t.mean, tr_s.std, DELTA)  # the paper's KL is defined for it
+
+
+# -------------------------------------------------------------------- sum vs mean over steps and teachers
+
+
+def test_step_reduction_mean_is_sum_over_steps_times_teachers_and_scales_gradients():
+    """An optimiser step accumulated as the module does (one backward per (teacher, step) term, each
+    weighted by accumulation_weight): with 9 trained steps and 3 teachers, "mean" is the sum / 27 in
+    value and in gradient, so before the clip its gradient norm is 27× smaller."""
+    num_steps, num_teachers = 9, 3
+    g = torch.Generator().manual_seed(9)
+    theta0 = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    terms = [(torch.randn(2, 6, generator=g, dtype=torch.float64), torch.randn(2, 6, generator=g, dtype=torch.float64))
+             for _ in range(num_steps * num_teachers)]
+
+    def accumulate(step_reduction):
+        loss_fn = OPDLoss(step_reduction=step_reduction)
+        w = loss_fn.accumulation_weight(num_steps, num_teachers)
+        theta = theta0.clone().requires_grad_()
+        total = 0.0
+        for x, target in terms:
+            loss, _ = loss_fn(x @ theta.T @ theta, target, 0.2, 0.1)  # any differentiable μ_S(θ)
+            (w * loss).backward()
+            total += w * loss.item()
+        return total, theta.grad
+
+    assert OPDLoss().accumulation_weight(num_steps, num_teachers) == 1.0
+    assert OPDLoss(step_reduction="mean").accumulation_weight(num_steps, num_teachers) == 1 / 27
+    total_sum, grad_sum = accumulate("sum")
+    total_mean, grad_mean = accumulate("mean")
+    assert total_mean == pytest.approx(total_sum / 27, rel=1e-14)
+    torch.testing.assert_close(grad_mean, grad_sum / 27, rtol=1e-13, atol=0)
+    assert (grad_sum.norm() / grad_mean.norm()).item() == pytest.approx(27, rel=1e-13)
 
 
 @pytest.mark.parametrize("reduction,scale", [("mean", 1 / 12), ("sum", 1.0)])
@@ -175,12 +281,18 @@ def test_score_function_log_prob_convention_and_on_policy_value():
 
 @pytest.mark.parametrize("kwargs,name", [({"estimator": "reinforce"}, "estimator"),
                                          ({"variant": "released"}, "variant"),
-                                         ({"reduction": "max"}, "reduction")])
+                                         ({"reduction": "max"}, "reduction"),
+                                         ({"step_reduction": "avg"}, "step_reduction")])
 def test_bad_arguments_are_named(kwargs, name):
     with pytest.raises(ValueError, match=name):
         OPDLoss(**kwargs)
     with pytest.raises(ValueError, match="reduction"):
         gaussian_kl_same_std(torch.zeros(2, 3), torch.zeros(2, 3), 1.0, "max")
+
+
+def test_accumulation_weight_needs_positive_counts():
+    with pytest.raises(ValueError, match="num_steps"):
+        OPDLoss(step_reduction="mean").accumulation_weight(0, 3)
 
 
 def test_bad_call_arguments():

@@ -5,7 +5,12 @@ training score, Flow-GRPO's ``reward_server/gen_eval.py``:
 
 - **Which detections count** (:func:`select_objects`): per class, detections scoring strictly above
   the confidence threshold (0.3; 0.9 for prompts tagged ``counting``), most confident first, at most
-  16 per class, then greedy NMS at IoU 1.0 (i.e. off, GenEval's default).
+  16 per class, then greedy NMS at IoU 1.0 (i.e. off, GenEval's default). Exactly as the reference
+  computes it: the detector's scores are float32 and are compared with the threshold in float32 (a
+  float32 array against a Python float), so a score that rounds to ``float32(0.3)`` is *not* above 0.3;
+  the order is ``np.argsort(scores)[::-1]``, so equal scores are not kept in input order (for two or
+  three equal scores the later detection comes first; beyond that numpy's default sort is not stable
+  and its SIMD paths differ by CPU, so the reference's order is whatever that call gives there).
 - **Relative position** (:func:`relative_position`): A relative to B from the box centres; the
   centre offset is shrunk by ``c = 0.1`` of the summed box sizes per axis (clipped at 0), then
   divided by the *unshrunk* offset's length; a component beyond ±0.5 names the relation
@@ -19,8 +24,10 @@ training score, Flow-GRPO's ``reward_server/gen_eval.py``:
   sub-scores — count ``1 − |n − n_found| / n`` over *all* kept objects of the class (negative for
   far too many); a wrong count adds a 0 for each colour/position it asks; else colour
   ``1 − |n − n_colour| / n`` and position 1 on success, 0 on failure. ``exclude`` is ignored.
-  ``reference_quirk=True`` reproduces the reference's extra 1 appended after a position check
-  that ran over the objects (a failure then scores ``[0, 1]``).
+  ``reference_quirk=True`` reproduces the reference's sub-score lists exactly: one 0 (not one per
+  sub-score) when the count is wrong and a colour or position is asked; for a position clause, an
+  extra 1 after a relation check that ran over the objects (failure ``[0, 1]``), only ``[0]`` when
+  the clause it refers to failed, and nothing when the clause's own colour failed.
 
 Colours are GenEval's ten; :class:`Detection.color` must be filled (by a colour classifier) for
 the objects :func:`colour_queries` lists before the two judges read it.
@@ -78,19 +85,23 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
 
 def select_objects(detections: Iterable[Detection], threshold: float, max_objects: int = MAX_OBJECTS,
                    nms_threshold: float = NMS_THRESHOLD) -> dict[str, list[Detection]]:
-    """Class → kept detections, most confident first (threshold, per-class cap, then NMS)."""
+    """Class → kept detections, most confident first (threshold, per-class cap, then NMS), in the
+    reference's float32 arithmetic and argsort order (see the module docstring). ``detections`` in the
+    detector's output order, which decides ties."""
     by_label: dict[str, list[Detection]] = defaultdict(list)
     for det in detections:
         by_label[det.label].append(det)
     kept: dict[str, list[Detection]] = {}
     for label, dets in by_label.items():
-        order = sorted((d for d in dets if d.score > threshold), key=lambda d: -d.score)[:max_objects]
+        scores = np.asarray([d.score for d in dets], dtype=np.float32)
+        order = np.argsort(scores)[::-1]
+        order = order[scores[order] > np.float32(threshold)][:max_objects].tolist()
         chosen: list[Detection] = []
         while order:
-            best = order.pop(0)
+            best = dets[order.pop(0)]
             chosen.append(best)
             if nms_threshold < 1:
-                order = [d for d in order if box_iou(best.box, d.box) < nms_threshold]
+                order = [i for i in order if box_iou(best.box, dets[i].box) < nms_threshold]
         if chosen:
             kept[label] = chosen
     return kept
@@ -160,25 +171,30 @@ def partial_score_with(objects: dict[str, list[Any]], meta: dict[str, Any], colo
 
     Per clause: count ``1 − |n − n_found| / n``; a wrong count scores 0 for each colour/position the
     clause asks; else colour ``1 − |n − n_colour| / n``, and the position 1 or 0 (0 also when the
-    colour or the clause it refers to failed). With ``reference_quirk`` a failed position scores
-    ``[0, 1]``.
+    colour or the clause it refers to failed). ``reference_quirk`` gives the reference's lists instead
+    (see the module docstring).
     """
     scores: list[float] = []
     groups: list[list[Any] | None] = []
     for clause in meta["include"]:
         n, found = clause["count"], objects.get(clause["class"], [])
+        asks = ("color" in clause) + ("position" in clause)
         scores.append(1 - abs(n - len(found)) / n)
         matched = len(found) == n
         if not matched:
-            scores.extend([0.0] * (("color" in clause) + ("position" in clause)))
+            scores.extend([0.0] * (min(asks, 1) if reference_quirk else asks))
         if matched and "color" in clause:
             num_colour = sum(colour_of(d) == clause["color"] for d in found)
             scores.append(1 - abs(n - num_colour) / n)
             matched = num_colour == n
         if "position" in clause and len(found) == n:
             relation, target = clause["position"]
-            ok = matched and groups[target] is not None and position_holds(found, relation, groups[target])
-            scores.extend(([1.0] if ok else [0.0, 1.0]) if reference_quirk else [float(ok)])
+            referent = groups[target]
+            ok = matched and referent is not None and position_holds(found, relation, referent)
+            if not reference_quirk:
+                scores.append(float(ok))
+            elif matched:  # the reference skips the position when the colour failed
+                scores.extend([1.0] if ok else ([0.0] if referent is None else [0.0, 1.0]))
             matched = ok
         groups.append(found if matched else None)
     return sum(scores) / len(scores) if scores else 0.0

@@ -114,12 +114,19 @@ def dance(x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, noise_level: 
     return mean, noise_level * torch.sqrt(-dt)
 
 
-def ddim(x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, noise_level: float,
-         history: History | None = None) -> tuple[Tensor, Tensor]:
-    """DDIM-style coefficient-preserving step (Flow-GRPO's ``cps``).
+def _exp_neg_h(sigma: Tensor, sigma_next: Tensor) -> Tensor:
+    """``e^{−h}`` with ``h = λ' − λ``, ``λ = log((1 − σ)/σ)``, written without logs so that the
+    endpoints σ = 1 (λ = −∞) and σ' = 0 (λ' = +∞) give 0 exactly instead of NaN."""
+    return (1 - sigma) * sigma_next / (sigma * (1 - sigma_next)).clamp_min(1e-12)
 
-    ``s = σ' sin(aπ/2)``; ``μ = (1 − σ') x̂0 + sqrt(σ'² − s²) ε̂`` with ``ε̂ = x + (1 − σ) v``.
-    At ``a = 0`` this is exactly Euler.
+
+def cps(x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, noise_level: float,
+        history: History | None = None) -> tuple[Tensor, Tensor]:
+    """Flow-GRPO's coefficient-preserving sampler (``sde_type="cps"``).
+
+    ``s = σ' sin(aπ/2)``; ``μ = (1 − σ') x̂0 + sqrt(σ'² − s²) ε̂`` with ``ε̂ = x + (1 − σ) v``: the
+    coefficients of ``x̂0`` and of the total noise stay ``(1 − σ', σ')``. At ``a = 0`` this is Euler.
+    Not DDIM with η (:func:`ddim`): the two agree only at noise level 0.
     """
     std = sigma_next * math.sin(noise_level * math.pi / 2)
     eps_hat = x + (1 - sigma) * v
@@ -127,10 +134,21 @@ def ddim(x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, noise_level: f
     return mean, std
 
 
-def _exp_neg_h(sigma: Tensor, sigma_next: Tensor) -> Tensor:
-    """``e^{−h}`` with ``h = λ' − λ``, ``λ = log((1 − σ)/σ)``, written without logs so that the
-    endpoints σ = 1 (λ = −∞) and σ' = 0 (λ' = +∞) give 0 exactly instead of NaN."""
-    return (1 - sigma) * sigma_next / (sigma * (1 - sigma_next)).clamp_min(1e-12)
+def ddim(x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, noise_level: float,
+         history: History | None = None) -> tuple[Tensor, Tensor]:
+    """DDIM with stochasticity ``η`` = ``noise_level`` (Song et al. 2021, Eq. 12, in flow units), as
+    DiffusionNFT's and the DiffusionOPD authors' ``ddim`` solver.
+
+    With ``α = 1 − σ``: ``std = η σ' sqrt(1 − (σ' α)² / (σ α')²) = η σ' sqrt(1 − e^{−2h})``;
+    ``μ = α' x̂0 + sqrt(σ'² − std²) ε̂`` with ``ε̂ = (x − α x̂0)/σ = x + (1 − σ) v``.
+    ``η = 0`` is deterministic DDIM (= Euler); ``η = 1`` equals the SDE-DPM-Solver++ step (:func:`dpm1`).
+    """
+    if not 0 <= noise_level <= 1:  # beyond 1 the mean's noise coefficient sqrt(σ'² − std²) is imaginary
+        raise ValueError(f"kernel 'ddim' needs 0 <= eta <= 1 (sampler.noise_level); got {noise_level}")
+    std = noise_level * sigma_next * torch.sqrt(1 - _exp_neg_h(sigma, sigma_next) ** 2)
+    eps_hat = x + (1 - sigma) * v
+    mean = (1 - sigma_next) * _x0(x, v, sigma) + torch.sqrt(sigma_next**2 - std**2) * eps_hat
+    return mean, std
 
 
 def _dpm(x: Tensor, x0: Tensor, sigma: Tensor, sigma_next: Tensor, eta: float) -> tuple[Tensor, Tensor]:
@@ -172,7 +190,7 @@ def dpm2(x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, noise_level: f
 
 
 KERNELS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
-    "ode": ode, "flow": flow, "dance": dance, "ddim": ddim, "dpm1": dpm1, "dpm2": dpm2,
+    "ode": ode, "flow": flow, "dance": dance, "cps": cps, "ddim": ddim, "dpm1": dpm1, "dpm2": dpm2,
 }
 
 
