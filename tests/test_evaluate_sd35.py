@@ -80,17 +80,27 @@ def test_every_sd35_reward_has_random_stand_ins(cfg_factory, prompt_files):
     assert not missing, missing
 
 
+def sd35_stub(tmp_path):
+    """A folder that passes the pre-load check of model.path (opd.validate) but holds no weights."""
+    (tmp_path / "sd35").mkdir()
+    (tmp_path / "sd35" / "model_index.json").write_text("{}")
+    return f"model.path={tmp_path / 'sd35'}"
+
+
 def test_missing_prompt_file_fails_before_any_model_loads(cfg_factory, tmp_path):
     # the default paths point at files this checkout lacks; the GenEval weights are missing too, but the
-    # prompt files are read first, so the message is about the file
+    # prompt files are read first, so the message is about the file (a missing model.path is reported
+    # before either: tests/test_bad_inputs.py)
     with pytest.raises(InstantiationException, match=r"(?s)eval_tasks\.ocr\.prompts.*ocr/test\.txt not found"):
-        evaluate(cfg_factory("eval", ["eval_tasks=sd35", "model=sd35_medium", f"paths.weights_dir={tmp_path}"]))
+        evaluate(cfg_factory("eval", ["eval_tasks=sd35", "model=sd35_medium", sd35_stub(tmp_path),
+                                      f"paths.weights_dir={tmp_path}"]))
 
 
 def test_missing_reward_weights_fail_before_the_model_loads(cfg_factory, prompt_files, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # model=sd35_medium has no weights here either: reaching it would fail with another message
-    cfg = cfg_factory("eval", sd35_overrides(prompt_files, ["model=sd35_medium", f"paths.weights_dir={tmp_path}"]))
+    cfg = cfg_factory("eval", sd35_overrides(prompt_files, ["model=sd35_medium", sd35_stub(tmp_path),
+                                                            f"paths.weights_dir={tmp_path}"]))
     with pytest.raises(InstantiationException, match="(?s)GenEval reward.*not found.*huggingface-cli download"):
         evaluate(cfg)
     assert not (tmp_path / "images").exists()

@@ -82,7 +82,7 @@ def test_mixed_batch_shapes_and_metadata_target(reward: OCRReward) -> None:
     prompts = ['a sign that says "CAT"', 'a sign that says "CAT"', 'a sign that says "CAT"', '"CAT"']
     metadata: list[dict] = [{}, {}, {"text": "DOG"}, {}]  # metadata["text"] overrides the quotes
     out = reward.score(images, prompts, metadata)
-    assert set(out) == {"reward", "exact"}
+    assert set(out) == {"reward", "exact", "failed"}
     for value in out.values():
         assert value.shape == (4,) and value.dtype == torch.float32 and value.device.type == "cpu"
     assert out["exact"].tolist() == [1.0, 0.0, 1.0, 0.0]

@@ -1,13 +1,15 @@
 """Structured-config schemas (Hydra ConfigStore): a typo in a key of these groups is an error.
 
 Group files start with ``defaults: [<group>_schema, _self_]`` and are validated against the
-dataclasses below at compose time.
+dataclasses below at compose time. Value ranges and cross-group rules (a kernel's noise level, a GRPO
+group of at least two images, a teacher listed twice, ...) are checked by :mod:`opd.validate` before
+anything is built: :func:`validate_train_config` / :func:`validate_eval_config` here call it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
@@ -17,8 +19,8 @@ from omegaconf import OmegaConf
 class SamplerConfig:
     """How trajectories are sampled (DESIGN.md §2)."""
 
-    kernel: str = "ode"            # ode | flow | dance | ddim | dpm1 | dpm2 (opd.sampling.KERNELS)
-    noise_level: float = 0.0       # a (flow/dance/ddim) or η (dpm*)
+    kernel: str = "ode"            # ode | flow | dance | cps | ddim | dpm1 | dpm2 (opd.sampling.KERNELS)
+    noise_level: float = 0.0       # a (flow/dance/ddim) or η (dpm*); 0 for ode (opd.validate: ranges)
     num_steps: int = 10            # rollout steps in training
     eval_num_steps: int = 40       # steps for evaluation and previews
     shift: float = 3.0             # SD3 schedule shift
@@ -72,8 +74,10 @@ class OPDConfig:
 
     _target_: str = "opd.objectives.opd.OPDLoss"
     estimator: str = "pathwise"    # pathwise | score_function (the PPO-style estimator, Sec. 3.3)
-    variant: str = "paper"         # paper (divide by 2 g²(−Δ)) | code (the released code's 2 g²)
+    variant: str = "paper"         # paper (the per-step KL) | code (the released script's loss, per kernel)
+    kernel: Optional[str] = "${sampler.kernel}"  # noqa: UP045 (OmegaConf schemas) — the rollout kernel, variant=code needs it
     reduction: str = "mean"        # mean over latent elements (reference) | sum (exact KL)
+    step_reduction: str = "sum"    # sum over trained steps and teachers (paper Eq. 11) | mean (the authors' script)
     kl_weight: float = 1.0         # scales the loss (the effective learning rate of distillation)
 
 
@@ -92,6 +96,21 @@ def project_root() -> str:
     """The checkout opd runs from (``conf/`` and ``models/`` beside ``src/``), else the working folder."""
     root = Path(__file__).resolve().parents[2]
     return str(root) if (root / "conf").is_dir() else str(Path.cwd())
+
+
+def validate_train_config(cfg: Any) -> None:
+    """Every bad value of a composed training config, raised at once before anything is built
+    (:func:`opd.validate.validate_train_config`; ``opd.train.train`` calls it first)."""
+    from opd.validate import validate_train_config as validate
+
+    validate(cfg)
+
+
+def validate_eval_config(cfg: Any) -> None:
+    """The same for an evaluation config (:func:`opd.validate.validate_eval_config`)."""
+    from opd.validate import validate_eval_config as validate
+
+    validate(cfg)
 
 
 def register_configs() -> None:
