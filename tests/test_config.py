@@ -8,6 +8,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from conftest import EXPERIMENTS, ROOT, TOY_MODEL, stand_in_reward_overrides
+from opd.validate import validate_train_config
 
 
 def test_there_are_experiments():
@@ -57,6 +58,7 @@ def toy_adapter(tmp_path, sd3: bool, rank: int = 2, alpha: int = 4):
 def test_experiment_composes_and_instantiates(cfg_factory, experiment, tmp_path):
     cfg = cfg_factory("train", shrink(cfg_factory, experiment, tmp_path))
     OmegaConf.resolve(cfg)
+    validate_train_config(cfg, overrides=[f"experiment={experiment}"])  # every shipped recipe passes the checks
     module = hydra.utils.instantiate(cfg.module)
     datamodule = hydra.utils.instantiate(cfg.data)
     module.configure_model()  # builds the toy backbone through the model group's factory

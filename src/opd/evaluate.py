@@ -34,13 +34,15 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 import opd.config  # noqa: F401 — registers the structured-config schemas
+from opd.data.prompt_files import MAX_PROMPT_CHARS
 from opd.evaluation.checkpoints import Checkpoint, parse_checkpoints
 from opd.evaluation.controls import find_cover, sensitivity_differences, sensitivity_pairs, subsample
 from opd.evaluation.distributed import Ranks, init_ranks
 from opd.evaluation.report import Report, score_task
 from opd.evaluation.tasks import CoverSpec, EvalTask
-from opd.models.lora import active_adapter, adapter_names, load_lora
+from opd.models.lora import active_adapter, adapter_names, load_lora, resolve_lora_file
 from opd.rewards.base import Reward
+from opd.validate import validate_eval_config
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -55,6 +57,14 @@ def _instantiate_prompts(spec: DictConfig, where: str) -> list[dict[str, Any]]:
                                      f"it out with ~{where.rsplit('.', 1)[0]})") from err
     if not rows:
         raise ValueError(f"{where}: the prompt set is empty")
+    for number, row in enumerate(rows):
+        prompt = row.get("prompt") if hasattr(row, "get") else None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{where}: row {number} has no prompt text ({row!r:.120}); each row needs a 'prompt'")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise ValueError(f"{where}: prompt {number} has {len(prompt)} characters, more than any text encoder here "
+                             f"reads (limit {MAX_PROMPT_CHARS}; the mini model reads 48 bytes, CLIP 77 tokens): "
+                             f"{prompt[:60]!r}...; fix the prompt set")
     return rows
 
 
@@ -63,7 +73,7 @@ def load_prompt_sets(cfg: DictConfig) -> dict[str, list[dict[str, Any]]]:
     sets = {}
     for name, spec in cfg.eval_tasks.items():
         rows = _instantiate_prompts(spec.prompts, f"eval_tasks.{name}.prompts")
-        sets[name] = rows[: cfg.max_prompts] if cfg.max_prompts else rows
+        sets[name] = rows if cfg.max_prompts is None else rows[: cfg.max_prompts]  # validated ≥ 1
     return sets
 
 
@@ -148,9 +158,13 @@ def _adapter_context(backbone: Any, adapter: str | None):
 
 
 def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
+    validate_eval_config(cfg)  # every bad value fails here, before anything is built (opd.validate)
     ranks = init_ranks()
     device = resolve_device(cfg.device, ranks)
     checkpoints = parse_checkpoints(OmegaConf.to_container(cfg.checkpoints, resolve=True), cfg.guidance_scale)
+    for ckpt in checkpoints:  # a missing adapter fails now, not after the model has loaded
+        if ckpt.adapter is not None:
+            resolve_lora_file(ckpt.adapter)
     controls = cfg.get("controls") or {}
     tasks = build_tasks(cfg, load_prompt_sets(cfg), cover_specs(cfg))
     backbone = hydra.utils.instantiate(cfg.model)().to(device).eval()

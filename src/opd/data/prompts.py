@@ -15,6 +15,9 @@ from torch import Tensor
 
 def round_groups(num_prompts: int, num_groups: int, group_size: int, seed: int, round_idx: int) -> tuple[Tensor, Tensor]:
     """Global ``(prompt_ids, group_ids)``, each ``[num_groups · group_size]``, shuffled."""
+    if num_groups < 1 or group_size < 1:
+        raise ValueError(f"a round needs num_groups_per_round ≥ 1 and group_size ≥ 1 (≥ 2 for group advantages); "
+                         f"got {num_groups} and {group_size}")
     if num_prompts < num_groups:
         raise ValueError(f"the prompt set has {num_prompts} prompts but a round needs {num_groups} distinct ones "
                          "(lower num_groups_per_round or use a larger prompt set)")

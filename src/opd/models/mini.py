@@ -8,6 +8,7 @@ so the model can learn to spell the words on signs. Pixel space: latents are ima
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 
 from opd.models.backbone import Backbone, PromptEmbeds
 
+log = logging.getLogger(__name__)
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 #: shards keep every file small enough to ship and to copy back from a lent GPU machine
@@ -43,11 +45,19 @@ class ByteTextEncoder(nn.Module):
         self.pool = nn.Linear(dim, pooled_dim)
 
     def tokenize(self, prompts: list[str], device: torch.device | None = None) -> Tensor:
-        """``[B, max_length + 1]`` token ids; prompts longer than ``max_length`` bytes are cut."""
+        """``[B, max_length + 1]`` token ids; prompts longer than ``max_length`` bytes are cut (the
+        first cut is logged as a warning, once per encoder: the model never sees the rest)."""
         ids = torch.zeros(len(prompts), self.max_length + 1, dtype=torch.long)
         ids[:, 0] = 1
         for i, prompt in enumerate(prompts):
-            data = list(prompt.encode("utf-8"))[: self.max_length]
+            data = list(prompt.encode("utf-8"))
+            if len(data) > self.max_length and not getattr(self, "_warned_cut", False):
+                self._warned_cut = True
+                log.warning("mini text encoder: a prompt of %d bytes is cut to its first %d (text_encoder.max_length"
+                            "=%d; the model never sees the rest): %r → %r. Later cuts are not reported.",
+                            len(data), self.max_length, self.max_length, prompt[:80],
+                            bytes(data[: self.max_length]).decode("utf-8", "replace"))
+            data = data[: self.max_length]
             ids[i, 1 : 1 + len(data)] = torch.tensor(data, dtype=torch.long) + 2
         return ids.to(device)
 

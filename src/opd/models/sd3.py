@@ -23,6 +23,12 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
 
 
+def looks_local(path: str) -> bool:
+    """Whether ``model.path`` names a local folder (absolute, ``~``, ``./``, or not of the form
+    ``org/name``) rather than a hub id."""
+    return path.startswith(("/", "~", ".")) or "\\" in path or path.count("/") != 1
+
+
 class SD3Backbone(Backbone):
     """SD3.5 (Medium/Large) as a :class:`Backbone`: frozen CLIP-L/G (+ optional T5) and VAE,
     the ``SD3Transformer2DModel`` carrying the adapters.
@@ -53,6 +59,12 @@ class SD3Backbone(Backbone):
 
         kwargs: dict[str, Any] = {} if use_t5 else {"text_encoder_3": None, "tokenizer_3": None}
         local = Path(os.path.expanduser(path))
+        if not local.exists() and looks_local(path):
+            raise FileNotFoundError(
+                f"SD3 weights not found: {local} does not exist (model.path). Download them once with "
+                "`huggingface-cli download stabilityai/stable-diffusion-3.5-medium --local-dir <dir>` (accept the "
+                "licence on the model page first) and set model.path=<dir>, or OPD_WEIGHTS_DIR to the folder holding "
+                "stable-diffusion-3.5-medium.")
         if local.exists() and not (local / "model_index.json").is_file():
             raise FileNotFoundError(f"{local} is not a diffusers pipeline folder (no model_index.json); "
                                     "set model.path to the folder that holds model_index.json")

@@ -24,7 +24,9 @@ class MultiReward(Reward):
         weights: {ocr: 1.0, aesthetic: 0.5}
 
     ``score`` returns ``"reward"``, each component's reward as ``"<name>"`` and each component's
-    other keys as ``"<name>/<key>"`` (e.g. ``"ocr/exact"``), all ``float32 [B]`` on CPU.
+    other keys as ``"<name>/<key>"`` (e.g. ``"ocr/exact"``, ``"ocr/failed"``), all ``float32 [B]`` on
+    CPU; when a component reports ``failed`` (1.0 where it could not score an image, e.g. the OCR
+    engine raised), an overall ``"failed"`` is 1.0 where any component failed.
     A non-finite value from any component raises: training on NaN would silently corrupt the policy.
     """
 
@@ -51,6 +53,7 @@ class MultiReward(Reward):
         """``images [B, 3, H, W]`` in [0, 1] → ``{"reward": [B], "<name>": [B], "<name>/<key>": [B]}``."""
         check_batch(images, prompts, metadata)
         total = torch.zeros(images.shape[0], dtype=torch.float32)
+        failed: Tensor | None = None
         out: dict[str, Tensor] = {}
         for key, reward in self.rewards.items():
             component = reward.score(images, prompts, metadata)
@@ -58,7 +61,10 @@ class MultiReward(Reward):
                 _check_finite(key, metric, value)
                 out[key if metric == "reward" else f"{key}/{metric}"] = value.float().cpu()
             total += self.weights[key] * out[key]
-        return {"reward": total, **out}
+            if "failed" in component:
+                mine = out[f"{key}/failed"]
+                failed = mine.clone() if failed is None else torch.maximum(failed, mine)
+        return {"reward": total, **out, **({} if failed is None else {"failed": failed})}
 
 
 def _check_finite(key: str, metric: str, value: Tensor) -> None:

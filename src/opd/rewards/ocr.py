@@ -206,7 +206,10 @@ class OCRReward(Reward):
         engine_kwargs: passed to the engine's constructor (e.g. ``{"text_score": 0.5}``).
 
     ``score`` returns ``{"reward": accuracy in [0, 1], "exact": 1.0 if the normalised recognised
-    text equals the target else 0.0}``, each ``float32 [B]`` on CPU.
+    text equals the target else 0.0, "failed": 1.0 where the OCR engine raised (reward and exact are
+    0 there) else 0.0}``, each ``float32 [B]`` on CPU. Failures are counted (``num_failed`` of
+    ``num_read`` images so far) and every batch with one says so in a ``RuntimeWarning`` carrying the
+    running count, so repeated failures are never swallowed by the warnings filter.
     """
 
     name = "ocr"
@@ -226,6 +229,9 @@ class OCRReward(Reward):
         self.upscale_to = upscale_to
         self.num_workers = num_workers
         self._pool: ThreadPoolExecutor | None = None  # created on first use, reused across batches
+        self.num_read = 0    # images given to the engine so far
+        self.num_failed = 0  # of which the engine raised on
+        self._count_lock = threading.Lock()
 
     def read(self, image: np.ndarray) -> str:
         """``uint8 [H, W, 3]`` RGB → recognised text (lines with confidence > 0, joined with
@@ -233,44 +239,66 @@ class OCRReward(Reward):
         lines = self.engine.read(prepare_for_ocr(image, self.pad, self.upscale_to))
         return "".join(text for text, conf in lines if conf > 0)
 
-    def _read_or_nothing(self, index: int, image: np.ndarray) -> str:
+    def _read_or_error(self, image: np.ndarray) -> tuple[str, Exception | None]:
         try:
-            return self.read(image)
+            return self.read(image), None
         except Exception as err:  # noqa: BLE001 — one unreadable image must not stop a training step
+            return "", err
+
+    def read_all_checked(self, images: list[np.ndarray]) -> tuple[list[str], list[bool]]:
+        """``(texts, failed)``: the recognised text of each ``uint8 [H, W, 3]`` image, in order (``""``
+        where the engine raised), and whether it raised. Counts into ``num_read``/``num_failed`` and
+        warns once per batch with failures (naming the images, the first error and the running count)."""
+        if self.num_workers <= 1 or len(images) <= 1:
+            results = [self._read_or_error(image) for image in images]
+        else:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="ocr")
+            results = list(self._pool.map(self._read_or_error, images))
+        failed = [err is not None for _, err in results]
+        bad = [i for i, f in enumerate(failed) if f]
+        with self._count_lock:
+            self.num_read += len(images)
+            self.num_failed += len(bad)
+            total = (self.num_failed, self.num_read)
+        if bad:
+            first = results[bad[0]][1]
+            shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
             warnings.warn(
-                f"OCRReward: the OCR engine failed on image {index} ({err!r}); scoring it 0", RuntimeWarning
+                f"OCRReward: the OCR engine raised on {len(bad)} of {len(images)} image(s) of this batch "
+                f"(image{'s' if len(bad) > 1 else ''} {shown}; first error {first!r}); they score 0 with failed=1 "
+                f"({total[0]} of {total[1]} images failed so far)", RuntimeWarning, stacklevel=2,
             )
-            return ""
+        return [text for text, _ in results], failed
 
     def read_all(self, images: list[np.ndarray]) -> list[str]:
         """Recognised text of each ``uint8 [H, W, 3]`` image, in order; ``""`` where the engine failed."""
-        if self.num_workers <= 1 or len(images) <= 1:
-            return [self._read_or_nothing(i, image) for i, image in enumerate(images)]
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="ocr")
-        return list(self._pool.map(self._read_or_nothing, range(len(images)), images))
+        return self.read_all_checked(images)[0]
 
     def score(self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> dict[str, Tensor]:
-        """``images [B, 3, H, W]`` in [0, 1] → ``{"reward": [B], "exact": [B]}``."""
+        """``images [B, 3, H, W]`` in [0, 1] → ``{"reward": [B], "exact": [B], "failed": [B]}``."""
         check_batch(images, prompts, metadata)
         targets = [_target(prompt, meta) for prompt, meta in zip(prompts, metadata)]
-        recognised = self.read_all(to_uint8_hwc(images))
-        reward = [ocr_accuracy(target, text) for target, text in zip(targets, recognised)]
-        exact = [float(exact_match(target, text)) for target, text in zip(targets, recognised)]
+        recognised, failed = self.read_all_checked(to_uint8_hwc(images))
+        reward = [0.0 if bad else ocr_accuracy(target, text) for target, text, bad in zip(targets, recognised, failed)]
+        exact = [0.0 if bad else float(exact_match(target, text))
+                 for target, text, bad in zip(targets, recognised, failed)]
         return {
             "reward": torch.tensor(reward, dtype=torch.float32),
             "exact": torch.tensor(exact, dtype=torch.float32),
+            "failed": torch.tensor(failed, dtype=torch.float32),
         }
 
 
     def score_matrix(self, images: Tensor, metadata: list[dict[str, Any]], batch_size: int = 64
                      ) -> dict[str, Tensor]:
-        """Every image against every row (prompt ``row["prompt"]``): ``{"reward", "exact"}``, each
-        ``float32 [N, M]``. Each image is read once; each distinct (recognised text, target) pair
-        is compared once. ``batch_size`` is unused (one read per image whatever the batch)."""
+        """Every image against every row (prompt ``row["prompt"]``): ``{"reward", "exact", "failed"}``,
+        each ``float32 [N, M]`` (``failed`` is the image's, on every row; its scores are 0). Each image
+        is read once; each distinct (recognised text, target) pair is compared once. ``batch_size`` is
+        unused (one read per image whatever the batch)."""
         check_batch(images, [""] * images.shape[0], [{}] * images.shape[0])
         targets = [_target(row["prompt"], row) for row in metadata]
-        recognised = self.read_all(to_uint8_hwc(images))
+        recognised, failed = self.read_all_checked(to_uint8_hwc(images))
         texts, text_of = np.unique(np.array(recognised, dtype=object), return_inverse=True)
         goals, goal_of = np.unique(np.array(targets, dtype=object), return_inverse=True)
         accuracy = np.array([[ocr_accuracy(g, t) for g in goals] for t in texts], dtype=np.float32).reshape(
@@ -278,7 +306,10 @@ class OCRReward(Reward):
         exact = np.array([[float(exact_match(g, t)) for g in goals] for t in texts], dtype=np.float32).reshape(
             len(texts), len(goals))
         rows, cols = np.ix_(text_of.reshape(-1), goal_of.reshape(-1))
-        return {"reward": torch.from_numpy(accuracy[rows, cols]), "exact": torch.from_numpy(exact[rows, cols])}
+        bad = torch.tensor(failed, dtype=torch.float32)[:, None].expand(len(recognised), len(targets))
+        ok = 1.0 - bad  # an image the engine raised on scores 0 (as "" would against a non-empty target)
+        return {"reward": torch.from_numpy(accuracy[rows, cols]) * ok, "exact": torch.from_numpy(exact[rows, cols]) * ok,
+                "failed": bad.contiguous()}
 
 
 def _target(prompt: str, meta: dict[str, Any]) -> str:
