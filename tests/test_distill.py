@@ -1,9 +1,14 @@
 """DiffusionOPD module on a toy mini model: batched = step-by-step, validation, an MOPD run."""
+from pathlib import Path
+
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from conftest import ROOT, compose_cfg
 from opd.models.lora import add_lora, lora_parameters, save_lora
+from opd.modules.guards import NonFiniteError
+from opd.modules.policy import RewardFailedError
 from opd.sampling import rollout, sd3_sigmas
 from opd.train import train
 from test_models import toy
@@ -162,31 +167,79 @@ def test_balanced_weighting_divides_each_teacher_by_its_running_kl(cfg_factory, 
     assert module.teacher_weight(teacher, traj) == pytest.approx(1 / module.kl_scale[teacher.name])
 
 
-def test_kill_and_resume_matches_uninterrupted(toy_world, tmp_path_factory):
-    """MOPD stopped after 2 rounds and resumed with ``ckpt_path=last`` ends with the same student LoRA and
-    logs the same per-teacher KLs as a 4-round run; balanced weighting, so its running KL scales
-    must survive the checkpoint too."""
-    from conftest import compose_cfg, logged
+# exact resume after SIGKILL and the teacher-hash check on resume: tests/test_kill_resume.py
 
-    def launch(out_dir, steps, extra=()):
-        cfg = compose_cfg("train", overrides(toy_world, ["module.teacher_weighting=balanced", "trainer.log_every_n_steps=1",
-                                                         f"trainer.max_steps={steps}", *extra]), out_dir)
-        OmegaConf.resolve(cfg)
-        return train(cfg)[1]["module"]
 
-    straight_dir, resumed_dir = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("resumed")
-    straight = launch(straight_dir, 4)
-    launch(resumed_dir, 2, ["callbacks.model_checkpoint.every_n_train_steps=2"])
-    resumed = launch(resumed_dir, 4, ["ckpt_path=last"])
-    a = {n: p for n, p in straight.backbone.transformer.named_parameters() if ".student." in n}
-    b = dict(resumed.backbone.transformer.named_parameters())
-    assert a
-    for n, p in a.items():
-        torch.testing.assert_close(p, b[n], rtol=0, atol=0)
-    assert straight.kl_scale == resumed.kl_scale
-    for key in ("teacher/ocr/kl", "teacher/geneval/weight"):
-        la, lb = logged(straight_dir, key), logged(resumed_dir, key)
-        assert len(la) == 4 and la == lb
+def small_prompt_files(folder: Path, rows: int = 24) -> list[str]:
+    """The teachers' prompt sets cut to ``rows`` rows (Hydra wraps every row of a teacher's prompt set in
+    OmegaConf, seconds for the full sets)."""
+    out = []
+    for name, task in (("ocr", "ocr"), ("geneval", "geneval")):
+        lines = (ROOT / "data" / "mini" / f"{task}_train.jsonl").read_text().splitlines()[:rows]
+        (folder / f"{task}.jsonl").write_text("\n".join(lines) + "\n")
+        out.append(f"+teacher.{name}.prompts.path={folder / f'{task}.jsonl'}")
+    return out
+
+
+def poisoned_teacher(toy_world, folder, value, every=False):
+    """A copy of the OCR teacher's adapter with its first LoRA B tensor (``every``: all of them) set to ``value``."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from opd.models.lora import WEIGHT_NAME
+
+    src = toy_world / "ocr" / WEIGHT_NAME
+    with safe_open(str(src), framework="pt") as f:
+        meta = f.metadata()  # the LoRA config travels in the metadata
+    state = load_file(str(src))
+    keys = [k for k in state if "lora_B" in k]
+    for k in keys if every else keys[:1]:
+        state[k] = torch.full_like(state[k], value)
+    folder.mkdir()
+    save_file(state, str(folder / WEIGHT_NAME), metadata=meta)
+    return folder
+
+
+def test_a_teacher_adapter_holding_nan_is_refused_naming_the_teacher(cfg_factory, toy_world, tmp_path):
+    bad = poisoned_teacher(toy_world, tmp_path / "nan_teacher", float("nan"))
+    cfg = cfg_factory("train", overrides(toy_world, [f"teacher.ocr.adapter={bad}", "trainer.max_steps=2",
+                                                     "callbacks.model_checkpoint.every_n_train_steps=1",
+                                                     *small_prompt_files(tmp_path)]))
+    OmegaConf.resolve(cfg)
+    with pytest.raises(Exception, match="teacher 'ocr' .*holds non-finite weights") as err:
+        train(cfg)
+    assert isinstance(err.value.__cause__ or err.value, NonFiniteError)  # (Hydra wraps it)
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "adapter").exists()  # nothing saved
+
+
+def test_a_teacher_whose_targets_overflow_stops_the_run_before_the_student_steps(cfg_factory, toy_world, tmp_path):
+    """Finite but absurd teacher weights: round 0's targets are inf/NaN. The run stops before the
+    optimiser step, naming the teacher; no checkpoint or adapter is written."""
+    bad = poisoned_teacher(toy_world, tmp_path / "huge_teacher", 3e38, every=True)
+    cfg = cfg_factory("train", overrides(toy_world, [f"teacher.ocr.adapter={bad}", "trainer.max_steps=2",
+                                                     "callbacks.model_checkpoint.every_n_train_steps=1",
+                                                     *small_prompt_files(tmp_path)]))
+    OmegaConf.resolve(cfg)
+    with pytest.raises(NonFiniteError, match="round 0.*the targets of teacher 'ocr'.*teacher/ocr/kl"):
+        train(cfg)
+    assert not list(tmp_path.glob("checkpoints/*.ckpt")) and not (tmp_path / "adapter").exists()
+
+
+def test_monitor_failures_are_counted_and_a_monitor_that_never_scores_stops_the_run(toy_world, tmp_path):
+    flaky = "{flaky:{_target_:test_teacher_rl.FlakyReward,fail_every:%d}}"
+    base = overrides(toy_world, ["trainer.max_steps=1", "callbacks.image_grid=null", "callbacks.curves=null",
+                                 *small_prompt_files(tmp_path)])  # monitors null, then replaced
+    cfg = compose_cfg("train", [*base, f"teacher.ocr.monitor_reward={flaky % 2}", "teacher.geneval.monitor_reward=null"],
+                      tmp_path / "some")
+    OmegaConf.resolve(cfg)
+    metrics, _ = train(cfg)
+    assert metrics["teacher/ocr/flaky/failures"] == 1.0  # 2 prompts a teacher: image 0 fails
+    cfg = compose_cfg("train", [*base, "teacher.ocr.monitor_reward=null", f"teacher.geneval.monitor_reward={flaky % 1}"],
+                      tmp_path / "all")
+    OmegaConf.resolve(cfg)
+    with pytest.raises(RewardFailedError, match="reward 'flaky' failed on every image of round 0 \\(2 images, "
+                                                "logged under teacher/geneval/\\)"):
+        train(cfg)
 
 
 def test_multirun_sweeps_the_kl_weight(tmp_path):

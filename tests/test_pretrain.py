@@ -1,4 +1,5 @@
 """Flow-matching loss against a hand computation; pre-training runs, exports, resumes."""
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -65,3 +66,92 @@ def test_pretrain_runs_exports_and_resumes(cfg_factory, tmp_path):
     assert objects2["trainer"].global_step == 6
     assert ema.num_updates == 4 and next(c for c in objects2["trainer"].callbacks
                                          if type(c).__name__ == "EMA").num_updates == 6
+
+
+def test_scene_stream_is_a_pure_function_of_position():
+    """Batch n of a rank is the same whatever the number of workers and wherever the stream starts
+    (a resumed run continues the data exactly); ranks and batches differ."""
+    from torch.utils.data import DataLoader
+
+    from opd.data.scenes import SceneStream, collate
+
+    def batches(workers, start, rank=0, n=4):
+        stream = SceneStream(image_size=16, seed=3, batch_size=2, start_batch=start, rank=rank)
+        loader = DataLoader(stream, batch_size=2, num_workers=workers, collate_fn=collate)
+        out = []
+        for batch in loader:
+            out.append(batch)
+            if len(out) == n:
+                return out
+        return out
+
+    straight = batches(0, 0)
+    for other in (batches(2, 0), [*straight[:1], *batches(0, 1, n=3)], [*straight[:2], *batches(2, 2, n=2)]):
+        for a, b in zip(straight, other, strict=True):
+            assert a["prompts"] == b["prompts"] and torch.equal(a["images"], b["images"])
+    assert straight[0]["prompts"] != straight[1]["prompts"]
+    assert batches(0, 0, rank=1, n=1)[0]["prompts"] != straight[0]["prompts"]
+
+
+def test_a_nan_loss_stops_pretraining_before_the_step_and_is_never_saved(cfg_factory, tmp_path, monkeypatch):
+    from opd.modules.guards import NonFiniteError
+    from test_teacher_rl import saved_tensors_are_finite
+
+    original, calls = FlowMatchingLoss.__call__, []
+
+    def poisoned(self, *args, **kwargs):
+        loss, metrics = original(self, *args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) > 2 else loss), metrics
+
+    monkeypatch.setattr(FlowMatchingLoss, "__call__", poisoned)
+    cfg = cfg_factory("train", ["experiment=pretrain_mini", *SMALL, "trainer.max_steps=5", "callbacks.image_grid=null",
+                                "callbacks.curves=null", "callbacks.model_checkpoint.every_n_train_steps=1"])
+    OmegaConf.resolve(cfg)
+    with pytest.raises(NonFiniteError, match="step 2\\).*the flow-matching loss"):
+        train(cfg)
+    assert saved_tensors_are_finite(tmp_path) == 3  # step 1, step 2 and last
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+    assert not (tmp_path / "model").exists()  # no export of a failed run
+
+
+def test_checkpoints_and_exports_holding_nan_are_refused(tmp_path):
+    """Whatever slipped past the step guard, a non-finite weight or EMA state is never written."""
+    import lightning.pytorch as pl
+
+    from opd.callbacks.ema import EMA
+    from opd.modules.guards import GuardedModule, NonFiniteError
+
+    class Tiny(GuardedModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def ema_parameters(self):
+            return dict(self.named_parameters())
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).square().mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(4, 2)), batch_size=2)
+    ema = EMA(decay=0.5)
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[ema], default_root_dir=tmp_path)
+    module = Tiny()
+    trainer.fit(module, data)
+    trainer.save_checkpoint(tmp_path / "fine.ckpt")
+    assert (tmp_path / "fine.ckpt").is_file()
+    ema.shadow["layer.bias"][0] = float("inf")
+    with pytest.raises(NonFiniteError, match="refusing to write a checkpoint.*layer.bias"):
+        trainer.save_checkpoint(tmp_path / "bad_ema.ckpt")
+    ema.shadow["layer.bias"][0] = 0.0
+    with torch.no_grad():
+        module.layer.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="refusing to write a checkpoint.*state_dict/layer.weight"):
+        trainer.save_checkpoint(tmp_path / "bad.ckpt")
+    with pytest.raises(NonFiniteError, match="refusing to write the export: non-finite weights in layer.weight"):
+        module.check_export(module.named_parameters(), "the export")
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["fine.ckpt"]

@@ -5,8 +5,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import TOY_MODEL, compose_cfg, logged
+from conftest import TOY_MODEL, compose_cfg
 from opd.data.prompts import rank_slice, round_groups
+from opd.modules.guards import NonFiniteError, checkpoint_payload, nonfinite_entries
+from opd.modules.policy import RewardFailedError
+from opd.rewards.base import Reward
 from opd.train import train
 
 SMALL = [*TOY_MODEL, "trainer=cpu", "logger=csv", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
@@ -54,27 +57,7 @@ def test_only_the_student_adapter_trains(cfg_factory):
     assert all("lora_" in k for k in changed)  # the backbone is frozen
 
 
-@pytest.mark.parametrize("algorithm", ["grpo_guard", "nft"])
-def test_kill_and_resume_matches_uninterrupted(cfg_factory, tmp_path_factory, algorithm):
-    """A run stopped after 2 rounds and resumed with ``ckpt_path=last`` ends with the same LoRA (student,
-    and NFT's old adapter) and logs the same losses as one that ran 4 rounds straight."""
-    launch = run if algorithm == "grpo_guard" else run_nft_objects
-    straight_dir = tmp_path_factory.mktemp("straight")
-    straight = launch(lambda name, o: compose_cfg(name, o, straight_dir), 4)
-    resumed_dir = tmp_path_factory.mktemp("resumed")
-    def factory(name, overrides):
-        return compose_cfg(name, overrides, resumed_dir)
-
-    launch(factory, 2, ["callbacks.model_checkpoint.every_n_train_steps=2"])
-    resumed = launch(factory, 4, ["ckpt_path=last"])
-    a, b = lora_state(straight["module"]), lora_state(resumed["module"])
-    assert algorithm == "grpo_guard" or any(".old." in k for k in a)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
-    la, lb = logged(straight_dir, "train/policy_loss"), logged(resumed_dir, "train/policy_loss")
-    assert la and set(la) == set(lb)
-    assert all(la[s] == lb[s] for s in la)
-    assert (resumed_dir / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+# exact resume after SIGKILL (GRPO-Guard and NFT): tests/test_kill_resume.py
 
 
 NFT = [*TOY_MODEL, "trainer=cpu", "logger=csv", "trainer.enable_progress_bar=false", "module.num_groups_per_round=2",
@@ -169,3 +152,103 @@ def test_cascade_stage_starts_from_the_previous_adapter(cfg_factory, tmp_path_fa
     with pytest.raises(Exception, match="rank 2, alpha 4; the new adapter has rank 4"):
         run(lambda name, o: compose_cfg(name, o, second_dir), 0,
             [f"+module.init_adapter={adapter}", "module.lora={rank:4,alpha:8}"])
+
+
+class FlakyReward(Reward):
+    """A stub reward that cannot score every ``fail_every``-th image of each batch it is given
+    (``failed`` = 1, reward 0 there) and scores the others by their mean brightness."""
+
+    name = "flaky"
+
+    def __init__(self, fail_every: int = 1) -> None:
+        self.fail_every = fail_every
+
+    def score(self, images, prompts, metadata):
+        failed = (torch.arange(images.shape[0]) % self.fail_every == 0).float()
+        return {"reward": images.detach().float().mean((1, 2, 3)).cpu() * (1 - failed), "failed": failed}
+
+
+def flaky(fail_every: int) -> list[str]:
+    return [*(o for o in SMALL if not o.startswith("reward=")), "reward=none",
+            f"+reward.flaky={{_target_:test_teacher_rl.FlakyReward,fail_every:{fail_every}}}"]
+
+
+def test_reward_failures_are_counted_and_a_round_without_any_score_stops_the_run(tmp_path):
+    # 2 groups of 3 images, scored in 2 chunks of 3: image 0 of each chunk fails
+    cfg = compose_cfg("train", ["experiment=mini/teacher_ocr", *flaky(3), "trainer.max_steps=2"], tmp_path / "some")
+    OmegaConf.resolve(cfg)
+    metrics, _ = train(cfg)
+    assert metrics["reward/flaky/failures"] == 2.0
+    cfg = compose_cfg("train", ["experiment=mini/teacher_ocr", *flaky(1), "trainer.max_steps=2",
+                                "callbacks.model_checkpoint.every_n_train_steps=1"], tmp_path / "all")
+    OmegaConf.resolve(cfg)
+    with pytest.raises(RewardFailedError, match="reward 'flaky' failed on every image of round 0 \\(6 images"):
+        train(cfg)
+    assert not list((tmp_path / "all").glob("checkpoints/*.ckpt"))  # stopped before the optimiser step
+
+
+def saved_tensors_are_finite(folder):
+    """Every checkpoint and adapter file under ``folder`` holds only finite weights, optimiser and EMA
+    states (and no NaN anywhere: ModelCheckpoint's own "k-th best" score is a legitimate inf);
+    returns how many files were read."""
+    from safetensors.torch import load_file
+
+    files = [*folder.glob("checkpoints/*.ckpt"), *folder.glob("**/*.safetensors")]
+    for file in files:
+        if file.suffix == ".safetensors":
+            assert not nonfinite_entries(load_file(str(file))), file
+        else:
+            state = torch.load(file, weights_only=False)
+            assert not nonfinite_entries(checkpoint_payload(state)), file
+            assert not [e for e in nonfinite_entries(state, limit=10**6) if "nan" in e.rsplit("(", 1)[-1]], file
+    return len(files)
+
+
+@pytest.mark.parametrize(("algorithm", "calls_per_round"), [("grpo_guard", 4), ("nft", 2)])
+def test_a_nan_loss_stops_before_the_optimiser_step_and_is_never_saved(tmp_path, monkeypatch, algorithm,
+                                                                         calls_per_round):
+    """Round 1's loss turns NaN: the run stops naming the loss term; round 0's checkpoint is all that
+    is saved, and it is finite."""
+    from opd.objectives.grpo_guard import GRPOGuardLoss
+    from opd.objectives.nft import NFTLoss
+
+    cls = GRPOGuardLoss if algorithm == "grpo_guard" else NFTLoss
+    original, calls = cls.__call__, []
+
+    def poisoned(self, *args, **kwargs):
+        loss, metrics = original(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) > calls_per_round:
+            loss, metrics = loss * float("nan"), {**metrics, "train/policy_loss": torch.tensor(float("nan"))}
+        return loss, metrics
+
+    monkeypatch.setattr(cls, "__call__", poisoned)
+    experiment = ["experiment=mini/teacher_ocr", *SMALL] if algorithm == "grpo_guard" else \
+        ["experiment=mini/teacher_geneval", *NFT]
+    cfg = compose_cfg("train", [*experiment, "trainer.max_steps=100", "callbacks.model_checkpoint.every_n_train_steps=1"],
+                      tmp_path)
+    OmegaConf.resolve(cfg)
+    with pytest.raises(NonFiniteError, match=f"round 1.*the {cls.__name__} loss at .*non-finite terms: train/policy_loss"):
+        train(cfg)
+    assert saved_tensors_are_finite(tmp_path) >= 1
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["opd_round"] == 1  # round 0's, written before the NaN
+
+
+def test_a_diverged_student_rollout_stops_before_scoring(tmp_path):
+    """A student adapter whose (finite) weights make the rollout overflow stops the run before the
+    reward sees the images, naming the student's rollout."""
+    from opd.models.lora import add_lora, lora_parameters, save_lora
+    from test_models import toy
+
+    model = toy()
+    add_lora(model.transformer, "t", rank=2, alpha=4)
+    with torch.no_grad():
+        for p in lora_parameters(model.transformer, "t"):
+            p.fill_(3e38)
+    save_lora(model.transformer, "t", tmp_path / "huge")
+    cfg = compose_cfg("train", ["experiment=mini/teacher_ocr", *SMALL, "trainer.max_steps=2",
+                                f"+module.init_adapter={tmp_path / 'huge'}"], tmp_path / "run")
+    OmegaConf.resolve(cfg)
+    with pytest.raises(NonFiniteError, match="before scoring the rollouts .*the rollout of adapter 'student'"):
+        train(cfg)

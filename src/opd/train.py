@@ -2,10 +2,24 @@
 
 ``train(cfg)`` builds everything from the composed config (Hydra ``_target_`` is the only
 registry) and fits; ``main`` is the thin ``@hydra.main`` wrapper.
+
+One run folder, one run: ``train`` holds ``<output_dir>/run.lock`` (created atomically, holding the
+PID) while it runs, so a second run into the same folder is refused; a lock whose process is gone
+is taken over with a warning. A fresh run refuses a folder that holds an earlier run's checkpoints,
+adapter, model or exports unless it resumes (``ckpt_path=last`` or a path) or is told
+``overwrite=true``, which first clears the earlier run's outputs.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +28,8 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-import opd.config  # noqa: F401 — registers the structured-config schemas
+import opd.config  # registers the structured-config schemas; validate_train_config
+from opd.validate import check_ckpt_path
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -28,28 +43,183 @@ def instantiate_dict(cfg: DictConfig | None) -> list[Any]:
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     """``ckpt_path=last`` → ``<output_dir>/checkpoints/last.ckpt`` (clear error when absent)."""
     if cfg.ckpt_path != "last":
-        return cfg.ckpt_path
+        return check_ckpt_path(cfg.ckpt_path)
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     if not last.is_file():
         raise FileNotFoundError(f"ckpt_path=last but {last} does not exist; resume inside the stopped "
                                 "run's folder with hydra.run.dir=<that folder>")
-    return str(last)
+    return check_ckpt_path(last)  # a truncated file names itself and the other checkpoints
+
+
+LOCK_NAME = "run.lock"
+#: what a run writes into its folder: an earlier run's outputs (the first four refuse a fresh run;
+#: ``overwrite=true`` clears them all). Hydra's own ``.hydra/`` and log file are left alone.
+EARLIER_OUTPUTS = ("checkpoints", "adapter", "model", "exports")
+CLEARED_BY_OVERWRITE = (*EARLIER_OUTPUTS, "images", "csv", "tensorboard", "wandb", "curves.png")
+
+
+class RunFolderError(RuntimeError):
+    """The run folder is in use by another run, or holds an earlier run's outputs."""
+
+
+def _is_global_zero() -> bool:
+    """Whether this process is global rank 0 as its launcher set it (a plain ``python -m opd.train``
+    is; Lightning's DDP workers, torchrun and SLURM tasks know their rank from the environment
+    before any process group exists)."""
+    return all(os.environ.get(var, "0") == "0" for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK",
+                                                           "SLURM_PROCID"))
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields 3... of ``/proc/<pid>/stat`` (state first, start time at index 19); None if unreadable."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    """Whether process ``pid`` (started at ``start``) still runs on this host; a zombie or a
+    reused PID does not count."""
+    if Path("/proc/self/stat").exists():
+        fields = _proc_stat(pid)
+        return fields is not None and fields[0] not in ("Z", "X") and (start is None or fields[19] == start)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def acquire_lock(folder: Path) -> dict[str, Any]:
+    """Create ``folder/run.lock`` atomically with this process's PID; refuse when a live run holds
+    it; take over (with a warning) a lock whose process is gone. Returns the record written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK_NAME
+    stat = _proc_stat(os.getpid())
+    mine = {"pid": os.getpid(), "host": socket.gethostname(), "start": stat[19] if stat else None,
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv}
+    for _ in range(5):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                json.dump(mine, f)
+            return mine
+        try:
+            text = lock.read_text()
+            held = json.loads(text)
+            pid, host = int(held["pid"]), str(held.get("host"))
+        except FileNotFoundError:
+            continue  # released meanwhile: try again
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise RunFolderError(f"{lock} exists but is unreadable ({err}); if no run is using {folder}, delete it"
+                                 ) from err
+        if host != socket.gethostname():
+            raise RunFolderError(f"{folder} is in use by another run (pid {pid} on host {host}, since "
+                                 f"{held.get('since')}; {lock}); if that run is gone, delete the lock file")
+        if _alive(pid, held.get("start")):
+            raise RunFolderError(f"{folder} is in use by another run (pid {pid}, since {held.get('since')}: "
+                                 f"{' '.join(map(str, held.get('argv') or []))}); two runs in one folder would mix "
+                                 "their checkpoints: wait for it, stop it, or pick another folder (hydra.run.dir=...)")
+        # stale: move it aside atomically, and check that what moved is the stale lock judged above
+        aside = folder / f"{LOCK_NAME}.stale.{os.getpid()}"
+        try:
+            os.rename(lock, aside)
+        except FileNotFoundError:
+            continue
+        if aside.read_text() != text:  # another process took it over in between: give it back
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, lock)
+            aside.unlink()
+            continue
+        aside.unlink()
+        log.warning("taking over the run lock of pid %s (since %s), which is no longer running: %s",
+                    pid, held.get("since"), lock)
+    raise RunFolderError(f"could not acquire {lock}: other processes keep taking it")
+
+
+def release_lock(folder: Path, record: dict[str, Any]) -> None:
+    """Remove ``folder``'s lock if it is still the one ``record`` describes."""
+    lock = folder / LOCK_NAME
+    with contextlib.suppress(OSError, ValueError):
+        held = json.loads(lock.read_text())
+        if (held.get("pid"), held.get("start")) == (record["pid"], record["start"]):
+            lock.unlink()
+
+
+def earlier_outputs(folder: Path) -> list[str]:
+    """The outputs of an earlier run in ``folder`` (non-empty checkpoints/, adapter/, model/, exports/)."""
+    return sorted(name for name in EARLIER_OUTPUTS if (folder / name).exists() and
+                  (not (folder / name).is_dir() or any((folder / name).iterdir())))
+
+
+@contextlib.contextmanager
+def claim_run_folder(folder: Path, ckpt_path: str | None, overwrite: bool = False) -> Iterator[None]:
+    """Hold ``folder``'s run lock for the body; refuse a fresh run into a folder holding an earlier
+    run's outputs unless ``overwrite`` (which clears them first) or resuming (``ckpt_path``).
+    Only the launching process (global rank 0) checks and locks; DDP workers share its folder."""
+    if not _is_global_zero():
+        yield
+        return
+    folder = Path(folder)
+    record = acquire_lock(folder)
+    try:
+        found = earlier_outputs(folder)
+        if found and ckpt_path is None and not overwrite:
+            raise RunFolderError(
+                f"{folder} already holds an earlier run's {', '.join(found)}: a fresh run would mix its outputs with "
+                "them (and ckpt_path=last would later resume the old run). Resume it with ckpt_path=last, pick a new "
+                "folder (hydra.run.dir=...), or pass overwrite=true to delete them first")
+        if overwrite:
+            _clear(folder, ckpt_path)
+        yield
+    finally:
+        release_lock(folder, record)
+
+
+def _clear(folder: Path, ckpt_path: str | None) -> None:
+    doomed = [folder / name for name in CLEARED_BY_OVERWRITE if (folder / name).exists()]
+    if ckpt_path is not None:
+        resume = Path(ckpt_path).resolve()
+        if any(resume == d.resolve() or d.resolve() in resume.parents for d in doomed):
+            raise RunFolderError(f"overwrite=true would delete {ckpt_path}, the checkpoint to resume from; "
+                                 "drop overwrite=true or ckpt_path")
+    for path in doomed:
+        log.warning("overwrite=true: deleting the earlier run's %s", path)
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Build data, module, callbacks, loggers and trainer from ``cfg``; fit. Returns
-    ``(metrics, objects)``."""
+    """Build data, module, callbacks, loggers and trainer from ``cfg``; fit in the claimed run
+    folder (see the module docstring). Returns ``(metrics, objects)``."""
+    opd.config.validate_train_config(cfg)  # every bad value fails here, before anything is built (opd.validate)
+    ckpt_path = resolve_ckpt_path(cfg)
+    with claim_run_folder(Path(cfg.paths.output_dir), ckpt_path, overwrite=bool(cfg.get("overwrite", False))):
+        return _fit(cfg, ckpt_path)
+
+
+def _fit(cfg: DictConfig, ckpt_path: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
     pl.seed_everything(cfg.seed, workers=True)
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere+ for the fp32 parts
     torch.backends.cudnn.allow_tf32 = True
     datamodule = hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.module)
+    if cfg.get("allow_teacher_change") and hasattr(module, "allow_teacher_change"):
+        module.allow_teacher_change = True
     callbacks = instantiate_dict(cfg.get("callbacks"))
     loggers = instantiate_dict(cfg.get("logger"))
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     objects = {"cfg": cfg, "datamodule": datamodule, "module": module, "trainer": trainer}
     log.info("output folder: %s", cfg.paths.output_dir)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     log.info("done; outputs in %s", cfg.paths.output_dir)
     return metrics, objects

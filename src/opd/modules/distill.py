@@ -13,6 +13,7 @@ both give the same loss and to benchmark against.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,9 +24,12 @@ from torch import Tensor
 
 from opd.models.backbone import Backbone, PromptEmbeds
 from opd.models.lora import load_lora, resolve_lora_file
+from opd.modules.guards import NonFiniteError, file_sha256, is_finite
 from opd.modules.policy import AdapterPolicy
 from opd.objectives.opd import OPDLoss
 from opd.sampling import Trajectory, transition
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,6 +41,7 @@ class Teacher:
     prompts: list[dict]
     guidance_scale: float
     monitor: dict[str, Any]
+    sha256: str = ""  # of the adapter file: a resumed run must distil the same teachers
 
     @property
     def adapter_name(self) -> str:
@@ -45,7 +50,8 @@ class Teacher:
 
 def build_teachers(teachers: Mapping[str, Any]) -> list[Teacher]:
     """Validate teacher configs before any model is built: names unique, adapter files present and
-    readable LoRA files of one shape, prompt sets non-empty."""
+    readable LoRA files of one shape with finite weights, prompt sets non-empty. Each adapter file's
+    SHA-256 is kept (checkpoints record it; a resume with other teacher files is refused)."""
     from safetensors import SafetensorError, safe_open
 
     if not teachers:
@@ -60,8 +66,13 @@ def build_teachers(teachers: Mapping[str, Any]) -> list[Teacher]:
         try:
             with safe_open(str(file), framework="pt") as f:
                 these = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 — a safetensors handle, not a dict
+                bad = [k for k in f.keys() if not is_finite(f.get_tensor(k))]  # noqa: SIM118
         except (SafetensorError, OSError) as err:
             raise ValueError(f"teacher.{key}.adapter: {file} is not a readable safetensors file ({err})") from err
+        if bad:
+            raise NonFiniteError(f"teacher {name!r} (teacher.{key}.adapter={file}) holds non-finite weights in "
+                                 f"{len(bad)} tensor(s), e.g. {bad[:3]}: distilling it would make the student NaN; "
+                                 "re-export that teacher")
         if shapes is not None and these != shapes:
             raise ValueError(f"teacher.{key}.adapter: {file} has other LoRA keys/shapes than the first teacher's "
                              "adapter: the teachers were trained on different base models or LoRA settings")
@@ -69,22 +80,29 @@ def build_teachers(teachers: Mapping[str, Any]) -> list[Teacher]:
         rows = list(cfg["prompts"])
         if not rows:
             raise ValueError(f"teacher.{key}.prompts: the prompt set is empty")
-        out.append(Teacher(name, str(file), rows, float(cfg["guidance_scale"]), dict(cfg.get("monitor_reward") or {})))
+        out.append(Teacher(name, str(file), rows, float(cfg["guidance_scale"]), dict(cfg.get("monitor_reward") or {}),
+                           file_sha256(file)))
     return out
 
 
 class OPDDistill(AdapterPolicy):
     """Student = a fresh LoRA on the base (B = 0, so it starts equal to it), or a copy of
     ``init_adapter`` (a second phase of an earlier student, e.g. at a lower lr); teachers = frozen
-    adapters on the same backbone."""
+    adapters on the same backbone.
+
+    A resume checks that every teacher's adapter file has the SHA-256 recorded in the checkpoint
+    (and that the teacher names match); ``allow_teacher_change=True`` (the run-level flag of the
+    same name in ``conf/train.yaml``) accepts other files with a warning."""
 
     def __init__(self, backbone: Callable[[], Backbone], teachers: Mapping[str, Any], objective: OPDLoss,
                  sampler: Any, optimizer: Callable[..., torch.optim.Optimizer], lora: dict[str, Any] | None = None,
                  prompts_per_teacher: int = 3, timestep_fraction: float = 0.99, target_chunk: int = 64,
                  train_chunk: int = 16, grad_clip: float = 1.0, seed: int = 0,
                  preview_prompts: Sequence[str] = (), teacher_weighting: str = "sum",
-                 balance_decay: float = 0.9, init_adapter: str | None = None) -> None:
+                 balance_decay: float = 0.9, init_adapter: str | None = None,
+                 allow_teacher_change: bool = False) -> None:
         self.teachers = build_teachers(teachers)
+        self.allow_teacher_change = allow_teacher_change
         super().__init__(backbone, sampler, optimizer, lora, grad_clip, seed,
                          list(preview_prompts) or [t.prompts[0]["prompt"] for t in self.teachers], init_adapter)
         if sampler.kernel == "dpm2":
@@ -132,8 +150,12 @@ class OPDDistill(AdapterPolicy):
             for name, reward in teacher.monitor.items():
                 pending.append((teacher.name, name, self._monitor_pool.submit(
                     self.score_images, reward, name, traj.final.detach(), rows)))
-            weight = self.teacher_weight(teacher, traj)
+            # objective.step_reduction=mean: the authors' 1/(steps·teachers); it scales the gradient only,
+            # so the logged KLs stay summed and comparable
+            weight = self.teacher_weight(teacher, traj) * self.objective.accumulation_weight(
+                self.num_trained_steps, len(self.teachers))
             loss = self.distill_on(traj, teacher, backward=True, weight=weight)
+            self.note_loss(f"teacher/{teacher.name}/kl (teacher {teacher.name!r}, adapter {teacher.adapter})", loss)
             self.update_kl_scale(teacher, loss)
             total += loss
             metrics[f"teacher/{teacher.name}/kl"] = loss.detach()
@@ -141,8 +163,9 @@ class OPDDistill(AdapterPolicy):
                 metrics[f"teacher/{teacher.name}/weight"] = torch.as_tensor(weight)
         metrics["train/kl"] = torch.as_tensor(total).detach()
         metrics["train/grad_norm"] = self.optimizer_step_with_clip()
-        for teacher_name, name, future in pending:  # gathered in a fixed order on every rank
-            metrics.update(self.gathered_means(f"teacher/{teacher_name}", name, future.result()))
+        scores = self.results([future for _, _, future in pending], "a monitor reward")
+        for (teacher_name, name, _), score in zip(pending, scores):  # gathered in a fixed order on every rank
+            metrics.update(self.gathered_means(f"teacher/{teacher_name}", name, score))
         return metrics
 
     # -- the loss, batched over steps --------------------------------------------------------
@@ -197,12 +220,35 @@ class OPDDistill(AdapterPolicy):
             self.kl_scale[teacher.name] = d * self.kl_scale[teacher.name] + (1 - d) * self.gathered_kl(kl)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
         checkpoint["opd_kl_scale"] = dict(self.kl_scale)
+        checkpoint["opd_teacher_sha256"] = {t.name: t.sha256 for t in self.teachers}
+        super().on_save_checkpoint(checkpoint)  # last: the guard scans the finished checkpoint
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
+        self.check_teachers(checkpoint.get("opd_teacher_sha256"))
         self.kl_scale = dict(checkpoint.get("opd_kl_scale", {}))
+
+    def check_teachers(self, saved: Mapping[str, str] | None) -> None:
+        """A resume must distil the teachers the checkpoint was trained with (same names, same
+        adapter bytes) unless ``allow_teacher_change``."""
+        if saved is None:
+            log.warning("the checkpoint records no teacher hashes (written by an older version): cannot check "
+                        "that the teachers are the ones it was trained with")
+            return
+        now = {t.name: t for t in self.teachers}
+        problems = [f"teacher {name!r}: the checkpoint was trained with adapter sha256 {saved[name]}, "
+                    f"{now[name].adapter} has sha256 {now[name].sha256}"
+                    for name in saved if name in now and saved[name] != now[name].sha256]
+        problems += [f"teacher {name!r} is in the checkpoint but not configured" for name in saved if name not in now]
+        problems += [f"teacher {name!r} is configured but not in the checkpoint" for name in now if name not in saved]
+        if not problems:
+            return
+        message = "resuming with other teachers than the checkpoint's: " + "; ".join(problems)
+        if not self.allow_teacher_change:
+            raise ValueError(message + ". Resume with the original teacher files, or pass allow_teacher_change=true "
+                             "to continue with these on purpose")
+        log.warning("%s (allow_teacher_change=true: continuing)", message)
 
     def distill_on(self, traj: Trajectory, teacher: Teacher, backward: bool, weight: float = 1.0) -> Tensor:
         """``mean_i Σ_j KL_ij`` for one teacher; with ``backward`` the gradient of ``weight`` times it
@@ -210,6 +256,7 @@ class OPDDistill(AdapterPolicy):
         by ``B·T``. Returns the unweighted KL."""
         x, sigma, sigma_next, cond = self.states(traj)
         target = self.teacher_targets(x, sigma, sigma_next, cond, teacher)
+        self.note_nonfinite(f"the targets of teacher {teacher.name!r} (adapter {teacher.adapter})", target)
         b = traj.latents.shape[0]
         total = torch.zeros((), device=x.device)
         for sl in torch.arange(x.shape[0], device=x.device).split(self.train_chunk):

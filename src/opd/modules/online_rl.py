@@ -69,7 +69,8 @@ class OnlineRL(AdapterPolicy):
 
     def sample_and_score(self, rows: list[dict], *, keep_means: bool = False) -> tuple[Trajectory, dict[str, Tensor]]:
         """Roll out the active adapter in ``rollout_chunks`` pieces and score each piece in a worker
-        thread while the next one samples, so CPU rewards (OCR, the judge) overlap GPU work."""
+        thread while the next one samples, so CPU rewards (OCR, the judge) overlap GPU work. A
+        non-finite rollout stops the run (on every rank) before it is scored."""
         parts, futures = [], []
         for k, chunk in enumerate(_chunks(rows, self.rollout_chunks)):
             with torch.no_grad():
@@ -77,8 +78,9 @@ class OnlineRL(AdapterPolicy):
                                    noise_level=self.sampler.noise_level, guidance_scale=self.sampler.guidance_scale,
                                    keep_means=keep_means, purpose=10 * (k + 1))
             parts.append(traj)
+            self.raise_if_nonfinite(f"scoring the rollouts of reward {self.reward_name!r}")  # all ranks agree
             futures.append(self._reward_pool.submit(self.score, traj.final.detach(), chunk))
-        results = [f.result() for f in futures]
+        results = self.results(futures, f"scoring with reward {self.reward_name!r}")
         return Trajectory.cat(parts), {k: torch.cat([r[k] for r in results]) for k in results[0]}
 
     def score(self, latents: Tensor, rows: list[dict]) -> dict[str, Tensor]:

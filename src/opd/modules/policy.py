@@ -1,7 +1,9 @@
 """The base of every module that trains a LoRA policy on a frozen backbone with rollouts of its
 own (teacher RL, DiffusionOPD): model set-up, prompt-embedding cache, round-seeded rollouts,
 optimiser stepping with clipping, previews, adapter export and checkpoints that hold the adapters
-only.
+only. Every optimiser step, checkpoint and export passes the non-finite guard
+(:class:`opd.modules.guards.GuardedModule`); a reward that reports ``failed`` on every image of a
+round stops the run.
 
 Subclasses implement :meth:`AdapterPolicy.run_round` (one ``training_step`` = one round, manual
 optimisation). Rollout noise is a pure function of ``(seed, round, rank, purpose)``, so a resumed
@@ -11,11 +13,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
@@ -32,10 +34,15 @@ from opd.models.lora import (
     save_lora,
     set_trainable,
 )
+from opd.modules.guards import GuardedModule, NonFiniteError
 from opd.sampling import Trajectory, generate, guided_velocity, rollout, sd3_sigmas
 
 
-class AdapterPolicy(pl.LightningModule):
+class RewardFailedError(RuntimeError):
+    """A reward could not score any image of a round (its ``failed`` key is 1 everywhere)."""
+
+
+class AdapterPolicy(GuardedModule):
     """A trainable ``student`` LoRA on a frozen backbone (manual optimisation)."""
 
     STUDENT = "student"
@@ -73,6 +80,11 @@ class AdapterPolicy(pl.LightningModule):
         add_lora(self.backbone.transformer, self.STUDENT, **self.lora)
         if self.init_adapter is not None:
             copy_lora(self.backbone.transformer, self.init_adapter, self.STUDENT)
+            bad = [n for n, p in self.backbone.transformer.named_parameters()
+                   if f".{self.STUDENT}." in n and not torch.isfinite(p).all()]
+            if bad:
+                raise NonFiniteError(f"module.init_adapter={self.init_adapter} holds non-finite weights "
+                                     f"({', '.join(bad[:4])}); start from a finite adapter")
         set_trainable(self.backbone.transformer, self.STUDENT)
 
     def policy_parameters(self) -> list[torch.nn.Parameter]:
@@ -128,9 +140,12 @@ class AdapterPolicy(pl.LightningModule):
         cond = self.encode(prompts)
         uncond = self.encode([""] * len(prompts)) if guidance_scale != 1.0 else None
         sigmas = sd3_sigmas(self.sampler.num_steps, self.sampler.shift, device=self.device)
-        return rollout(self.backbone, cond, noise, sigmas, kernel=kernel, noise_level=noise_level,
+        traj = rollout(self.backbone, cond, noise, sigmas, kernel=kernel, noise_level=noise_level,
                        guidance_scale=guidance_scale, uncond=uncond, generator=self.generator(purpose + 1),
                        keep_means=keep_means)
+        self.note_nonfinite(f"the rollout of adapter {'/'.join(self.backbone.transformer.active_adapters())!r} "
+                            f"(round {self.round}, purpose {purpose})", traj.final)
+        return traj
 
     @property
     def image_size(self) -> int:
@@ -163,12 +178,40 @@ class AdapterPolicy(pl.LightningModule):
                              f"{self.round} (prompts {[rows[i]['prompt'] for i in bad.nonzero().flatten()[:3]]})")
         return {k: v.to(self.device) for k, v in scores.items()}
 
+    def results(self, futures: Sequence[Future], what: str) -> list[Any]:
+        """The futures' results (reward scores from worker threads). If one raised on any rank, every
+        rank raises (that rank its own error), so DDP ranks never wait on one that has stopped."""
+        out, error = [], None
+        for future in futures:
+            try:
+                out.append(future.result())
+            except Exception as err:  # noqa: BLE001 — re-raised below, on every rank
+                error = error or err
+        if self._any_rank(error is not None):
+            if error is not None:
+                raise error
+            raise RuntimeError(f"{what} failed on another rank in round {self.round} (see that rank's log)")
+        return out
+
     def gathered_means(self, prefix: str, name: str, scores: dict[str, Tensor]) -> dict[str, Tensor]:
-        """``{prefix}/{name}[/key]`` means over all ranks (and the reward's std), for logging."""
+        """``{prefix}/{name}[/key]`` means over all ranks (and the reward's std), for logging.
+
+        A ``failed`` key (1.0 where the reward could not score an image; ``<component>/failed`` of a
+        multi reward) is logged as ``{prefix}/{name}[/<component>]/failures``, the number of failed
+        images of the round over all ranks; failing on every image stops the run (all ranks)."""
         out = {}
         for key, value in scores.items():
-            label = name if key == "reward" else f"{name}/{key}"
             gathered = self.all_gather(value).reshape(-1).float()
+            if key == "failed" or key.endswith("/failed"):
+                label = name if key == "failed" else f"{name}/{key.removesuffix('/failed')}"
+                out[f"{prefix}/{label}/failures"] = gathered.sum()
+                if gathered.numel() and bool((gathered > 0).all()):
+                    raise RewardFailedError(
+                        f"reward {label!r} failed on every image of round {self.round} ({gathered.numel()} images, "
+                        f"logged under {prefix}/): it could not score any of them (is its engine or server "
+                        "installed and reachable?); a round without a single score carries no signal, so the run stops")
+                continue
+            label = name if key == "reward" else f"{name}/{key}"
             out[f"{prefix}/{label}"] = gathered.mean()
             if key == "reward":
                 out[f"{prefix}/{label}_std"] = gathered.std()
@@ -178,6 +221,8 @@ class AdapterPolicy(pl.LightningModule):
         """Clip the global grad norm, step, zero; returns the pre-clip norm."""
         opt = self.optimizers()
         norm = torch.nn.utils.clip_grad_norm_(self.policy_parameters(), self.grad_clip)
+        self.note_nonfinite("the student's gradient norm", norm)
+        self.raise_if_nonfinite()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return norm
@@ -195,14 +240,20 @@ class AdapterPolicy(pl.LightningModule):
             return
         out = Path(self.trainer.default_root_dir) / "adapter"
         with ema_weights(self.trainer, self):
+            self.check_export(self.ema_parameters().items(), f"the student adapter to {out}")
             save_lora(self.backbone.transformer, self.STUDENT, out)
         self.print(f"exported the student adapter (EMA) to {out}")
+
+    def progress_label(self) -> str:
+        return f"round {self.round}, step {self.global_step}"
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if "lora_" in k}
         checkpoint["opd_round"] = self.round
         checkpoint["opd_elapsed_minutes"] = self.elapsed_minutes
+        super().on_save_checkpoint(checkpoint)  # last: the guard scans the finished checkpoint
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.round = int(checkpoint.get("opd_round", 0))
         self.elapsed_minutes = float(checkpoint.get("opd_elapsed_minutes", 0.0))

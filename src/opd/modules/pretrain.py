@@ -5,22 +5,24 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
 from opd.callbacks.ema import ema_weights
 from opd.models.backbone import Backbone
+from opd.modules.guards import GuardedModule
 from opd.objectives.flow_matching import FlowMatchingLoss
 from opd.sampling import generate
 
 
-class FlowMatchingPretrain(pl.LightningModule):
+class FlowMatchingPretrain(GuardedModule):
     """Trains every weight of the backbone (transformer and text encoder) with the flow-matching
     loss; captions are dropped to ``""`` with probability ``cond_dropout`` so CFG works.
 
     At the end of training the EMA weights are exported with ``save_pretrained`` to
-    ``<output_dir>/model`` (the folder ``model.path`` points at).
+    ``<output_dir>/model`` (the folder ``model.path`` points at). A non-finite loss or gradient stops
+    the run before the optimiser step; checkpoints carry the random-number states, and the scene
+    stream restarts where it stopped, so a resumed run continues exactly.
     """
 
     def __init__(self, backbone: Callable[[], Backbone], objective: FlowMatchingLoss, sampler: Any,
@@ -49,12 +51,19 @@ class FlowMatchingPretrain(pl.LightningModule):
         prompts = [p if torch.rand(()) >= self.cond_dropout else "" for p in batch["prompts"]]
         x0 = self.backbone.encode_images(batch["images"])
         loss, metrics = self.objective(self.backbone, x0, self.backbone.encode_prompts(prompts))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"flow-matching loss is {loss.item()} at step {self.global_step}; "
-                                     "lower module.optimizer.lr or check the data")
+        self.note_loss("the flow-matching loss (train/loss; lower module.optimizer.lr or check the data)", loss)
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({k: v for k, v in metrics.items() if torch.isfinite(v)})
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The non-finite guard: a non-finite loss or gradient stops the run before the weights change
+        (with an fp16 gradient scaler, inf gradients are the scaler's business: only the loss counts)."""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            if grads:
+                self.note_nonfinite("the gradient norm", torch.nn.utils.get_total_norm(grads))
+        self.raise_if_nonfinite()
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self._optimizer(self.parameters())
@@ -82,5 +91,6 @@ class FlowMatchingPretrain(pl.LightningModule):
         if not self.trainer.is_global_zero:
             return
         with ema_weights(self.trainer, self):
+            self.check_export(self.backbone.named_parameters(), f"the model to {out}")
             self.backbone.save_pretrained(out)
         self.print(f"exported the EMA weights to {out} (use model.path={out})")

@@ -58,6 +58,7 @@ class NFTTeacher(OnlineRL):
             traj, scores = self.sample_and_score(rows)
         x0 = traj.final.float()
         r = optimality_probability(self.advantages(scores["reward"], group_ids))
+        self.note_nonfinite(f"the optimality probabilities of reward {self.reward_name!r}", r)
         x_t, t, _ = nft_noising(x0, traj.sigmas, self.num_train_steps, self.generator(2))
         cond = traj.cond
         metrics = self.log_rewards(scores)
@@ -69,6 +70,7 @@ class NFTTeacher(OnlineRL):
                 loss, step_metrics = self.objective(self.velocity(xs, ts, c, self.STUDENT).float(),
                                                     self.velocity(xs, ts, c, self.OLD).float(), xs, x0[chunk],
                                                     ts, r[chunk], v_ref=None if v_ref is None else v_ref.float())
+                self.note_loss(f"the {type(self.objective).__name__} loss at noised time {s}", loss, step_metrics)
                 self.manual_backward(loss / x_t.shape[1])
                 for k, v in step_metrics.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().float() / (x_t.shape[1] * self.num_updates_per_round)
@@ -83,8 +85,8 @@ class NFTTeacher(OnlineRL):
         return metrics
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
         checkpoint["opd_num_updates"] = self.num_updates
+        super().on_save_checkpoint(checkpoint)  # last: the guard scans the finished checkpoint
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)

@@ -43,11 +43,13 @@ class GRPOTeacher(OnlineRL):
         traj, scores = self.sample_and_score(rows, keep_means=True)
         adv = self.advantages(scores["reward"], group_ids)
         metrics = self.log_rewards(scores)
+        self.note_nonfinite(f"the group advantages of reward {self.reward_name!r}", adv)
         trained = range(max(1, int(self.sampler.num_steps * self.timestep_fraction)))
         sums: dict[str, Tensor] = {}
         for chunk in torch.arange(adv.shape[0], device=self.device).tensor_split(self.num_updates_per_round):
             for j in trained:
                 loss, step_metrics = self.step_loss(traj, adv, chunk, j)
+                self.note_loss(f"the {type(self.objective).__name__} loss at trained step {j}", loss, step_metrics)
                 self.manual_backward(loss / len(trained))
                 for k, v in step_metrics.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().float() / (len(trained) * self.num_updates_per_round)

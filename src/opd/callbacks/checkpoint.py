@@ -1,0 +1,55 @@
+"""Checkpoints that are never half-written: each is saved beside its final name and renamed into place.
+
+Lightning's own local save stages the file in ``$TMPDIR`` and moves it; when ``$TMPDIR`` is on
+another file system than the run folder (a node-local ``/tmp`` and a shared ``outputs/``), the
+move is a copy, and a run killed during the copy leaves a truncated ``last.ckpt``: the one file
+``ckpt_path=last`` resumes from. Here the checkpoint is written to ``<name>.partial`` in the same
+folder and ``os.replace``-d over the old one (atomic on one file system), so a kill at any moment
+leaves either the previous checkpoint or the new one.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from weakref import proxy
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+class AtomicModelCheckpoint(ModelCheckpoint):
+    """:class:`~lightning.pytorch.callbacks.ModelCheckpoint` with atomic local writes (same
+    arguments; its state in checkpoints keeps ModelCheckpoint's key, so either resumes the other)."""
+
+    @property
+    def state_key(self) -> str:
+        key = super().state_key
+        return key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        if "://" in str(filepath):  # remote storage: Lightning's own upload
+            super()._save_checkpoint(trainer, filepath)
+            return
+        partial = f"{filepath}.partial"
+        trainer.save_checkpoint(partial, self.save_weights_only)
+        if trainer.is_global_zero:
+            _replace(Path(partial), Path(filepath))
+        trainer.strategy.barrier("atomic_checkpoint")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+
+def _replace(new: Path, final: Path) -> None:
+    """Move ``new`` (a file, or a sharded checkpoint's folder) onto ``final`` atomically where the OS can."""
+    if new.is_dir() and final.is_dir():  # a folder cannot replace a non-empty one: swap through a side name
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(new, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, final)

@@ -1,0 +1,163 @@
+"""Honest resume: a real ``python -m opd.train`` is killed with SIGKILL right after it writes its first
+checkpoint, resumed with ``ckpt_path=last``, and the steps that follow log the same losses and end
+with the same weights as an uninterrupted run (pre-training, GRPO-Guard, NFT, MOPD).
+
+The killed run is a subprocess (SIGKILL leaves its lock file behind, so the resume also takes over a
+stale lock); the uninterrupted run trains in this process while the subprocess starts, and the
+resumed run trains here too, after everything before it has used this process's global generators:
+only restored random states and a position-seeded scene stream make them agree.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import ROOT, compose_cfg
+from opd.train import train
+from test_distill import overrides as mopd_overrides
+from test_distill import (
+    small_prompt_files,
+    toy_world,  # noqa: F401 — the fixture: a toy base and two teacher adapters
+)
+from test_pretrain import SMALL as PRETRAIN
+from test_teacher_rl import NFT
+from test_teacher_rl import SMALL as GRPO
+
+TIMEOUT_S = 300
+FAST = ["callbacks.image_grid=null", "callbacks.curves=null"]  # previews and plots: not what is tested here
+
+
+class KillAtFirstCheckpoint(threading.Thread):
+    """Start ``python -m opd.train`` into ``out_dir`` (a checkpoint every optimiser step, no end in
+    sight) and SIGKILL it the moment ``checkpoints/last.ckpt`` appears, while the test goes on."""
+
+    def __init__(self, overrides: list[str], out_dir: Path, log_file: Path) -> None:
+        super().__init__(daemon=True)
+        self.last = out_dir / "checkpoints" / "last.ckpt"
+        self.log_file = log_file
+        cmd = [sys.executable, "-m", "opd.train", *overrides, f"hydra.run.dir={out_dir}", "trainer.max_steps=1000",
+               "trainer.max_time=null", "callbacks.model_checkpoint.every_n_train_steps=1"]
+        with open(log_file, "w") as log:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+        self.start()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not self.last.exists() and self.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+
+    def killed_step(self) -> int:
+        """Wait for the kill; the global step of the checkpoint left behind."""
+        self.join(TIMEOUT_S + 60)
+        code = self.proc.wait(timeout=60)
+        if code != -signal.SIGKILL or not self.last.exists():
+            pytest.fail(f"the run ended with {code} instead of being killed after a checkpoint:\n"
+                        f"{self.log_file.read_text()[-3000:]}")
+        return int(torch.load(self.last, map_location="cpu", weights_only=False)["global_step"])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def fit(overrides: list[str], out_dir: Path, steps: int, extra: tuple[str, ...] = ()) -> dict:
+    cfg = compose_cfg("train", [*overrides, f"trainer.max_steps={steps}", "trainer.log_every_n_steps=1", *extra],
+                      out_dir)
+    OmegaConf.resolve(cfg)
+    return train(cfg)[1]
+
+
+def logged_last_version(out_dir: Path, key: str) -> dict[int, float]:
+    """``step → value`` of ``key`` in the newest CSV-logger version (the resumed run's)."""
+    newest = max(out_dir.glob("csv/version_*"), key=lambda p: int(p.name.split("_")[1]))
+    with open(newest / "metrics.csv") as f:
+        return {int(r["step"]): float(r[key]) for r in csv.DictReader(f) if r.get(key)}
+
+
+def trainable(module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters() if "lora_" in n or p.requires_grad}
+
+
+def kill_resume_and_compare(overrides: list[str], tmp_path: Path, keys: tuple[str, ...], first_ckpt: int,
+                            end: int, caplog) -> tuple[object, object]:
+    """Kill at the first checkpoint (step ``first_ckpt``), resume to ``end`` and compare with a
+    straight run to ``end`` (trained meanwhile); returns the (straight, resumed) modules."""
+    overrides = [*overrides, *FAST]
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    killer = KillAtFirstCheckpoint(overrides, killed, tmp_path / "killed.log")
+    try:
+        a = fit(overrides, straight, end)["module"]  # meanwhile the subprocess starts, trains and is killed
+        step = killer.killed_step()
+    finally:
+        killer.stop()
+    assert first_ckpt <= step < end  # the first checkpoint, unless a loaded machine let the next one through
+    assert (killed / "run.lock").is_file()  # SIGKILL leaves the lock behind
+    with caplog.at_level(logging.WARNING, logger="opd.train"):
+        b = fit(overrides, killed, end, ("ckpt_path=last",))["module"]
+    assert f"taking over the run lock of pid {killer.proc.pid}" in caplog.text
+    assert not (killed / "run.lock").exists()  # released at the end
+    for key in keys:
+        resumed = logged_last_version(killed, key)
+        assert resumed and min(resumed) > 0, f"{key}: nothing logged after the resume"
+        uninterrupted = {s: v for s, v in logged_last_version(straight, key).items() if s >= min(resumed)}
+        assert set(resumed) == set(uninterrupted), (key, sorted(uninterrupted), sorted(resumed))
+        for s, value in uninterrupted.items():
+            assert resumed[s] == pytest.approx(value, rel=1e-6, abs=1e-9), (key, s, value, resumed[s])
+    wa, wb = trainable(a), trainable(b)
+    assert wa and set(wa) == set(wb)
+    for n in wa:
+        torch.testing.assert_close(wb[n], wa[n], rtol=1e-5, atol=1e-7)
+    return a, b
+
+
+def test_pretrain_killed_and_resumed_continues_exactly(tmp_path, caplog):
+    overrides = ["experiment=pretrain_mini", *PRETRAIN]
+    kill_resume_and_compare(overrides, tmp_path, ("train/loss",), 1, 3, caplog)
+    assert (tmp_path / "killed" / "model" / "config.json").is_file()
+
+
+def test_grpo_killed_and_resumed_continues_exactly(tmp_path, caplog):
+    overrides = ["experiment=mini/teacher_ocr", *GRPO]  # 2 optimiser steps a round
+    kill_resume_and_compare(overrides, tmp_path, ("train/policy_loss", "reward/aesthetic_mini"), 2, 6, caplog)
+    assert (tmp_path / "killed" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_nft_killed_and_resumed_continues_exactly(tmp_path, caplog):
+    overrides = ["experiment=mini/teacher_geneval", *NFT]
+    _, resumed = kill_resume_and_compare(overrides, tmp_path, ("train/policy_loss", "train/old_decay"), 1, 3, caplog)
+    assert any(".old." in n for n in trainable(resumed))  # NFT's old adapter resumes too
+
+
+def test_mopd_killed_and_resumed_continues_exactly_and_checks_its_teachers(toy_world, tmp_path, caplog):  # noqa: F811
+    from opd.models.lora import resolve_lora_file
+    from opd.modules.guards import file_sha256
+
+    overrides = mopd_overrides(toy_world, ["module.teacher_weighting=balanced", *small_prompt_files(tmp_path)])
+    straight, resumed = kill_resume_and_compare(
+        overrides, tmp_path, ("teacher/ocr/kl", "teacher/geneval/kl", "teacher/geneval/weight"), 1, 3, caplog)
+    assert straight.kl_scale == resumed.kl_scale  # balanced weighting's running KL scales resume too
+    # a resume with another file behind a teacher's name fails, naming the teacher and both hashes ...
+    ocr, geneval = resolve_lora_file(toy_world / "ocr"), resolve_lora_file(toy_world / "geneval")
+    swapped = [o for o in overrides if not o.startswith("teacher.ocr.adapter=")] + [f"teacher.ocr.adapter={geneval}"]
+    with pytest.raises(ValueError, match=f"teacher 'ocr'.*{file_sha256(ocr)}.*{file_sha256(geneval)}"):
+        fit([*swapped, *FAST], tmp_path / "killed", 3, ("ckpt_path=last",))
+    # ... unless told so on purpose (the run-level flag reaches the module)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="opd.modules.distill"):
+        fit([*swapped, *FAST], tmp_path / "killed", 3, ("ckpt_path=last", "allow_teacher_change=true"))
+    assert "allow_teacher_change=true: continuing" in caplog.text
