@@ -167,6 +167,21 @@ def test_balanced_weighting_divides_each_teacher_by_its_running_kl(cfg_factory, 
     assert module.teacher_weight(teacher, traj) == pytest.approx(1 / module.kl_scale[teacher.name])
 
 
+def test_step_reduction_mean_scales_the_first_rounds_gradient_by_steps_times_teachers(toy_world, tmp_path):
+    """objective.step_reduction=mean (the authors' gradient accumulation) divides round 0's gradient
+    (logged before clipping) by trained steps × teachers, and leaves the logged KLs summed."""
+    logged = {}
+    for reduction in ("sum", "mean"):
+        cfg = compose_cfg("train", overrides(toy_world, ["trainer.max_steps=1", f"objective.step_reduction={reduction}",
+                                                         "module.timestep_fraction=1.0"]), tmp_path / reduction)
+        OmegaConf.resolve(cfg)
+        logged[reduction] = train(cfg)[0]
+    num_steps, num_teachers = 3, 2  # sampler.num_steps=3, all trained; teacher=[mini_ocr,mini_geneval]
+    assert logged["mean"]["train/kl"] == pytest.approx(logged["sum"]["train/kl"], rel=1e-5)
+    assert logged["mean"]["train/grad_norm"] == pytest.approx(
+        logged["sum"]["train/grad_norm"] / (num_steps * num_teachers), rel=1e-4)
+
+
 # exact resume after SIGKILL and the teacher-hash check on resume: tests/test_kill_resume.py
 
 
