@@ -320,7 +320,8 @@ def _describe(file: Path) -> str:
 def _unreadable(file: Path) -> str | None:
     """Why ``file`` is not a loadable torch checkpoint, or ``None``. A zip checkpoint (torch's format
     since 1.6) is checked through its central directory (at the end: a truncated file fails); any
-    other file is loaded."""
+    other file (a truncated zip has lost its directory) is opened with ``weights_only=True``, so
+    checking a file never runs code from it."""
     if file.stat().st_size == 0:
         return "the file is empty"
     if zipfile.is_zipfile(file):
@@ -335,7 +336,7 @@ def _unreadable(file: Path) -> str | None:
     try:
         import torch
 
-        torch.load(file, map_location="cpu", weights_only=False)
+        torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 — whatever torch says, the file cannot be resumed from
         first = str(err).splitlines()[0].split(". ")[0] if str(err) else ""
         return f"{type(err).__name__}: {first}".rstrip(": ")
