@@ -104,3 +104,23 @@ def test_every_group_option_composes(cfg_factory):
                   "sampler=flow_sde", "sampler=dpm2", "model=sd35_medium", "debug=default", "debug=fdr"):
         cfg = cfg_factory("train", [group])
         assert cfg is not None
+
+
+def test_known_library_noise_is_silenced_and_other_warnings_still_show(caplog):
+    import logging
+    import warnings
+
+    from opd.train import KNOWN_NOISE, quiet_known_noise
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_known_noise()
+        for text in KNOWN_NOISE:
+            warnings.warn(text + " (and the rest of the library's sentence)", UserWarning, stacklevel=1)
+        warnings.warn("teacher 'ocr' failed on 3 images", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["teacher 'ocr' failed on 3 images"]
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    with caplog.at_level(logging.INFO, logger=rank_zero.name):
+        rank_zero.info("💡 Tip: try some cloud product")
+        rank_zero.info("GPU available: False, used: False")
+    assert [r.getMessage() for r in caplog.records if r.name == rank_zero.name] == ["GPU available: False, used: False"]

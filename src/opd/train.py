@@ -15,10 +15,12 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -225,8 +227,36 @@ def _fit(cfg: DictConfig, ckpt_path: str | None) -> tuple[dict[str, Any], dict[s
     return metrics, objects
 
 
+#: library messages that say nothing about a run of opd (matched against the start of the text)
+KNOWN_NOISE = (
+    # peft: opd holds the student and every teacher as adapters of one backbone on purpose
+    "Already found a `peft_config` attribute in the model",
+    # lightning's own use of a deprecated torch pytree API
+    "`isinstance(treespec, LeafSpec)` is deprecated",
+    # our modules step inside training_step; the state after the step is what resuming needs
+    # (tests/test_kill_resume.py resumes to the same losses)
+    "Using ModelCheckpoint with manual optimization",
+)
+
+
+class _DropTips(logging.Filter):
+    """Lightning's advertising "💡 Tip" lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_known_noise() -> None:
+    """Silence the library messages in :data:`KNOWN_NOISE` and Lightning's tips (a run's own
+    warnings and errors still show)."""
+    for text in KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=re.escape(text))
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTips())
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    quiet_known_noise()
     OmegaConf.resolve(cfg)
     metrics, _ = train(cfg)
     return metrics.get(cfg.optimized_metric) if cfg.optimized_metric else None
