@@ -1,5 +1,5 @@
 """DiffusionOPD's per-step loss: the reverse KL from the student's transition kernel to a teacher's
-(paper Eq. 10–12, DESIGN.md §2), for ONE trained step ``j``; the training module adds up the trained
+(paper Eq. 10–12), for ONE trained step ``j``; the training module adds up the trained
 steps and the teachers, each term weighted by :meth:`OPDLoss.accumulation_weight` (``step_reduction``).
 
 At a state ``x_j`` the student visited, student and teacher give means ``μ_S, μ_T`` with the *same*
