@@ -6,6 +6,7 @@ from omegaconf import OmegaConf
 from conftest import TOY_MODEL
 from opd.models.backbone import PromptEmbeds
 from opd.models.mini import MiniBackbone
+from opd.modules.pretrain import lr_factor
 from opd.objectives.flow_matching import FlowMatchingLoss
 from opd.train import train
 
@@ -42,15 +43,33 @@ def test_flow_matching_loss_equals_hand_computation():
 
 SMALL = [*TOY_MODEL, "trainer=cpu", "logger=csv", "data.batch_size=4", "data.num_workers=0",
          "callbacks.image_grid.num_steps=2", "callbacks.image_grid.every_n_steps=100", "trainer.log_every_n_steps=1",
-         "module.preview_prompts=[a red circle]", "trainer.enable_progress_bar=false"]
+         "module.preview_prompts=[a red circle]", "trainer.enable_progress_bar=false", "module.cooldown_steps=0"]
+
+
+def test_learning_rate_warms_up_holds_and_cools_down_linearly():
+    factors = [lr_factor(s, warmup_steps=4, cooldown_steps=5, total_steps=20) for s in range(21)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert factors[4:15] == [1.0] * 11
+    assert factors[15:] == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2, 0.0])  # step 19 (the last) still moves
+    assert [lr_factor(s) for s in (0, 100)] == [1.0, 1.0]
+
+
+def test_a_cooldown_longer_than_the_run_is_refused_before_training(cfg_factory):
+    cfg = cfg_factory("train", ["experiment=pretrain_mini", *SMALL, "trainer.max_steps=4", "module.cooldown_steps=10"])
+    with pytest.raises(ValueError, match="cooldown_steps"):
+        train(cfg)
 
 
 def test_pretrain_runs_exports_and_resumes(cfg_factory, tmp_path):
     cfg = cfg_factory("train", ["experiment=pretrain_mini", *SMALL, "trainer.max_steps=4",
-                                "callbacks.model_checkpoint.every_n_train_steps=2", "module.export_every_n_steps=2"])
+                                "callbacks.model_checkpoint.every_n_train_steps=2", "module.export_every_n_steps=2",
+                                "module.warmup_steps=1", "module.cooldown_steps=2"])
     OmegaConf.resolve(cfg)
     metrics, objects = train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    # warm-up 1, cool-down over the last 2 of 4 steps: factors 1, 1, 1/2, then 0 after the last step
+    assert objects["trainer"].optimizers[0].param_groups[0]["lr"] == 0.0
+    assert metrics["lr-AdamW"] == pytest.approx(cfg.module.optimizer.lr / 2)
     out = tmp_path
     assert (out / "checkpoints" / "last.ckpt").is_file()
     assert (out / "exports" / "step_000002" / "config.json").is_file()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,17 @@ from opd.models.backbone import Backbone
 from opd.modules.guards import GuardedModule
 from opd.objectives.flow_matching import FlowMatchingLoss
 from opd.sampling import generate
+
+
+def lr_factor(step: int, warmup_steps: int = 0, cooldown_steps: int = 0, total_steps: int | None = None) -> float:
+    """Warm-up, constant, cool-down: the learning rate's factor before optimiser step ``step``
+    (0-based). It rises linearly over ``warmup_steps`` (``(step + 1) / warmup_steps``), stays at 1,
+    and with ``cooldown_steps`` falls linearly to 0 over the last ``cooldown_steps`` of
+    ``total_steps`` (the last step still moves: ``1 / cooldown_steps``)."""
+    factor = min(1.0, (step + 1) / max(1, warmup_steps))
+    if cooldown_steps and total_steps is not None:
+        factor = min(factor, max(0.0, (total_steps - step) / cooldown_steps))
+    return factor
 
 
 class FlowMatchingPretrain(GuardedModule):
@@ -27,7 +39,7 @@ class FlowMatchingPretrain(GuardedModule):
 
     def __init__(self, backbone: Callable[[], Backbone], objective: FlowMatchingLoss, sampler: Any,
                  optimizer: Callable[..., torch.optim.Optimizer], cond_dropout: float = 0.1,
-                 warmup_steps: int = 0, preview_prompts: Sequence[str] = (),
+                 warmup_steps: int = 0, cooldown_steps: int = 0, preview_prompts: Sequence[str] = (),
                  export_every_n_steps: int | None = None) -> None:
         super().__init__()
         self._build_backbone = backbone
@@ -37,6 +49,7 @@ class FlowMatchingPretrain(GuardedModule):
         self._optimizer = optimizer
         self.cond_dropout = cond_dropout
         self.warmup_steps = warmup_steps
+        self.cooldown_steps = cooldown_steps
         self.preview_prompts = list(preview_prompts)
         self.export_every_n_steps = export_every_n_steps
 
@@ -67,8 +80,13 @@ class FlowMatchingPretrain(GuardedModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self._optimizer(self.parameters())
-        warmup = max(1, self.warmup_steps)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        total = self.trainer.max_steps if self.cooldown_steps else None
+        if self.cooldown_steps and (total is None or total < self.cooldown_steps):
+            raise ValueError(f"module.cooldown_steps={self.cooldown_steps} needs trainer.max_steps >= it "
+                             f"(got {total}): the learning rate decays to 0 over the last cooldown_steps steps")
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, partial(lr_factor, warmup_steps=self.warmup_steps, cooldown_steps=self.cooldown_steps,
+                               total_steps=total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     @torch.no_grad()

@@ -180,6 +180,12 @@ def check_module(p: _Problems, cfg: Any) -> None:
         _check_range(p, cfg, f"{m}.cond_dropout", 0, 1, fix="the share of prompts replaced by '' (CFG training)")
         _check_int(p, cfg, f"{m}.warmup_steps", 0)
         _check_int(p, cfg, f"{m}.export_every_n_steps", 1, optional=True)
+        cooldown, max_steps = _get(cfg, f"{m}.cooldown_steps", 0), _get(cfg, "trainer.max_steps", -1)
+        if _has(cfg, f"{m}.cooldown_steps") and cooldown:
+            _check_int(p, cfg, f"{m}.cooldown_steps", 0)
+            if _is_int(cooldown) and (not _is_int(max_steps) or max_steps < cooldown):
+                p.add(f"{m}.cooldown_steps", cooldown, f"needs trainer.max_steps >= it (got {max_steps}): the "
+                      "learning rate falls to 0 over the last cooldown_steps steps")
 
 
 def check_data(p: _Problems, cfg: Any) -> None:
