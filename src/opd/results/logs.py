@@ -1,0 +1,64 @@
+"""A run's training log (``logger=csv``: ``<run>/csv/version_*/metrics.csv``) and its command.
+
+A resumed run logs into a new ``version_k``; :func:`training_log` reads them all, in order. Runs
+that continued one another (``module.init_adapter=<earlier run>/adapter``) read as one log on one
+wall-clock axis with :func:`chained_log`.
+"""
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+MINUTES = "time/minutes"  # training wall-clock, logged every step (opd.modules.policy)
+
+
+def training_log(run: Path) -> tuple[list[dict[str, str]], float]:
+    """The run's logged rows (all CSV versions, in order) and its training wall-clock minutes
+    (the largest ``time/minutes``; 0 without any)."""
+    rows: list[dict[str, str]] = []
+    for file in sorted(Path(run).glob("csv/version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:])):
+        with open(file, newline="") as f:
+            rows += list(csv.DictReader(f))
+    minutes = [float(r[MINUTES]) for r in rows if r.get(MINUTES)]
+    return rows, max(minutes, default=0.0)
+
+
+def chained_log(root: Path, stages: Sequence[str]) -> tuple[list[dict[str, str]], float]:
+    """The logs of ``<root>/<stage>`` runs that continued one another, as one log: each stage's
+    minutes shifted by the minutes of the stages before it; and the total minutes."""
+    rows, offset = [], 0.0
+    for stage in stages:
+        log, minutes = training_log(Path(root) / stage)
+        rows += [dict(r, **{MINUTES: str(float(r[MINUTES]) + offset)}) if r.get(MINUTES) else r for r in log]
+        offset += minutes
+    return rows, offset
+
+
+def logged(run: Path, key: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of ``key`` over the run's logs in step order (a resumed run's later value
+    of a step wins); an error naming the run when it never logged ``key``."""
+    points = {int(float(r["step"])): float(r[key]) for r in training_log(run)[0] if r.get(key)}
+    if not points:
+        raise ValueError(f"{run}: no logged values of {key!r} in csv/version_*/metrics.csv (was logger=csv set?)")
+    return sorted(points.items())
+
+
+def moving_average(values: Sequence[float], width: int, centred: bool = False) -> list[float]:
+    """The mean over the ``width`` values ending at each point (``centred``: around it, ``width // 2``
+    on each side), over fewer values near the ends."""
+    before, after = (width // 2, width // 2) if centred else (width - 1, 0)
+    windows = [values[max(0, i - before): i + after + 1] for i in range(len(values))]
+    return [sum(w) / len(w) for w in windows]
+
+
+def run_command(run: Path) -> str:
+    """``python -m opd.train <overrides>`` as the run was started (``.hydra/overrides.yaml``, the
+    ``hydra.*`` and ``hydra/*`` ones left out); empty when the run has no Hydra record."""
+    overrides = Path(run) / ".hydra" / "overrides.yaml"
+    if not overrides.is_file():
+        return ""
+    items = [str(o) for o in yaml.safe_load(overrides.read_text()) or [] if not str(o).startswith(("hydra.", "hydra/"))]
+    return " ".join(["python -m opd.train", *items])

@@ -1,0 +1,225 @@
+"""Assemble the mini reproduction of the paper's Table 1 from a folder of runs (``make mini-table1``).
+
+    python -m opd.results.table1 --runs runs/table1 --out runs/table1/table \
+        [--previous docs/results/mini_table1/round1] [--stages JSON] [--extra JSON] [--also KEY ...]
+
+Each row is a run ``<runs>/<run>`` (a chain of runs, ``--stages``): its evaluation is the row named
+``<run>`` of ``<run>/eval/results.json`` (``python -m opd.evaluate +checkpoints.<run>=<run>/adapter
+hydra.run.dir=<run>/eval``), its CFG scale that evaluation's, its minutes the training wall-clock
+of its stages' CSV logs (:mod:`opd.results.logs`). The teachers' rows name the winners in
+``<runs>/picked.json`` (:mod:`opd.results.pick_teachers`); the base row is ``--base``. A row not
+evaluated under ``--runs`` comes from ``--previous`` (an earlier table's folder), and so does the
+training record of a row whose runs left no log (a teacher re-evaluated as shipped).
+
+The columns are the headline metrics of ``conf/eval_tasks/<suite>.yaml`` (``--also`` adds more
+``results.json`` keys). Writes ``results.json``, ``runs.json`` (per row: stages, commands, minutes,
+minutes including its teachers', label, CFG), ``results.md`` (the table, then each student's share
+of each teacher's gain on the teacher's own metric) and ``curves.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from opd.results.logs import MINUTES, chained_log, moving_average, run_command
+from opd.results.metrics import columns, evaluated_rows, guidance_scales, own_metrics, reward_names
+
+#: the table's rows after the base and the teachers: key → label, the teachers it distils (a row's
+#: run is its key, unless ``--stages`` names its runs)
+ROWS = {
+    "multi_reward_rl": {"label": "multi-reward RL (DiffusionNFT, alternating tasks)"},
+    "cascade_rl": {"label": "cascade RL (aesthetic → OCR → GenEval)",
+                   "stages": ["cascade_aesthetic", "cascade_ocr", "cascade_geneval"]},
+    "sopd_geneval": {"label": "SOPD student, GenEval teacher", "teachers": ["geneval"]},
+    "sopd_ocr": {"label": "SOPD student, OCR teacher", "teachers": ["ocr"]},
+    "sopd_aesthetic": {"label": "SOPD student, aesthetic teacher", "teachers": ["aesthetic"]},
+    "mopd": {"label": "**MOPD student** (3 teachers)", "teachers": ["geneval", "ocr", "aesthetic"]},
+}
+
+
+def table_rows(picked: Mapping, tasks: Sequence[str], stages: Mapping[str, list[str]] | None = None,
+               extra: Mapping[str, dict] | None = None) -> dict[str, dict]:
+    """Every row: ``{key: {label, run, stages[, teachers]}}`` (base: ``run`` None), in table order.
+
+    A teacher row per task: its run is ``teacher_<task>`` (the test evaluation of the picked
+    teacher), its stages the runs it continued (``stages["teacher_<task>"]``) and then its winner in
+    ``picked``. ``stages`` names the runs of any other row in order (the last one is evaluated);
+    ``extra`` adds rows (default teachers: all tasks)."""
+    stages, extra = dict(stages or {}), dict(extra or {})
+    rows: dict[str, dict] = {"base": {"label": "base (mini_base)", "run": None, "stages": []}}
+    for task in tasks:
+        winner = picked[task]["winner"] if task in picked else f"teacher_{task}"
+        rows[f"teacher_{task}"] = {"label": f"{task} teacher ({winner})", "run": f"teacher_{task}",
+                                   "stages": [*stages.get(f"teacher_{task}", []), winner]}
+    for key, row in {**ROWS, **{k: {"teachers": list(tasks), **v} for k, v in extra.items()}}.items():
+        row = {"stages": [key], **row}
+        if key in stages:
+            row["stages"] = list(stages[key])
+        rows[key] = {"run": row["stages"][-1], **row}
+    return rows
+
+
+def gain_share(results: Mapping[str, Mapping[str, float]], student: str, teachers: Sequence[str],
+               own: Mapping[str, str]) -> dict[str, float]:
+    """``{teacher: share}``: how much of the teacher's gain over the base, on the teacher's own metric,
+    ``student`` keeps: ``(student - base) / (teacher - base)`` (NaN when the teacher gained nothing;
+    teachers without a row are left out)."""
+    out = {}
+    for t in teachers:
+        metric, teacher = own[t], results.get(f"teacher_{t}")
+        if teacher is None or student not in results:
+            continue
+        gain = teacher[metric] - results["base"][metric]
+        out[t] = (results[student][metric] - results["base"][metric]) / gain if gain > 0 else math.nan
+    return out
+
+
+def collect(root: Path, rows: Mapping[str, dict], base: Mapping[str, float], base_cfg: float | str = "",
+            previous: Path | None = None, device: str = "") -> tuple[dict, dict, dict]:
+    """``(results, runs, curves)``: each row's metrics, its record for runs.json, its training log.
+    Rows are read in order, so a student's minutes including its teachers' see the teacher rows."""
+    earlier = ({name: json.loads((Path(previous) / f"{name}.json").read_text()) for name in ("results", "runs")}
+               if previous else {"results": {}, "runs": {}})
+    results: dict[str, dict] = {}
+    runs: dict[str, dict] = {}
+    curves: dict[str, list] = {}
+    for key, row in rows.items():
+        if row["run"] is None:
+            results[key] = dict(base)
+            runs[key] = {"label": row["label"], "cfg": base_cfg, "minutes": 0.0, "cumulative_minutes": 0.0,
+                         "command": "models/mini_base (see its card)"}
+            continue
+        eval_file = Path(root) / row["run"] / "eval" / "results.json"
+        if not eval_file.exists():
+            if key in earlier["results"]:
+                results[key] = earlier["results"][key]
+                runs[key] = {"label": row["label"], **earlier["runs"][key], "table": str(previous)}
+                print(f"[table1] {key}: from {previous}")
+            else:
+                print(f"[table1] {key}: no evaluation at {eval_file}; row left out")
+            continue
+        results[key] = evaluated_rows(eval_file)[row["run"]]
+        cfg = guidance_scales(eval_file).get(row["run"], "")
+        log, own = chained_log(root, row["stages"])
+        if not log and key in earlier["runs"]:  # evaluated again, trained before: the earlier record
+            record = {k: v for k, v in earlier["runs"][key].items() if k not in ("label", "cfg", "run", "table")}
+            runs[key] = {"run": row["run"], "label": row["label"], "cfg": cfg, **record, "training_from": str(previous)}
+            continue
+        cumulative = own + sum(runs.get(f"teacher_{t}", {}).get("minutes", 0.0) for t in row.get("teachers", []))
+        runs[key] = {"run": row["run"], "stages": row["stages"], "minutes": round(own, 2),
+                     "cumulative_minutes": round(cumulative, 2), "label": row["label"], "cfg": cfg,
+                     "command": " ; ".join(run_command(Path(root) / s) for s in row["stages"]), "device": device}
+        curves[key] = log
+    for key in list(curves):  # a row that another row continues is part of that row's curve
+        mine = rows[key]["stages"]
+        if any(len(r["stages"]) > len(mine) and r["stages"][:len(mine)] == mine for r in rows.values()):
+            del curves[key]
+    return results, runs, curves
+
+
+def _cell(metrics: Mapping[str, float], key: str) -> str:
+    return f"{metrics[key]:.3f}" if key in metrics else "–"
+
+
+def markdown(rows: Mapping[str, dict], results: Mapping[str, dict], runs: Mapping[str, dict],
+             cols: Mapping[str, str], own: Mapping[str, str], device: str = "", suite: str = "mini") -> str:
+    """results.md: the table (rows with results, in order; ``cols`` = title → results key), then each
+    student's share of its teachers' gains."""
+    head = ["model", "CFG", *cols, "GPU min (own)", "GPU min (incl. teachers)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key in (k for k in rows if k in results):
+        record = runs[key]
+        cells = [record["label"] + (" ¹" if "table" in record else ""), str(record.get("cfg", "")),
+                 *(_cell(results[key], m) for m in cols.values()),
+                 f"{record['minutes']:.1f}", f"{record['cumulative_minutes']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    shares = []
+    for key, row in rows.items():
+        share = gain_share(results, key, row.get("teachers", []), own)
+        if share:
+            shares.append(f"- {runs[key]['label']}: " + ", ".join(
+                f"{t} {100 * v:.0f}%" if math.isfinite(v) else f"{t} – (its teacher gained nothing)"
+                for t, v in share.items()))
+    intro = (f"Every row is scored by `python -m opd.evaluate` on the test prompts of "
+             f"`conf/eval_tasks/{suite}.yaml`, at the CFG scale in the table (the DiffusionNFT-trained "
+             "models are CFG-free: 1.0). GPU minutes are training wall-clock"
+             + (f" on {device}." if device else "."))
+    carried = sorted({record["table"] for record in runs.values() if "table" in record})
+    if carried:
+        intro += (f" ¹ Carried over from the earlier table {', '.join(f'`{t}`' for t in carried)} (same "
+                  "evaluation; its device and command are in runs.json, its curves in its curves.png).")
+    shares_title = "## Share of each teacher's gain (over the base, on the teacher's own metric) kept by the students"
+    return "\n".join(["# The mini Table 1", "", intro, "", *lines, "", shares_title, "", *shares, ""])
+
+
+def plot_curves(path: Path, curves: Mapping[str, list[dict[str, str]]], rewards: Mapping[str, list[str]]) -> None:
+    """One panel per task: the training reward (``reward/<name>``, RL runs) and the teacher-slot
+    monitor reward (``teacher/<task>/<name>``, OPD runs) of each row against its minutes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rewards), figsize=(5.3 * len(rewards), 4.5), squeeze=False)
+    for ax, (task, names) in zip(axes[0], rewards.items()):
+        wanted = {f"reward/{n}" for n in names} | {f"teacher/{task}/{n}" for n in names}
+        for key, log in curves.items():
+            for col in sorted({k for r in log for k in r} & wanted):  # chained stages log different keys
+                pts = [(float(r[MINUTES]), float(r[col])) for r in log if r.get(col) and r.get(MINUTES)]
+                if len(pts) < 2:
+                    continue
+                xs, ys = zip(*pts)
+                ax.plot(xs, moving_average(ys, max(1, len(ys) // 25)), label=key)  # over ~4 % of the run
+        ax.set_title(f"{task}: reward during training")
+        ax.set_xlabel("wall-clock minutes (training)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--base", type=Path, default=Path("docs/results/mini_base/results.json"),
+                        help="the base model's evaluation (its row 'base')")
+    parser.add_argument("--base-cfg", type=float, default=None,
+                        help="the base's CFG scale (default: from its evaluation's .hydra config, else 4.5)")
+    parser.add_argument("--suite", default="mini", help="conf/eval_tasks/<suite>.yaml names the headline metrics")
+    parser.add_argument("--also", nargs="*", default=[], metavar="KEY", help="more results.json keys as columns")
+    parser.add_argument("--device", default="", help="where the runs trained, for the text and runs.json")
+    parser.add_argument("--stages", default="{}",
+                        help='JSON: a row\'s runs in order, e.g. \'{"mopd": ["mopd_a", "mopd_a_phase2"], '
+                             '"teacher_geneval": ["gen_nft_lr1e3"]}\' (a teacher: the runs before its winner)')
+    parser.add_argument("--extra", default="{}",
+                        help='JSON: more student rows, e.g. \'{"mopd_sum": {"label": "MOPD, summed KLs"}}\' '
+                             '(keys: label, stages, teachers; default teachers: all)')
+    parser.add_argument("--previous", type=Path, default=None,
+                        help="an earlier table's folder (results.json, runs.json) for rows not evaluated here")
+    args = parser.parse_args(argv)
+    own = own_metrics(args.suite)
+    cols = {**columns(args.suite), **{key: key for key in args.also}}
+    picked_file = args.runs / "picked.json"
+    picked = json.loads(picked_file.read_text()) if picked_file.exists() else {}
+    rows = table_rows(picked, list(own), json.loads(args.stages), json.loads(args.extra))
+    base_cfg = args.base_cfg if args.base_cfg is not None else guidance_scales(args.base).get("base", 4.5)
+    results, runs, curves = collect(args.runs, rows, evaluated_rows(args.base)["base"], base_cfg,
+                                    args.previous, args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
+    (args.out / "runs.json").write_text(json.dumps(runs, indent=1))
+    md = markdown(rows, results, runs, cols, own, args.device, args.suite)
+    (args.out / "results.md").write_text(md)
+    plot_curves(args.out / "curves.png", curves, {t: reward_names(args.suite).get(t, []) for t in own})
+    print(md)
+    return md
+
+
+if __name__ == "__main__":
+    main()

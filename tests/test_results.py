@@ -1,0 +1,439 @@
+"""opd.results: the commands that turn runs into shipped results, on hand-built run folders
+(CSV logs, results.json, .hydra records) whose expected numbers are worked out by hand below."""
+import json
+import math
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from opd.results import compare, logs, metrics, pack, pick_base, pick_teachers, table1, teacher_cards
+
+ROOT = Path(__file__).resolve().parents[1]
+G, O, X, A = "geneval/geneval_mini_correct", "ocr/ocr", "ocr/ocr_exact", "aesthetic/aesthetic_mini"
+SUITE = """\
+defaults:
+  - _self_
+geneval:
+  prompts: {_target_: x.load, task: geneval}
+  rewards: {geneval_mini: {_target_: x.GenEvalMini}}
+  table: {GenEval: geneval_mini_correct}
+ocr:
+  prompts: {_target_: x.load, path: "${paths.data_dir}/ocr.txt"}
+  rewards: {ocr: {_target_: x.OCR}}
+  table: {OCR: ocr}
+aesthetic:
+  rewards: {aesthetic_mini: {_target_: x.Aesthetic}}
+  table: {Aesthetic: aesthetic_mini}
+"""
+
+
+@pytest.fixture
+def conf(tmp_path, monkeypatch):
+    """A conf/ folder whose mini suite's headlines are GenEval strict, OCR edit accuracy (``ocr``,
+    not ``ocr_exact``) and aesthetic; opd.results reads it instead of the checkout's."""
+    folder = tmp_path / "conf"
+    (folder / "eval_tasks").mkdir(parents=True)
+    (folder / "eval_tasks" / "mini.yaml").write_text(SUITE)
+    monkeypatch.setattr(metrics, "CONF_DIR", folder)
+    return folder
+
+
+def scores(geneval, ocr, exact, aesthetic):
+    return {G: geneval, O: ocr, X: exact, A: aesthetic, "geneval/geneval_mini_correct/ci_low": 0.0}
+
+
+def write_log(run: Path, rows: list[dict], version: int = 0) -> None:
+    folder = run / "csv" / f"version_{version}"
+    folder.mkdir(parents=True)
+    keys = sorted({k for r in rows for k in r})
+    lines = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in rows]
+    (folder / "metrics.csv").write_text("\n".join(lines) + "\n")
+
+
+def write_eval(folder: Path, rows: dict, guidance: dict | None = None, overrides: list[str] | None = None) -> Path:
+    """``<folder>/results.json`` (+ a cover row) and the .hydra record of the evaluation."""
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({**rows, "cover": {G: 0.9}}))
+    checkpoints = {name: ({"adapter": f"{name}/adapter", "guidance_scale": guidance[name]}
+                          if guidance and name in guidance else f"{name}/adapter") for name in rows}
+    config = {"guidance_scale": "${sampler.guidance_scale}", "sampler": {"guidance_scale": 4.5},
+              "checkpoints": checkpoints, "output_dir": "${hydra:runtime.output_dir}"}
+    (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    return folder / "results.json"
+
+
+def write_overrides(run: Path, overrides: list[str]) -> None:
+    (run / ".hydra").mkdir(parents=True, exist_ok=True)
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+
+
+# ---- metrics -------------------------------------------------------------------------------------
+
+def test_headlines_come_from_the_suites_table_entries(conf):
+    assert metrics.headline_keys() == {"geneval": {"GenEval": G}, "ocr": {"OCR": O}, "aesthetic": {"Aesthetic": A}}
+    assert metrics.own_metrics() == {"geneval": G, "ocr": O, "aesthetic": A}
+    assert metrics.reward_names() == {"geneval": ["geneval_mini"], "ocr": ["ocr"], "aesthetic": ["aesthetic_mini"]}
+    (conf / "eval_tasks" / "two.yaml").write_text(
+        "a: {table: {Score: r_x, Other: r_y}}\nb: {table: {Score: s}}\nc: {rewards: {q: {}}}\n")
+    assert metrics.columns("two") == {"Score (a)": "a/r_x", "Other": "a/r_y", "Score (b)": "b/s"}
+    assert metrics.own_metrics("two") == {"a": "a/r_x", "b": "b/s"}  # c has no table
+    assert metrics.reward_names("two") == {"a": ["r_x", "r_y"], "b": ["s"], "c": ["q"]}
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        metrics.headline_keys("nope")
+
+
+def test_the_checkouts_suites_give_task_slash_table_key():
+    for suite in ("mini", "sd35"):
+        raw = yaml.safe_load((ROOT / "conf" / "eval_tasks" / f"{suite}.yaml").read_text())
+        expected = {task: {title: f"{task}/{key}" for title, key in node["table"].items()}
+                    for task, node in raw.items() if isinstance(node, dict) and node.get("table")}
+        assert metrics.headline_keys(suite) == expected and expected
+
+
+def test_guidance_scales_read_the_evaluations_hydra_record(tmp_path):
+    results = write_eval(tmp_path / "eval", {"a": {}, "b": {}}, guidance={"b": 1.0})
+    assert metrics.guidance_scales(results) == {"a": 4.5, "b": 1.0}  # a: the resolved default
+    assert metrics.evaluated_rows(results) == {"a": {}, "b": {}}  # the cover row left out
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "results.json").write_text("{}")
+    assert metrics.guidance_scales(tmp_path / "bare" / "results.json") == {}
+    with pytest.raises(FileNotFoundError, match="opd.evaluate"):
+        metrics.evaluated_rows(tmp_path / "missing" / "results.json")
+
+
+# ---- logs ----------------------------------------------------------------------------------------
+
+def test_training_logs_read_every_version_in_order_and_chain_stages(tmp_path):
+    write_log(tmp_path / "a", [{"step": 0, "time/minutes": 1.0, "r": 0.1}, {"step": 1, "time/minutes": 2.0}])
+    write_log(tmp_path / "b", [{"step": 0, "time/minutes": 0.5, "r": 0.2}])
+    write_log(tmp_path / "b", [{"step": 2, "time/minutes": 1.25, "r": 0.3}], version=1)
+    write_log(tmp_path / "b", [{"step": 3, "time/minutes": 1.5, "r": 0.4}], version=10)  # after 1, not before
+    rows, minutes = logs.training_log(tmp_path / "b")
+    assert [r["r"] for r in rows] == ["0.2", "0.3", "0.4"] and minutes == 1.5
+    assert logs.training_log(tmp_path / "nothing") == ([], 0.0)
+    chained, total = logs.chained_log(tmp_path, ["a", "b"])  # b's minutes start where a's end (2.0)
+    assert [float(r["time/minutes"]) for r in chained] == [1.0, 2.0, 2.5, 3.25, 3.5] and total == 3.5
+
+
+def test_logged_values_by_step_a_resumed_runs_later_value_winning(tmp_path):
+    write_log(tmp_path / "a", [{"step": 0, "kl": 0.4}, {"step": 1, "kl": 0.3}, {"step": 2, "kl": ""}])
+    write_log(tmp_path / "a", [{"step": 1, "kl": 0.25}, {"step": 2, "kl": 0.2}], version=1)
+    assert logs.logged(tmp_path / "a", "kl") == [(0, 0.4), (1, 0.25), (2, 0.2)]
+    with pytest.raises(ValueError, match="logger=csv"):
+        logs.logged(tmp_path / "a", "teacher/ocr/kl")
+
+
+def test_moving_average_trailing_and_centred_by_hand():
+    assert logs.moving_average([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]  # each with the one before
+    assert logs.moving_average([1.0, 2.0, 3.0, 4.0], 3, centred=True) == [1.5, 2.0, 3.0, 3.5]  # both neighbours
+    assert logs.moving_average([1.0, 5.0], 1) == [1.0, 5.0]
+
+
+def test_run_command_from_the_hydra_overrides_without_hydra_ones(tmp_path):
+    write_overrides(tmp_path / "r", ["experiment=mini/sopd_ocr", "hydra.run.dir=/x", "hydra/launcher=local",
+                                     "trainer.max_time=00:00:04:30"])
+    assert logs.run_command(tmp_path / "r") == "python -m opd.train experiment=mini/sopd_ocr trainer.max_time=00:00:04:30"
+    assert logs.run_command(tmp_path / "none") == ""
+
+
+# ---- table1 --------------------------------------------------------------------------------------
+
+def test_table_rows_name_teachers_winners_stages_and_extra_rows():
+    rows = table1.table_rows({"ocr": {"winner": "ocr_nft"}}, ["geneval", "ocr"],
+                             stages={"mopd": ["m1", "m2"], "teacher_ocr": ["ocr_first"]},
+                             extra={"mopd_sum": {"label": "summed"}})
+    assert list(rows)[:3] == ["base", "teacher_geneval", "teacher_ocr"]
+    assert rows["teacher_ocr"] == {"label": "ocr teacher (ocr_nft)", "run": "teacher_ocr",
+                                   "stages": ["ocr_first", "ocr_nft"]}
+    assert rows["teacher_geneval"]["stages"] == ["teacher_geneval"]  # not picked here
+    assert rows["mopd"]["run"] == "m2" and rows["mopd"]["stages"] == ["m1", "m2"]
+    assert rows["sopd_ocr"]["run"] == "sopd_ocr" and rows["sopd_ocr"]["teachers"] == ["ocr"]
+    assert rows["mopd_sum"] == {"run": "mopd_sum", "stages": ["mopd_sum"], "label": "summed",
+                                "teachers": ["geneval", "ocr"]}
+    assert rows["cascade_rl"]["run"] == "cascade_geneval"
+
+
+def test_gain_share_by_hand():
+    own = {"geneval": G, "ocr": O}
+    results = {"base": scores(0.2, 0.6, 0.5, 0.4), "teacher_geneval": scores(0.6, 0.0, 0.0, 0.3),
+               "teacher_ocr": scores(0.0, 0.6, 0.9, 0.1), "s": scores(0.5, 0.7, 0.2, 0.0)}
+    share = table1.gain_share(results, "s", ["geneval", "ocr", "aesthetic"], {**own, "aesthetic": A})
+    assert share["geneval"] == pytest.approx((0.5 - 0.2) / (0.6 - 0.2))  # 0.75
+    assert math.isnan(share["ocr"])  # the OCR teacher gained nothing on ocr/ocr (its ocr_exact does not count)
+    assert "aesthetic" not in share  # no aesthetic teacher row
+    assert table1.gain_share(results, "missing", ["geneval"], own) == {}
+    rows = {"base": {"label": "base"}, "s": {"label": "student", "teachers": ["geneval", "ocr"]}}
+    records = {k: {"label": r["label"], "cfg": 4.5, "minutes": 1.0, "cumulative_minutes": 2.0} for k, r in rows.items()}
+    md = table1.markdown(rows, results, records, {"GenEval": G}, own)
+    assert "| student | 4.5 | 0.500 | 1.0 | 2.0 |" in md
+    assert "- student: geneval 75%, ocr – (its teacher gained nothing)" in md
+
+
+@pytest.fixture
+def table_runs(tmp_path, conf):
+    """Round-2-like runs: an earlier table (teachers, 10/5/4 min), the OCR teacher evaluated again
+    as shipped (no log of its own), a two-stage MOPD student (2.0 + 1.5 min) and its first stage."""
+    base = write_eval(tmp_path / "base", {"base": scores(0.2, 0.6, 0.5, 0.4)})
+    previous = tmp_path / "round1"
+    previous.mkdir()
+    teachers = {"teacher_geneval": scores(0.6, 0.0, 0.0, 0.3), "teacher_ocr": scores(0.0, 0.8, 0.3, 0.1),
+                "teacher_aesthetic": scores(0.0, 0.1, 0.1, 0.9)}
+    (previous / "results.json").write_text(json.dumps(teachers))
+    (previous / "runs.json").write_text(json.dumps(
+        {k: {"minutes": m, "cumulative_minutes": m, "label": f"old {k}", "cfg": 1.0, "command": f"train {k}"}
+         for k, m in zip(teachers, (10.0, 5.0, 4.0))}))
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "picked.json").write_text(json.dumps({"ocr": {"winner": "ocr_shipped"}}))
+    write_eval(runs / "teacher_ocr" / "eval", {"teacher_ocr": scores(0.0, 0.84, 0.3, 0.1)}, guidance={"teacher_ocr": 1.0})
+    write_log(runs / "mopd_a", [{"step": 0, "time/minutes": 1.0, "teacher/ocr/ocr": 0.5},
+                                {"step": 1, "time/minutes": 2.0, "teacher/ocr/ocr": 0.6}])
+    write_overrides(runs / "mopd_a", ["experiment=mini/mopd_aesthetic_ocr_geneval", "hydra.run.dir=x"])
+    write_eval(runs / "mopd_a" / "eval", {"mopd_a": scores(0.3, 0.7, 0.4, 0.5)})
+    write_log(runs / "mopd_a2", [{"step": 0, "time/minutes": 0.5, "teacher/ocr/ocr": 0.7},
+                                 {"step": 1, "time/minutes": 1.5, "teacher/ocr/ocr": 0.8}])
+    write_overrides(runs / "mopd_a2", ["experiment=mini/mopd_phase2"])
+    write_eval(runs / "mopd_a2" / "eval", {"mopd_a2": scores(0.5, 0.78, 0.2, 0.65)})
+    return base, previous, runs
+
+
+def test_collect_chains_stages_carries_earlier_rows_and_training_records(table_runs):
+    base, previous, runs = table_runs
+    rows = table1.table_rows({"ocr": {"winner": "ocr_shipped"}}, ["geneval", "ocr", "aesthetic"],
+                             stages={"mopd": ["mopd_a", "mopd_a2"]},
+                             extra={"mopd_first": {"label": "MOPD, stage 1", "stages": ["mopd_a"]}})
+    results, records, curves = table1.collect(runs, rows, metrics.evaluated_rows(base)["base"], 4.5, previous, "H200")
+    assert results["teacher_ocr"][O] == 0.84  # evaluated here ...
+    assert records["teacher_ocr"]["minutes"] == 5.0 and records["teacher_ocr"]["training_from"] == str(previous)
+    assert records["teacher_ocr"]["cfg"] == 1.0 and "table" not in records["teacher_ocr"]  # ... trained before
+    assert records["teacher_geneval"]["table"] == str(previous) and records["teacher_geneval"]["label"] == "old teacher_geneval"
+    assert records["mopd"]["minutes"] == 3.5  # 2.0 + 1.5
+    assert records["mopd"]["cumulative_minutes"] == 22.5  # + the teachers' 10 + 5 + 4
+    assert records["mopd"]["cfg"] == 4.5 and records["mopd"]["stages"] == ["mopd_a", "mopd_a2"]
+    assert records["mopd"]["command"] == ("python -m opd.train experiment=mini/mopd_aesthetic_ocr_geneval ; "
+                                          "python -m opd.train experiment=mini/mopd_phase2")
+    assert records["mopd_first"]["minutes"] == 2.0 and records["mopd_first"]["cumulative_minutes"] == 21.0
+    assert "sopd_ocr" not in results and "multi_reward_rl" not in results  # no evaluation anywhere
+    assert list(curves) == ["mopd"]  # stage 1 is the first part of the MOPD curve
+    assert [float(r["time/minutes"]) for r in curves["mopd"]] == [1.0, 2.0, 2.5, 3.5]
+
+
+def test_the_table_command_writes_the_table_with_the_suites_columns(table_runs):
+    base, previous, runs = table_runs
+    out = runs / "table"
+    md = table1.main(["--runs", str(runs), "--out", str(out), "--base", str(base), "--previous", str(previous),
+                      "--stages", json.dumps({"mopd": ["mopd_a", "mopd_a2"]}), "--also", X])
+    assert md == (out / "results.md").read_text()
+    assert "| model | CFG | GenEval | OCR | Aesthetic | ocr/ocr_exact | GPU min (own) | GPU min (incl. teachers) |" in md
+    assert "| base (mini_base) | 4.5 | 0.200 | 0.600 | 0.400 | 0.500 | 0.0 | 0.0 |" in md
+    assert "| old teacher_geneval ¹ | 1.0 | 0.600 | 0.000 | 0.300 | 0.000 | 10.0 | 10.0 |" in md
+    assert "| ocr teacher (ocr_shipped) | 1.0 | 0.000 | 0.840 | 0.100 | 0.300 | 5.0 | 5.0 |" in md
+    assert "| **MOPD student** (3 teachers) | 4.5 | 0.500 | 0.780 | 0.650 | 0.200 | 3.5 | 22.5 |" in md
+    # shares on the suite's own metrics: geneval (0.5-0.2)/(0.6-0.2), ocr (0.78-0.6)/(0.84-0.6) on ocr/ocr
+    # (ocr_exact would be negative), aesthetic (0.65-0.4)/(0.9-0.4)
+    assert "- **MOPD student** (3 teachers): geneval 75%, ocr 75%, aesthetic 50%" in md
+    assert json.loads((out / "results.json").read_text())["mopd"][G] == 0.5
+    assert json.loads((out / "runs.json").read_text())["mopd"]["cumulative_minutes"] == 22.5
+    assert (out / "curves.png").stat().st_size > 0
+
+
+# ---- teacher cards -------------------------------------------------------------------------------
+
+def test_teacher_cards_from_picked_candidates_logs_and_test_scores(tmp_path, conf):
+    base = write_eval(tmp_path / "base", {"base": scores(0.2, 0.6, 0.5, 0.4)})
+    runs = tmp_path / "runs"
+    picked = {"ocr": {"winner": "ocr_nft", "metric": O, "candidates": {
+        "ocr_grpo": {"score": 0.7, "guidance_scale": 4.5}, "ocr_nft": {"score": 0.8, "guidance_scale": 1.0}}}}
+    runs.mkdir()
+    (runs / "picked.json").write_text(json.dumps(picked))
+    write_log(runs / "ocr_first", [{"step": 0, "time/minutes": 3.0, "reward/ocr": 0.5, "reward/ocr_std": 0.1}])
+    write_overrides(runs / "ocr_first", ["experiment=mini/teacher_ocr_nft"])
+    write_log(runs / "ocr_nft", [{"step": 0, "time/minutes": 1.0, "reward/ocr": 0.6},
+                                 {"step": 1, "time/minutes": 2.5, "reward/ocr": 0.7}])
+    write_overrides(runs / "ocr_nft", ["experiment=mini/teacher_ocr_nft", "++module.init_adapter=ocr_first/adapter"])
+    evaluation = runs / "teacher_ocr" / "eval"
+    write_eval(evaluation, {"teacher_ocr": scores(0.0, 0.84, 0.3, 0.1)})
+    (evaluation / "grids").mkdir()
+    (evaluation / "grids" / "teacher_ocr_ocr.png").write_bytes(b"png")
+    table = teacher_cards.main(["--runs", str(runs), "--teachers", str(tmp_path / "teachers"), "--results",
+                                str(tmp_path / "page"), "--base", str(base), "--device", "one H200",
+                                "--teacher-stages", json.dumps({"ocr": ["ocr_first"]})])
+    assert table["teacher_ocr"][O] == 0.84
+    card = (tmp_path / "teachers" / "ocr" / "README.md").read_text()
+    assert "trained with **DiffusionNFT**" in card and "rewarded by `ocr`" in card and "CFG 1.0" in card
+    assert "(runs `ocr_first`, `ocr_nft`, each continuing the last)" in card
+    assert "  `python -m opd.train experiment=mini/teacher_ocr_nft ++module.init_adapter=ocr_first/adapter`" in card
+    assert "**training time**: 5.5 min" in card  # 3.0 + 2.5
+    assert "| OCR | 0.600 | 0.840 | +0.240 |" in card and "| GenEval | 0.200 | 0.000 | -0.200 |" in card
+    assert "| ocr_grpo | GRPO-Guard | 0.700 |" in card and "| ocr_nft | DiffusionNFT | 0.800 |" in card
+    page = (tmp_path / "page" / "results.md").read_text()
+    assert "| base | 0.200 | 0.600 | 0.400 |" in page and "| teacher_ocr | 0.000 | 0.840 | 0.100 |" in page
+    assert (tmp_path / "page" / "teacher_ocr_ocr.png").read_bytes() == b"png"
+    assert (tmp_path / "page" / "ocr_curves.png").stat().st_size > 0
+    one = teacher_cards.card("ocr", picked["ocr"], ["ocr_nft"], ["python -m opd.train x=1"], 2.5, table["base"],
+                             table["teacher_ocr"], {"OCR": O}, ["ocr"])
+    assert "- **Made by** (run `ocr_nft`):\n  `python -m opd.train x=1`\n" in one and "**Device**: not recorded" in one
+
+
+def test_algorithm_and_scores_table(tmp_path):
+    assert teacher_cards.algorithm("gen_NFT_more") == "DiffusionNFT" and teacher_cards.algorithm("aes") == "GRPO-Guard"
+    (tmp_path / "gen_more" / ".hydra").mkdir(parents=True)  # the run's config says it, whatever its name
+    (tmp_path / "gen_more" / ".hydra" / "config.yaml").write_text(
+        "module: {_target_: opd.modules.teacher_nft.NFTTeacher, lr: '${x}'}\n")
+    assert teacher_cards.algorithm("gen_more", tmp_path) == "DiffusionNFT"
+    assert teacher_cards.algorithm("aes", tmp_path) == "GRPO-Guard"  # no record: by name
+    assert teacher_cards.scores_table({"base": {G: 0.25}}, {"GenEval": G, "OCR": O}) == (
+        "| model | GenEval | OCR |\n|---|---|---|\n| base | 0.250 | – |\n")
+
+
+# ---- compare -------------------------------------------------------------------------------------
+
+def test_compare_reads_labelled_runs_smooths_and_plots(tmp_path):
+    write_log(tmp_path / "sum", [{"step": s, "kl": v} for s, v in enumerate([0.4, 0.2, 0.3, 0.1])])
+    write_log(tmp_path / "bal", [{"step": s, "kl": v} for s, v in enumerate([0.5, 0.1])])
+    runs = compare.parse_runs([f"summed={tmp_path / 'sum'}", str(tmp_path / "bal")])
+    assert runs == {"summed": tmp_path / "sum", "bal": tmp_path / "bal"}
+    data = compare.curves(runs, ["kl"], smooth=3)
+    steps, raw, smoothed = data["kl"]["summed"]
+    assert steps == [0, 1, 2, 3] and raw == [0.4, 0.2, 0.3, 0.1]
+    assert smoothed == pytest.approx([0.3, 0.3, 0.2, 0.2])  # (0.4+0.2)/2, (0.4+0.2+0.3)/3, (0.2+0.3+0.1)/3, (0.3+0.1)/2
+    assert compare.curves(runs, ["kl"])["kl"]["bal"][2] == [0.5, 0.1]
+    with pytest.raises(ValueError, match="labelled"):
+        compare.parse_runs([f"a={tmp_path}", f"a={tmp_path}"])
+    assert compare.main(["--out", str(tmp_path / "kl.png"), "--keys", "kl", "--smooth", "3", *map(str, runs.values())]
+                        ).stat().st_size > 0
+    with pytest.raises(SystemExit):
+        compare.main(["--out", str(tmp_path / "x.png"), "--keys", "missing", str(tmp_path / "sum")])
+
+
+# ---- pack ----------------------------------------------------------------------------------------
+
+def test_pack_leaves_out_checkpoints_and_evaluation_images_and_splits_by_size(tmp_path):
+    root = tmp_path / "eval"  # a root named like a left-out folder still packs
+    files = {"r/adapter/pytorch_lora_weights.safetensors": 300, "r/checkpoints/last.ckpt": 50,
+             "r/checkpoints/step_1.ckpt": 50, "r/eval/images/base/0.png": 10, "r/eval/grids/g.png": 200,
+             "r/eval/results.json": 100, "r/images/step_0.png": 20}
+    for name, size in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x" * size)
+    kept = {str(p.relative_to(root)) for p in root.rglob("*") if pack.wanted(p, root)}
+    assert kept == {"r/adapter/pytorch_lora_weights.safetensors", "r/eval/grids/g.png", "r/eval/results.json",
+                    "r/images/step_0.png"}
+    assert pack.wanted(root / "r/checkpoints/last.ckpt", root, with_ckpt=True)
+    assert not pack.wanted(root / "r/checkpoints/step_1.ckpt", root, with_ckpt=True)
+    assert not pack.wanted(root / "r/eval/results.json", root, adapters="only")
+    assert not pack.wanted(root / "r/adapter/pytorch_lora_weights.safetensors", root, adapters="skip")
+    # smallest first, a new part past the budget: 20+100 | 200 | 300 with 250 bytes a part
+    parts = pack.split_parts([(Path(n), s) for n, s in files.items() if n in kept], 250)
+    assert [[str(p) for p in part] for part in parts] == [["r/images/step_0.png", "r/eval/results.json"],
+                                                          ["r/eval/grids/g.png"],
+                                                          ["r/adapter/pytorch_lora_weights.safetensors"]]
+    written = pack.pack(root, tmp_path / "out" / "runs.tar.gz", max_mb=250 / 2**20)
+    assert [p.name for p in written] == ["runs.0.tar.gz", "runs.1.tar.gz", "runs.2.tar.gz"]
+    with tarfile.open(written[0]) as tar:
+        assert tar.getnames() == ["eval/r/images/step_0.png", "eval/r/eval/results.json"]
+    assert pack.pack(root, tmp_path / "one.tar.gz") == [tmp_path / "one.tar.gz"]
+
+
+# ---- pick_base -----------------------------------------------------------------------------------
+
+def test_pick_base_chooses_by_the_suites_headlines_with_choose_s_rule(tmp_path, conf, capsys):
+    paths = []
+    for step, (g, o, x, a) in {"step_1": (0.30, 0.60, 0.45, 0.50), "step_2": (0.40, 0.66, 0.45, 0.45),
+                               "step_3": (0.35, 0.50, 0.10, 0.15)}.items():
+        paths.append(str(write_eval(tmp_path / step, {"base": scores(g, o, x, a)})))
+    # band [0.2, 0.7]: depths step_1 min(.1,.4,.4,.1,.3,.2)=.1; step_2 .04 (ocr .66); step_3 -.05 (aesthetic .15)
+    choice = pick_base.main(paths)
+    assert choice["chosen"] == "step_1" and choice["depth"] == pytest.approx(0.1)
+    assert choice["metrics"] == [G, O, A]
+    # on GenEval and OCR only, step_3 (.35, .50) sits deepest: min(.15, .35, .3, .2) = .15
+    choice = pick_base.main([*paths, "--tasks", "geneval", "ocr", "--json", str(tmp_path / "c.json")])
+    assert choice["chosen"] == "step_3" and choice["depth"] == pytest.approx(0.15)
+    assert json.loads((tmp_path / "c.json").read_text())["chosen"] == "step_3"
+    # a narrower band [0.25, 0.65]: step_2's OCR .66 is outside, step_1 .05 deep, step_3 .1
+    assert pick_base.main([*paths, "--tasks", "geneval", "ocr", "--band", "0.25", "0.65"])["chosen"] == "step_3"
+    with pytest.raises(ValueError, match="drawbench"):
+        pick_base.base_metrics(["drawbench"])
+    assert "<- chosen" in capsys.readouterr().out
+
+
+# ---- pick_teachers -------------------------------------------------------------------------------
+
+def candidate(root: Path, name: str, ocr: float | None, guidance: float, adapter: bool = True) -> None:
+    if adapter:
+        (root / name / "adapter").mkdir(parents=True)
+        (root / name / "adapter" / "pytorch_lora_weights.safetensors").write_text(name)
+    if ocr is not None:
+        write_eval(root / name / "val", {name: scores(0.1, ocr, 0.9 - ocr, 0.2)}, guidance={name: guidance})
+
+
+def test_pick_teachers_by_the_skills_headline_installs_and_prints_overrides(tmp_path, conf, capsys):
+    root, dest = tmp_path / "runs", tmp_path / "teachers"
+    candidate(root, "ocr_grpo", 0.7, 4.5)  # ocr_exact 0.2: higher on exact, lower on the headline
+    candidate(root, "ocr_nft", 0.8, 1.0)
+    candidate(root, "ocr_broken", None, 1.0)  # no validation: skipped
+    candidate(root, "gen_a", 0.5, 1.0)
+    picked = pick_teachers.main(["--root", str(root), "--dest", str(dest), "ocr=ocr_grpo,ocr_nft,ocr_broken"])
+    entry = picked["ocr"]
+    assert entry["winner"] == "ocr_nft" and entry["metric"] == O and entry["guidance_scale"] == 1.0
+    assert entry["candidates"]["ocr_grpo"]["score"] == 0.7 and entry["candidates"]["ocr_grpo"]["guidance_scale"] == 4.5
+    assert set(entry["candidates"]) == {"ocr_grpo", "ocr_nft"}
+    assert (dest / "ocr" / "pytorch_lora_weights.safetensors").read_text() == "ocr_nft"
+    assert f"[pick] train with: teacher.ocr.adapter={dest / 'ocr'} teacher.ocr.guidance_scale=1.0" in capsys.readouterr().out
+    pick_teachers.main(["--root", str(root), "--dest", str(dest), "geneval=gen_a"])  # keeps the OCR pick
+    picked = json.loads((root / "picked.json").read_text())
+    assert set(picked) == {"ocr", "geneval"}
+    capsys.readouterr()
+    pick_teachers.main(["--root", str(root), "--overrides", "geneval", "ocr"])
+    assert capsys.readouterr().out.split() == [f"teacher.geneval.adapter={dest / 'geneval'}", "teacher.geneval.guidance_scale=1.0",
+                                               f"teacher.ocr.adapter={dest / 'ocr'}", "teacher.ocr.guidance_scale=1.0"]
+    pick_teachers.main(["--root", str(root), "--checkpoint", "ocr"])
+    assert capsys.readouterr().out.strip() == f"+checkpoints.teacher_ocr={{adapter:{dest / 'ocr'},guidance_scale:1.0}}"
+    with pytest.raises(SystemExit):
+        pick_teachers.main(["--root", str(root), "--checkpoint", "aesthetic"])  # nothing picked for it
+    with pytest.raises(SystemExit):
+        pick_teachers.main(["--root", str(root), "--dest", str(dest), "drawbench=gen_a"])  # no such task
+    with pytest.raises(SystemExit, match="no usable candidate"):
+        pick_teachers.main(["--root", str(root), "--dest", str(dest), "ocr=ocr_broken"])
+
+
+def test_winner_takes_the_first_of_a_tie_and_overrides_without_a_known_cfg():
+    assert pick_teachers.winner({"a": {"score": 0.5}, "b": {"score": 0.5}, "c": {"score": 0.4}}) == "a"
+    with pytest.raises(ValueError):
+        pick_teachers.winner({})
+    picked = {"ocr": {"adapter": "t/ocr", "guidance_scale": None}}
+    assert pick_teachers.train_overrides(picked, ["ocr"]) == ["teacher.ocr.adapter=t/ocr"]
+    assert pick_teachers.eval_checkpoint(picked, "ocr", "x") == "+checkpoints.x={adapter:t/ocr}"
+
+
+# ---- ship_adapter --------------------------------------------------------------------------------
+
+def test_shipped_fp16_adapter_keeps_keys_and_metadata_and_the_velocity(tmp_path):
+    from safetensors import safe_open
+
+    from opd.models.lora import add_lora, lora_parameters, save_lora
+    from opd.results import ship_adapter
+    from test_models import toy
+
+    base = toy(seed=3)
+    base.save_pretrained(tmp_path / "base", dtype=torch.float32)
+    add_lora(base.transformer, "s", rank=4, alpha=8)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in lora_parameters(base.transformer, "s"):
+            p.add_(0.2 * torch.randn_like(p))
+    source = save_lora(base.transformer, "s", tmp_path / "fp32")
+    copy = ship_adapter.to_fp16(source, tmp_path / "fp16")
+    with safe_open(str(source), framework="pt") as a, safe_open(str(copy), framework="pt") as b:
+        assert a.metadata() == b.metadata() and set(a.keys()) == set(b.keys())
+        for k in a.keys():  # noqa: SIM118 (safe_open is not iterable)
+            assert b.get_tensor(k).dtype == torch.float16
+            torch.testing.assert_close(b.get_tensor(k).float(), a.get_tensor(k), rtol=1e-3, atol=1e-4)
+    gaps = ship_adapter.velocity_gaps(tmp_path / "base", source, copy, ["a red circle", 'a sign that says "CAT"'])
+    assert gaps["adapter_vs_base"] > 1e-2  # the adapter changes the velocity ...
+    assert 0 < gaps["fp16_vs_fp32"] < 1e-2 * gaps["adapter_vs_base"]  # ... far more than rounding does
+    shipped = ship_adapter.main([str(tmp_path / "fp32"), str(tmp_path / "main"), "--base", str(tmp_path / "base")])
+    assert (tmp_path / "main" / "pytorch_lora_weights.safetensors").is_file() and shipped["fp16_vs_fp32"] > 0
