@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from opd.callbacks.progress_log import log_progress
 from opd.evaluation.bootstrap import bootstrap_ci, clustered_mean
 from opd.evaluation.controls import Cover, sensitivity_differences
 from opd.evaluation.distributed import Ranks
@@ -465,7 +465,9 @@ def score_task(report: Report, backbone: Any, ckpt: str, task: EvalTask, *, num_
     first_of = {(i, 0): k for k, (i, _) in enumerate(pairs or [])}
     starts = ranks.shard(range(0, len(ids), batch_size))
     firsts: dict[int, Tensor] = {}
-    for start in tqdm(starts, desc=f"{ckpt}/{task.name}", unit="batch", disable=not ranks.is_main):
+    share = f" (rank 0's share of {ranks.world_size} ranks)" if ranks.world_size > 1 else ""
+    desc = f"checkpoint {ckpt}, task {task.name}{share}"  # a tqdm bar on a terminal, else a log line per batch
+    for start in log_progress(starts, desc, enabled=ranks.is_main):
         chunk = ids[start : start + batch_size]
         rows = [task.rows[p] for p, _ in chunk]
         images = generate(backbone, [r["prompt"] for r in rows], num_steps=num_steps, guidance_scale=guidance_scale,
