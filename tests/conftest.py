@@ -33,6 +33,10 @@ def compose_cfg(config_name: str, overrides: list[str], output_dir: Path):
     paths = [f"paths.root_dir={ROOT}", f"paths.output_dir={output_dir}"]
     if config_name == "eval":
         paths.append(f"output_dir={output_dir}")
+    if config_name == "train" and not any(o.split("=")[0].lstrip("+~").startswith("eval") for o in overrides):
+        # the end-of-run evaluation (conf/eval_settings) is tested in test_train_eval.py and
+        # test_experiments.py; elsewhere a full mini evaluation per run would only cost minutes
+        paths.append("eval=null")
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name=config_name, overrides=[*paths, *overrides])
 

@@ -8,6 +8,11 @@ PID) while it runs, so a second run into the same folder is refused; a lock whos
 is taken over with a warning. A fresh run refuses a folder that holds an earlier run's checkpoints,
 adapter, model or exports unless it resumes (``ckpt_path=last`` or a path) or is told
 ``overwrite=true``, which first clears the earlier run's outputs.
+
+Every run ends with its evaluation, in the same process and by the code of ``python -m opd.evaluate``
+(:func:`opd.evaluation.run.evaluate_run`): the trained adapter against the base, or the pre-trained
+model, into ``<output_dir>/eval/``; the training config's ``eval`` node holds its settings
+(``eval=null`` skips it). Its settings and prompt files are checked before training starts.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import opd.config  # registers the structured-config schemas; validate_train_config
+from opd.evaluation.run import check_run_eval, evaluate_run
 from opd.validate import check_ckpt_path
 
 log = logging.getLogger(__name__)
@@ -57,7 +63,7 @@ LOCK_NAME = "run.lock"
 #: what a run writes into its folder: an earlier run's outputs (the first four refuse a fresh run;
 #: ``overwrite=true`` clears them all). Hydra's own ``.hydra/`` and log file are left alone.
 EARLIER_OUTPUTS = ("checkpoints", "adapter", "model", "exports")
-CLEARED_BY_OVERWRITE = (*EARLIER_OUTPUTS, "images", "csv", "tensorboard", "wandb", "curves.png")
+CLEARED_BY_OVERWRITE = (*EARLIER_OUTPUTS, "images", "csv", "tensorboard", "wandb", "eval", "curves.png")
 
 
 class RunFolderError(RuntimeError):
@@ -201,17 +207,41 @@ def _clear(folder: Path, ckpt_path: str | None) -> None:
 
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Build data, module, callbacks, loggers and trainer from ``cfg``; fit in the claimed run
-    folder (see the module docstring). Returns ``(metrics, objects)``."""
+    folder, then evaluate what the run produced (see the module docstring). Returns ``(metrics,
+    objects)``: the trainer's last metrics plus, after the evaluation, ``eval/<row>/<metric>`` for
+    every value of its results.json (also ``objects["eval"]``)."""
     opd.config.validate_train_config(cfg)  # every bad value fails here, before anything is built (opd.validate)
+    eval_cfg = check_run_eval(cfg)  # the end-of-run evaluation's settings and prompt files, checked now
     ckpt_path = resolve_ckpt_path(cfg)
     with claim_run_folder(Path(cfg.paths.output_dir), ckpt_path, overwrite=bool(cfg.get("overwrite", False))):
-        return _fit(cfg, ckpt_path)
+        with _training_precision():
+            metrics, objects = _fit(cfg, ckpt_path)
+        if eval_cfg is not None:
+            if objects["trainer"].interrupted:
+                log.warning("the run was interrupted: no end-of-run evaluation")
+            else:
+                results = evaluate_run(cfg, objects["trainer"], eval_cfg)
+                objects["eval"] = results
+                metrics.update({f"eval/{row}/{name}": float(value) for row, values in (results or {}).items()
+                                for name, value in values.items()})
+        return metrics, objects
+
+
+@contextlib.contextmanager
+def _training_precision() -> Iterator[None]:
+    """TF32 matmuls on Ampere+ for the fp32 parts of training; the flags are restored afterwards, so
+    that the end-of-run evaluation computes what ``python -m opd.evaluate`` computes."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
 def _fit(cfg: DictConfig, ckpt_path: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
     pl.seed_everything(cfg.seed, workers=True)
-    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere+ for the fp32 parts
-    torch.backends.cudnn.allow_tf32 = True
     datamodule = hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.module)
     if cfg.get("allow_teacher_change") and hasattr(module, "allow_teacher_change"):
@@ -263,4 +293,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m opd.train` runs this file as __main__; call the importable module's main instead, so that
+    # multirun launchers that send the task to other processes (hydra/launcher=local, slurm) pickle it
+    # by reference rather than by value (which fails on torch's module objects)
+    from opd.train import main as importable_main
+
+    importable_main()

@@ -1,0 +1,101 @@
+"""The evaluation that ends a training run gives exactly the numbers ``python -m opd.evaluate`` gives for
+the same adapter (or exported model) and settings: one implementation, whatever training left behind
+in the process (seeds, TF32 flags, threads)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import ROOT, TOY_MODEL, compose_cfg
+from opd.train import train
+from test_experiments import compose_train
+
+#: the evaluation's settings, small but with every control: swapped prompts, prompt sensitivity, covers
+SETTINGS = {"max_prompts": 3, "images_per_prompt": 2, "num_steps": 2, "batch_size": 4, "device": "cpu",
+            "controls.sensitivity_pairs": 2, "controls.cover.num_scenes": 8, "controls.cover.num_train_prompts": 4,
+            "controls.bootstrap.num_resamples": 50}
+TRAIN_SMALL = ["trainer=cpu", "logger=csv", "trainer.enable_progress_bar=false", "trainer.max_steps=1",
+               "trainer.max_time=null", "callbacks.image_grid=null", "callbacks.curves=null", "sampler.num_steps=2"]
+
+
+def eval_overrides(prefix: str) -> list[str]:
+    return [f"{prefix}{key}={value}" for key, value in SETTINGS.items()]
+
+
+@pytest.fixture(scope="module")
+def toy_base(tmp_path_factory):
+    from test_models import toy
+
+    root = tmp_path_factory.mktemp("train_eval")
+    toy(seed=4).save_pretrained(root / "base", dtype=torch.float32)
+    return root / "base"
+
+
+def test_end_of_run_evaluation_equals_opd_evaluate(toy_base, tmp_path):
+    # the GenEval teacher recipe (DiffusionNFT, CFG-free rollouts): the adapter is evaluated at the CFG
+    # it was trained with (1.0), the base at eval.guidance_scale (4.5)
+    run = tmp_path / "run"
+    cfg = compose_train(["experiment=mini/teacher_geneval", f"model.path={toy_base}", "model.image_size=16",
+                                *TRAIN_SMALL, "module.num_groups_per_round=2", "module.group_size=2",
+                                "module.rollout_chunks=1", "module.num_train_steps=2", "module.lora={rank:2,alpha:4}",
+                                *eval_overrides("eval.")], run)
+    OmegaConf.resolve(cfg)
+    metrics, objects = train(cfg)
+    trained = json.loads((run / "eval" / "results.json").read_text())
+    assert set(trained) == {"base", "trained", "cover"}
+    assert objects["eval"] == trained
+    assert metrics["eval/trained/geneval/geneval_mini_correct"] == pytest.approx(trained["trained"][
+        "geneval/geneval_mini_correct"])
+    for kind in ("ocr/ocr/swapped", "ocr/sensitivity", "ocr/ocr/ci_low"):  # the controls ran
+        assert kind in trained["trained"], kind
+    assert "| trained | 1 |" in (run / "eval" / "results.md").read_text()  # the adapter at its training CFG
+
+    alone = tmp_path / "alone"
+    done = subprocess.run(
+        [sys.executable, "-m", "opd.evaluate", f"model.path={toy_base}", "model.image_size=16",
+         f"+checkpoints.trained={{adapter:{run / 'adapter'},guidance_scale:1.0}}", *eval_overrides(""),
+         f"hydra.run.dir={alone}"], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((alone / "results.json").read_text()) == trained  # exactly the same numbers
+
+
+def test_end_of_pretraining_evaluates_the_exported_model(tmp_path):
+    from opd.evaluate import evaluate
+
+    cfg = compose_train(["experiment=pretrain_mini", *TOY_MODEL, *TRAIN_SMALL, "data.batch_size=2", "data.num_workers=0",
+                         "module.cooldown_steps=0", "module.export_every_n_steps=null", *eval_overrides("eval."),
+                         "eval.controls.cover=null"], tmp_path)
+    OmegaConf.resolve(cfg)
+    train(cfg)
+    trained = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert set(trained) == {"trained"}  # no base: pre-training trains every weight
+    alone = evaluate(compose_cfg("eval", [f"model.path={tmp_path / 'model'}", "model.image_size=16",
+                                          "~checkpoints", "+checkpoints.trained=null", *eval_overrides(""), "controls.cover=null"],
+                                 tmp_path / "alone"))
+    assert alone == trained
+
+
+def test_eval_null_skips_it_and_bad_settings_fail_before_training(tmp_path, monkeypatch):
+    from opd.validate import ConfigError
+
+    base = ["experiment=mini/teacher_ocr", *TOY_MODEL, *TRAIN_SMALL]
+    cfg = compose_train([*base, "eval.max_prompts=0", "eval.tasks.ocr.table={OCR:orc}"], tmp_path)
+    monkeypatch.setattr("opd.train._fit", lambda *a: pytest.fail("training started"))
+    with pytest.raises(ConfigError, match=r"(?s)end-of-run evaluation.*eval\.tasks\.ocr\.table\.OCR='orc'"
+                                          r".*eval\.max_prompts=0"):
+        train(cfg)
+    with pytest.raises(ConfigError, match=r"eval\.max_prompt=.*unknown key"):
+        train(compose_train([*base, "+eval.max_prompt=2"], tmp_path))
+    missing = f"{{_target_:opd.data.prompt_files.load_prompt_file,path:{tmp_path / 'nope.txt'}}}"
+    with pytest.raises(Exception, match=r"(?s)eval\.tasks\.ocr\.prompts.*nope\.txt"):
+        train(compose_train([*base, f"eval.tasks.ocr.prompts={missing}"], tmp_path))
+    monkeypatch.undo()
+    metrics, objects = train(compose_train([*base, "eval=null", "module.num_groups_per_round=2", "module.group_size=2",
+                                            "module.lora={rank:2,alpha:4}"], tmp_path))
+    assert "eval" not in objects and not (tmp_path / "eval").exists()
+    assert not any(key.startswith("eval/") for key in metrics)
