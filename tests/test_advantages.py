@@ -1,4 +1,4 @@
-"""Group-relative advantages against hand-computed values (ALGORITHMS.md §1, §5)."""
+"""Group-relative advantages against hand-computed values (docs/algorithms.md, Group-relative advantages)."""
 import math
 
 import numpy as np

@@ -16,7 +16,7 @@ from opd.data.world.layout import scene_for
 from opd.data.world.render import render, render_tensor
 from opd.data.world.scene import BACKGROUNDS, OBJECT_COLORS, OPPOSITE, SHAPE_KINDS, Scene, Shape
 from opd.rewards.base import Reward
-from opd.rewards.geneval_mini import GenEvalMini, by_class, detect, strict_correct
+from opd.rewards.geneval_mini import GenEvalMini, by_class, detect, exact_correct
 from opd.rewards.shapes import MARGIN, segment, template_ious
 
 COLORS = list(OBJECT_COLORS)
@@ -374,20 +374,20 @@ def test_position_subscore() -> None:
     assert _score([left], meta) == pytest.approx((1 / 3, 0.0))
 
 
-def test_strict_correct_on_detections() -> None:
+def test_exact_correct_on_detections() -> None:
     objects = by_class(
         detect(_image(Scene([Shape("circle", "red", 16, 32, 14), Shape("circle", "blue", 46, 32, 14)])))
     )
     assert sorted(d.color for d in objects["circle"]) == ["blue", "red"]
     two = _meta("counting", [{"class": "circle", "count": 2}], [{"class": "circle", "count": 3}])
-    assert strict_correct(objects, two)
+    assert exact_correct(objects, two)
     # one red circle is asked, but a blue one is there too: GenEval would pass it, this judge does not
-    assert not strict_correct(objects, _meta("colors", [{"class": "circle", "count": 1, "color": "red"}]))
+    assert not exact_correct(objects, _meta("colors", [{"class": "circle", "count": 1, "color": "red"}]))
     pair = _meta(
         "color_attr",
         [{"class": "circle", "count": 1, "color": "blue"}, {"class": "circle", "count": 1, "color": "red"}],
     )
-    assert strict_correct(objects, pair)  # two clauses of one class split its objects between them
+    assert exact_correct(objects, pair)  # two clauses of one class split its objects between them
 
 
 def test_bad_metadata_and_batch() -> None:

@@ -1,4 +1,4 @@
-"""Flow-GRPO and GRPO-Guard losses against hand computations and a real SDE step (ALGORITHMS.md §1–2)."""
+"""Flow-GRPO and GRPO-Guard losses against hand computations and a real SDE step (docs/algorithms.md)."""
 import math
 
 import pytest
@@ -32,7 +32,7 @@ def test_policy_loss_and_metrics_by_hand():
     assert m["train/ratio_mean"].item() == pytest.approx(6.1 / 6, abs=1e-6)
     approx_kl = 0.5 * sum(math.log(r) ** 2 for r in RATIOS.tolist()) / 6
     assert m["train/approx_kl"].item() == pytest.approx(approx_kl, abs=1e-6)
-    assert "train/kl" not in m
+    assert "train/kl_ref" not in m
 
 
 def test_clipped_side_has_zero_gradient():
@@ -70,8 +70,8 @@ def test_kl_exact_vs_quirk_differ_by_delta():
     loss_e, m_e = GRPOLoss(kl_weight=0.04)(lp, lp, adv, mean=mean, ref_mean=ref, std=std, delta=delta)
     loss_q, m_q = GRPOLoss(kl_weight=0.04, exact_kl=False)(lp, lp, adv, mean=mean, ref_mean=ref, std=std,
                                                            delta=delta)
-    torch.testing.assert_close(m_e["train/kl"], exact)
-    torch.testing.assert_close(m_q["train/kl"], delta * exact)
+    torch.testing.assert_close(m_e["train/kl_ref"], exact)
+    torch.testing.assert_close(m_q["train/kl_ref"], delta * exact)
     torch.testing.assert_close(loss_e, -adv.mean() + 0.04 * exact)
     torch.testing.assert_close(loss_q, -adv.mean() + 0.04 * delta * exact)
 
@@ -79,9 +79,9 @@ def test_kl_exact_vs_quirk_differ_by_delta():
 def test_kl_skipped_without_reference_or_weight():
     mean, ref, lp, adv = torch.ones(2, 3), torch.zeros(2, 3), torch.zeros(2), torch.tensor([1.0, 2.0])
     loss, m = GRPOLoss(kl_weight=0.0)(lp, lp, adv, mean=mean, ref_mean=ref, std=0.5)
-    assert "train/kl" not in m and loss.item() == -1.5
+    assert "train/kl_ref" not in m and loss.item() == -1.5
     loss, m = GRPOLoss(kl_weight=0.04)(lp, lp, adv, mean=mean, ref_mean=None, std=0.5)
-    assert "train/kl" not in m and loss.item() == -1.5
+    assert "train/kl_ref" not in m and loss.item() == -1.5
     with pytest.raises(ValueError, match="pass delta"):
         GRPOLoss(exact_kl=False)(lp, lp, adv, mean=mean, ref_mean=ref, std=0.5)
 

@@ -1,4 +1,4 @@
-"""DiffusionNFT's loss, noising and old-policy update against hand computations (ALGORITHMS.md §3, §5)."""
+"""DiffusionNFT's loss, noising and old-policy update against hand computations (docs/algorithms.md)."""
 import pytest
 import torch
 
@@ -22,11 +22,11 @@ def test_loss_by_hand(beta, expect):
     v_theta, v_old, r = torch.tensor([[1.0, 2.0]]), torch.tensor([[2.0, 3.0]]), torch.tensor([0.25])
     loss, m = NFTLoss(beta=beta, kl_weight=1e-4)(v_theta, v_old, x_t, x0, t, r)
     assert loss.item() == pytest.approx(expect, rel=1e-6)
-    assert "train/kl" not in m
+    assert "train/kl_ref_velocity_mse" not in m
     # the λ term: mean_D (v_θ − v_ref)² = (1 + 4)/2 with v_ref = 0
     loss_kl, m = NFTLoss(beta=beta, kl_weight=1e-4)(v_theta, v_old, x_t, x0, t, r, v_ref=torch.zeros(1, 2))
     assert loss_kl.item() == pytest.approx(expect + 2.5e-4, rel=1e-6)
-    assert m["train/kl"].item() == 2.5
+    assert m["train/kl_ref_velocity_mse"].item() == 2.5
 
 
 def _batch(seed: int = 0, batch: int = 3, dim: int = 8):

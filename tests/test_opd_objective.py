@@ -1,4 +1,4 @@
-"""DiffusionOPD's per-step KL loss (DESIGN.md §2) against torch.distributions, Monte Carlo and
+"""DiffusionOPD's per-step KL loss (docs/method.md) against torch.distributions, Monte Carlo and
 hand-derived gradients, on real transitions of ``opd.sampling``."""
 import math
 
@@ -38,7 +38,7 @@ def test_closed_form_matches_torch_kl_and_monte_carlo():
     torch.testing.assert_close(kl_sum, exact, rtol=1e-6, atol=0)
     torch.testing.assert_close(gaussian_kl_same_std(mu_s, mu_t, s, "mean"), exact / 16, rtol=1e-6, atol=0)
     _, m = OPDLoss(reduction="sum")(mu_s, mu_t, tr_s.std, DELTA)
-    torch.testing.assert_close(m["train/kl"], exact.mean(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(m["train/kl_step"], exact.mean(), rtol=1e-6, atol=0)
 
     # E_{x ~ q_S}[log q_S(x) − log q_T(x)] with 200k draws per sample
     q_s, q_t = Normal(mu_s, s), Normal(mu_t, s)
@@ -56,7 +56,7 @@ def test_code_variant_is_paper_times_delta_for_flow():
         per_sample = gaussian_kl_same_std(tr_s.mean, tr_t.mean, tr_s.std)
         torch.testing.assert_close(paper, per_sample.mean())
         torch.testing.assert_close(code, (torch.as_tensor(delta) * per_sample).mean())
-        torch.testing.assert_close(mc["train/kl"], code)
+        torch.testing.assert_close(mc["train/kl_step"], code)
     # the score-function estimator rescales its weights the same way
     x_next = tr_s.sample(torch.Generator().manual_seed(0))
     delta = torch.tensor([0.1, 0.05, 0.2], dtype=torch.float64)
@@ -202,7 +202,7 @@ def test_pathwise_gradient_by_hand(reduction, scale):
     # d/dμ_S of (1/B) Σ_i reduce_D (μ_S − μ_T)²/(2 s²) = (μ_S − μ_T)/(s² B) · (1/D for the mean)
     torch.testing.assert_close(mu_s.grad, (mu_s - mu_t).detach() * scale / (s2 * 5))
     assert mu_t.grad is None
-    assert not m["train/kl"].requires_grad
+    assert not m["train/kl_step"].requires_grad
     gap = (mu_s - mu_t).detach()
     assert m["train/mean_gap"].item() == pytest.approx(gap.square().mean().sqrt().item())
 
@@ -313,4 +313,4 @@ def test_kl_weight_scales_loss_not_metrics():
     base, m1 = OPDLoss()(ms, mt, 0.3, 0.1)
     scaled, m2 = OPDLoss(kl_weight=2.5)(ms, mt, 0.3, 0.1)
     torch.testing.assert_close(scaled, 2.5 * base)
-    torch.testing.assert_close(m1["train/kl"], m2["train/kl"])
+    torch.testing.assert_close(m1["train/kl_step"], m2["train/kl_step"])

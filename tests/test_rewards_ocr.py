@@ -38,7 +38,7 @@ def test_text_match_doctests() -> None:
 @pytest.mark.parametrize(
     ("target", "recognised", "expected"),
     [
-        ("Hello World", "helo world", 1 - 1 / 10),  # ALGORITHMS.md §4's example: one deletion of 10
+        ("Hello World", "helo world", 1 - 1 / 10),  # docs/algorithms.md's OCR example: one deletion of 10
         ("CAT", "the cat sat", 1.0),  # substring → distance 0
         ("CAT", "CUT", 1 - 1 / 3),  # one substitution
         ("CAT", "", 0.0),  # nothing read: distance 3 = len(target)

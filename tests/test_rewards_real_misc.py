@@ -96,7 +96,7 @@ def test_easyocr_detects_on_rgb_recognises_on_grey_and_scores_like_flow_grpo():
     reward.engine = EasyOCREngine.from_reader(stub)
     images = sample_images(1, 64, 64)
     out = reward.score(images, ['a sign that says "Hello World"'], [{}])
-    torch.testing.assert_close(out["reward"], torch.tensor([0.9]))  # ALGORITHMS.md §4's worked example
+    torch.testing.assert_close(out["reward"], torch.tensor([0.9]))  # docs/algorithms.md's OCR example
     (_, rgb), (_, grey) = stub.calls
     assert rgb.ndim == 3 and rgb.shape[2] == 3
     np.testing.assert_array_equal(grey, cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))

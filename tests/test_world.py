@@ -1,4 +1,4 @@
-"""The mini world: scenes, renderer and prompt grammar (DESIGN.md section 5)."""
+"""The mini world: scenes, renderer and prompt grammar (docs/mini_world.md)."""
 
 from __future__ import annotations
 

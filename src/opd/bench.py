@@ -4,7 +4,7 @@
 
 (a) ours: rollout of ``--batch`` trajectories, teacher targets for all steps in large chunks, the
 student trained on chunks spanning steps (``OPDDistill.distill_on``); (b) reference-style: the
-authors' script, batch 3, one teacher and one student pass per step (``OPDDistill.reference_loss``).
+authors' script, batch 3, one teacher and one student pass per step (:func:`reference_loss`).
 Both use the same module, kernel, CFG and LoRA, so the math per trajectory is identical; the
 figures are trajectories distilled per second, their ratio, peak memory and (on a GPU) model
 FLOPs utilisation against the chip's measured bf16 matmul peak. On a GPU the default model is an
@@ -27,8 +27,9 @@ from torch import Tensor
 
 from opd.models.backbone import Backbone, PromptEmbeds
 from opd.models.lora import add_lora, lora_parameters, save_lora
-from opd.modules.distill import OPDDistill
+from opd.modules.distill import OPDDistill, Teacher
 from opd.objectives.opd import OPDLoss
+from opd.sampling import Trajectory
 
 #: SD3.5-Medium's MMDiT (2.24 B parameters), from its published transformer config
 SD35_MEDIUM = {"sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 24,
@@ -106,6 +107,20 @@ def build_module(backbone: Backbone, args: argparse.Namespace, workdir: Path) ->
     return module
 
 
+def reference_loss(module: OPDDistill, traj: Trajectory, teacher: Teacher) -> Tensor:
+    """``module``'s objective computed as the authors' script does: step by step, one teacher and one
+    student pass per step for the whole batch. The benchmark's baseline, and the test that the
+    module's batched :meth:`~opd.modules.distill.OPDDistill.distill_on` gives the same loss and gradient."""
+    b, total = traj.latents.shape[0], torch.zeros((), device=module.device)
+    for j in range(module.num_trained_steps):
+        x = traj.latents[:, j]
+        s, sn = traj.sigmas[j].expand(b), traj.sigmas[j + 1].expand(b)
+        target, _ = module.means(x, s, sn, traj.cond, teacher.adapter_name, teacher.guidance_scale)
+        mean, std = module.means(x, s, sn, traj.cond, module.STUDENT, module.sampler.guidance_scale)
+        total = total + module.objective(mean, target, std, s - sn)[0]
+    return total
+
+
 def iteration(module: OPDDistill, opt: torch.optim.Optimizer, prompts: list[str], batched: bool,
               ref_batch: int) -> None:
     """One distillation iteration over ``prompts`` (rollout, targets, student update)."""
@@ -119,7 +134,7 @@ def iteration(module: OPDDistill, opt: torch.optim.Optimizer, prompts: list[str]
             if batched:
                 module.distill_on(traj, teacher, backward=True)
             else:
-                module.reference_loss(traj, teacher).backward()
+                reference_loss(module, traj, teacher).backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
 

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 @dataclass
 class SamplerConfig:
-    """How trajectories are sampled (DESIGN.md §2)."""
+    """How trajectories are sampled (docs/method.md, "Sampling as a chain of Gaussians")."""
 
     kernel: str = "ode"            # ode | flow | dance | cps | ddim | dpm1 | dpm2 (opd.sampling.KERNELS)
     noise_level: float = 0.0       # a (flow/dance/ddim) or η (dpm*); 0 for ode (opd.validate: ranges)
@@ -38,7 +38,7 @@ class FlowMatchingConfig:
 
 @dataclass
 class GRPOConfig:
-    """Flow-GRPO's PPO-clipped objective (ALGORITHMS.md §1)."""
+    """Flow-GRPO's PPO-clipped objective (docs/algorithms.md, Flow-GRPO)."""
 
     _target_: str = "opd.objectives.grpo.GRPOLoss"
     clip_range: float = 1e-4
@@ -48,7 +48,7 @@ class GRPOConfig:
 
 @dataclass
 class GRPOGuardConfig:
-    """GRPO-Guard (ALGORITHMS.md §2)."""
+    """GRPO-Guard (docs/algorithms.md, GRPO-Guard)."""
 
     _target_: str = "opd.objectives.grpo_guard.GRPOGuardLoss"
     clip_range: float = 2e-6
@@ -60,7 +60,7 @@ class GRPOGuardConfig:
 
 @dataclass
 class NFTConfig:
-    """DiffusionNFT (ALGORITHMS.md §3)."""
+    """DiffusionNFT (docs/algorithms.md, DiffusionNFT)."""
 
     _target_: str = "opd.objectives.nft.NFTLoss"
     beta: float = 1.0              # β_NFT: 1.0 GenEval/PickScore, 0.1 OCR
@@ -70,7 +70,7 @@ class NFTConfig:
 
 @dataclass
 class OPDConfig:
-    """DiffusionOPD's loss (DESIGN.md §2, paper Eq. 10-12)."""
+    """DiffusionOPD's loss (docs/method.md, "Per-step KL (SDE)"; paper Eq. 10-12)."""
 
     _target_: str = "opd.objectives.opd.OPDLoss"
     estimator: str = "pathwise"    # pathwise | score_function (the PPO-style estimator, Sec. 3.3)

@@ -7,20 +7,16 @@ the task's prompt set and its index among that prompt's images (``0 … images_p
 number of ranks sharing the work, or ``images_per_prompt`` (image 0 of a prompt is the same with 1
 or 4 images per prompt).
 
-The mixing is BLAKE2b with an 8-byte digest over the three integers packed as little-endian
-signed 64-bit values, read back as a little-endian integer and shifted right by one bit: a 63-bit
-seed, within what ``torch.Generator.manual_seed`` takes. A cryptographic hash rather than an
-affine formula (``seed · P + index``) keeps the seeds of neighbouring triples unrelated and makes
-collisions between different triples practically impossible.
+The mixing is :func:`opd.utils.seeds.stream_seed` on the stream
+:data:`~opd.utils.seeds.EVAL_IMAGE` (BLAKE2b of the three integers: a 63-bit seed; that module's
+docstring says why the seeds of different images, and of other streams, do not collide).
 """
 from __future__ import annotations
 
-import hashlib
-import struct
+from opd.utils.seeds import EVAL_IMAGE, stream_seed
 
 
 def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
     """The noise seed of image ``image_index`` of prompt ``prompt_index`` under run seed ``seed``
     (see the module docstring for the mixing)."""
-    digest = hashlib.blake2b(struct.pack("<3q", seed, prompt_index, image_index), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+    return stream_seed(EVAL_IMAGE, seed, prompt_index, image_index)

@@ -5,11 +5,11 @@ teacher ``m``'s prompt set, roll out the student (its kernel, schedule, noise le
 teacher ``m`` for its mean at every state the student visited, and accumulate the per-step KL
 (:class:`opd.objectives.opd.OPDLoss`) summed over the trained steps; one optimiser step per round.
 
-Speed by design (DESIGN.md §4): after a rollout every ``(x_j, σ_j)`` is known, so the teacher's
+Speed by design (docs/bench/README.md): after a rollout every ``(x_j, σ_j)`` is known, so the teacher's
 targets for *all* steps are computed in large chunks (CFG as a doubled batch, per-sample σ), and
 the student trains on chunks that span steps; prompt embeddings are cached. The step-by-step
-loop of the reference implementation is kept (:meth:`OPDDistill.reference_loss`) to test that
-both give the same loss and to benchmark against.
+loop of the reference implementation lives beside the benchmark (:func:`opd.bench.reference_loss`),
+which tests that both give the same loss and measures both.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from opd.modules.guards import NonFiniteError, file_sha256, is_finite
 from opd.modules.policy import AdapterPolicy
 from opd.objectives.opd import OPDLoss
 from opd.sampling import Trajectory, transition
+from opd.utils.seeds import TEACHER_PROMPTS, stream_seed
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +135,14 @@ class OPDDistill(AdapterPolicy):
     def draw(self, m: int) -> list[dict]:
         """This rank's prompts for teacher ``m`` this round (seeded by seed, round, teacher, rank)."""
         rows = self.teachers[m].prompts
-        g = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.round) * 101 + m) * 1009 + self.global_rank)
+        g = torch.Generator().manual_seed(stream_seed(TEACHER_PROMPTS, self.seed, self.round, m, self.global_rank))
         return [rows[i] for i in torch.randint(len(rows), (self.prompts_per_teacher,), generator=g).tolist()]
 
     def run_round(self) -> dict[str, Tensor]:
+        """One round. Logs, per teacher, ``teacher/<name>/kl`` (this rank's mean over its samples of the
+        KL summed over the trained steps, before any teacher weight or ``step_reduction``),
+        ``teacher/<name>/weight`` (``balanced`` only) and its monitor rewards ``teacher/<name>/<reward>``;
+        ``train/kl_sum`` (the sum of the teachers' ``teacher/<name>/kl``) and ``train/grad_norm``."""
         metrics: dict[str, Tensor] = {}
         total = 0.0
         pending = []  # monitor rewards run in a worker thread, off the critical path
@@ -161,7 +166,7 @@ class OPDDistill(AdapterPolicy):
             metrics[f"teacher/{teacher.name}/kl"] = loss.detach()
             if self.teacher_weighting == "balanced":
                 metrics[f"teacher/{teacher.name}/weight"] = torch.as_tensor(weight)
-        metrics["train/kl"] = torch.as_tensor(total).detach()
+        metrics["train/kl_sum"] = torch.as_tensor(total).detach()
         metrics["train/grad_norm"] = self.optimizer_step_with_clip()
         scores = self.results([future for _, _, future in pending], "a monitor reward")
         for (teacher_name, name, _), score in zip(pending, scores):  # gathered in a fixed order on every rank
@@ -267,16 +272,4 @@ class OPDDistill(AdapterPolicy):
             if backward:
                 self.manual_backward(part * weight)
             total = total + part.detach()
-        return total
-
-    def reference_loss(self, traj: Trajectory, teacher: Teacher) -> Tensor:
-        """The same objective computed as the authors' script does: step by step, one teacher and one
-        student pass per step for the whole batch (for the equality test and the benchmark)."""
-        b, total = traj.latents.shape[0], torch.zeros((), device=self.device)
-        for j in range(self.num_trained_steps):
-            x = traj.latents[:, j]
-            s, sn = traj.sigmas[j].expand(b), traj.sigmas[j + 1].expand(b)
-            target, _ = self.means(x, s, sn, traj.cond, teacher.adapter_name, teacher.guidance_scale)
-            mean, std = self.means(x, s, sn, traj.cond, self.STUDENT, self.sampler.guidance_scale)
-            total = total + self.objective(mean, target, std, s - sn)[0]
         return total

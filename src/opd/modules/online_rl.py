@@ -97,6 +97,31 @@ class OnlineRL(AdapterPolicy):
     def log_rewards(self, scores: dict[str, Tensor]) -> dict[str, Tensor]:
         return self.gathered_means("reward", self.reward_name, scores)
 
+    def update_round(self, num_samples: int, num_terms: int, num_updates: int,
+                     term_loss: Callable[[Tensor, int], tuple[Tensor, dict[str, Tensor]]],
+                     label: str) -> dict[str, Tensor]:
+        """The round's ``num_updates`` optimiser steps, step ``u`` on the ``u``-th of ``num_updates``
+        nearly equal slices of the round's ``num_samples`` samples. A slice's loss is the mean over
+        ``k < num_terms`` (trained steps, noised times) of ``term_loss(indices, k) -> (loss, metrics)``,
+        back-propagated term by term; ``f"{label} {k}"`` names a non-finite term.
+
+        Returns the round means to log: each metric's mean over every term of every update, and
+        ``train/grad_norm``, the pre-clip gradient norm's mean over the updates."""
+        means: dict[str, Tensor] = {}
+
+        def add(metrics: dict[str, Tensor], count: int) -> None:
+            for key, value in metrics.items():
+                means[key] = means.get(key, 0.0) + value.detach().float() / count
+
+        for indices in torch.arange(num_samples, device=self.device).tensor_split(num_updates):
+            for k in range(num_terms):
+                loss, metrics = term_loss(indices, k)
+                self.note_loss(f"{label} {k}", loss, metrics)
+                self.manual_backward(loss / num_terms)
+                add(metrics, num_terms * num_updates)
+            add({"train/grad_norm": self.optimizer_step_with_clip()}, num_updates)
+        return means
+
 
 def _tasks(reward: Mapping[str, Reward], prompts: Sequence[dict] | Mapping[str, Sequence[dict]]
            ) -> dict[str, tuple[Reward, list[dict]]]:

@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from opd.callbacks.ema import ema_weights
 from opd.data.prompts import ticks_loader
 from opd.models.backbone import Backbone, PromptEmbeds
 from opd.models.lora import (
@@ -34,15 +33,17 @@ from opd.models.lora import (
     save_lora,
     set_trainable,
 )
-from opd.modules.guards import GuardedModule, NonFiniteError
-from opd.sampling import Trajectory, generate, guided_velocity, rollout, sd3_sigmas
+from opd.modules.base import BackboneModule
+from opd.modules.guards import NonFiniteError
+from opd.sampling import Trajectory, guided_velocity, rollout, sd3_sigmas
+from opd.utils.seeds import ROLLOUT, stream_seed
 
 
 class RewardFailedError(RuntimeError):
     """A reward could not score any image of a round (its ``failed`` key is 1 everywhere)."""
 
 
-class AdapterPolicy(GuardedModule):
+class AdapterPolicy(BackboneModule):
     """A trainable ``student`` LoRA on a frozen backbone (manual optimisation)."""
 
     STUDENT = "student"
@@ -52,17 +53,12 @@ class AdapterPolicy(GuardedModule):
                  optimizer: Callable[..., torch.optim.Optimizer], lora: dict[str, Any] | None = None,
                  grad_clip: float = 1.0, seed: int = 0, preview_prompts: Sequence[str] = (),
                  init_adapter: str | None = None) -> None:
-        super().__init__()
+        super().__init__(backbone, sampler, optimizer, preview_prompts)
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the adapters only, not the frozen backbone
-        self._build_backbone = backbone
-        self.backbone: Backbone | None = None
-        self.sampler = sampler
-        self._optimizer = optimizer
         self.lora = {"rank": 32, "alpha": 64, "target_modules": list(DEFAULT_TARGETS), **(lora or {})}
         self.grad_clip = grad_clip
         self.seed = seed
-        self.preview_prompts = list(preview_prompts)
         self.init_adapter = init_adapter
         if init_adapter is not None:
             resolve_lora_file(init_adapter)  # a wrong path fails now, before the backbone loads
@@ -75,7 +71,7 @@ class AdapterPolicy(GuardedModule):
     def configure_model(self) -> None:
         if self.backbone is not None:
             return
-        self.backbone = self._build_backbone()
+        super().configure_model()
         self.backbone.requires_grad_(False)
         add_lora(self.backbone.transformer, self.STUDENT, **self.lora)
         if self.init_adapter is not None:
@@ -100,16 +96,18 @@ class AdapterPolicy(GuardedModule):
         return ticks_loader()
 
     def encode(self, prompts: list[str]) -> PromptEmbeds:
-        """Prompt embeddings, cached (the backbone's text encoders are frozen here)."""
+        """Prompt embeddings, cached (the backbone's text encoders are frozen here).
+
+        Each prompt is encoded on its own: batched kernels may round differently with the batch, and
+        a prompt's embedding must not depend on which prompts missed the cache with it, or a resumed
+        run (whose cache starts empty) drifts from an uninterrupted one."""
         missing = sorted({p for p in prompts if p not in self._embed_cache})
         if len(self._embed_cache) + len(missing) > self.EMBED_CACHE_SIZE:  # SD3: ~2.7 MB a prompt on the GPU
             self._embed_cache.clear()  # start over with this call's prompts only
             missing = sorted(set(prompts))
-        if missing:
-            with torch.no_grad():
-                fresh = self.backbone.encode_prompts(missing)
-            for i, p in enumerate(missing):
-                self._embed_cache[p] = fresh[i : i + 1]
+        with torch.no_grad():
+            for p in missing:
+                self._embed_cache[p] = self.backbone.encode_prompts([p])
         return PromptEmbeds.cat([self._embed_cache[p] for p in prompts])
 
     def velocity_under(self, adapter: str | None, x: Tensor, sigma: Tensor | float, cond: PromptEmbeds,
@@ -125,10 +123,9 @@ class AdapterPolicy(GuardedModule):
             return guided_velocity(self.backbone, x.to(self.backbone.dtype), sigma, cond, uncond, guidance_scale)
 
     def generator(self, purpose: int) -> torch.Generator:
-        """A generator seeded by ``(seed, round, rank, purpose)``: resumable randomness."""
-        if not 0 <= purpose < 1000:
-            raise ValueError(f"purpose must be in [0, 1000) so streams never collide; got {purpose}")
-        seed = ((self.seed * 1_000_003 + self.round) * 1009 + self.global_rank) * 1000 + purpose
+        """A generator seeded by ``(seed, round, rank, purpose)`` (the :data:`~opd.utils.seeds.ROLLOUT`
+        stream of :func:`~opd.utils.seeds.stream_seed`): resumable randomness."""
+        seed = stream_seed(ROLLOUT, self.seed, self.round, self.global_rank, purpose)
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def sample(self, prompts: list[str], *, kernel: str, noise_level: float, guidance_scale: float,
@@ -227,22 +224,12 @@ class AdapterPolicy(GuardedModule):
         opt.zero_grad(set_to_none=True)
         return norm
 
-    # -- previews and checkpoints ---------------------------------------------------------------
-    @torch.no_grad()
-    def preview(self, num_steps: int) -> tuple[Tensor, list[str]]:
-        images = generate(self.backbone, self.preview_prompts, num_steps=num_steps,
-                          guidance_scale=self.sampler.guidance_scale, shift=self.sampler.shift, seed=0)
-        return images, self.preview_prompts
-
+    # -- export and checkpoints ---------------------------------------------------------------
     def on_train_end(self) -> None:
         """Export the student's EMA weights as a diffusers LoRA file in ``<output_dir>/adapter``."""
-        if not self.trainer.is_global_zero:
-            return
-        out = Path(self.trainer.default_root_dir) / "adapter"
-        with ema_weights(self.trainer, self):
-            self.check_export(self.ema_parameters().items(), f"the student adapter to {out}")
-            save_lora(self.backbone.transformer, self.STUDENT, out)
-        self.print(f"exported the student adapter (EMA) to {out}")
+        self.export_ema(Path(self.trainer.default_root_dir) / "adapter", "the student adapter",
+                        self.ema_parameters().items(),
+                        lambda out: save_lora(self.backbone.transformer, self.STUDENT, out))
 
     def progress_label(self) -> str:
         return f"round {self.round}, step {self.global_step}"

@@ -9,11 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from opd.callbacks.ema import ema_weights
 from opd.models.backbone import Backbone
-from opd.modules.guards import GuardedModule
+from opd.modules.base import BackboneModule
 from opd.objectives.flow_matching import FlowMatchingLoss
-from opd.sampling import generate
 
 
 def lr_factor(step: int, warmup_steps: int = 0, cooldown_steps: int = 0, total_steps: int | None = None) -> float:
@@ -27,7 +25,7 @@ def lr_factor(step: int, warmup_steps: int = 0, cooldown_steps: int = 0, total_s
     return factor
 
 
-class FlowMatchingPretrain(GuardedModule):
+class FlowMatchingPretrain(BackboneModule):
     """Trains every weight of the backbone (transformer and text encoder) with the flow-matching
     loss; captions are dropped to ``""`` with probability ``cond_dropout`` so CFG works.
 
@@ -41,21 +39,12 @@ class FlowMatchingPretrain(GuardedModule):
                  optimizer: Callable[..., torch.optim.Optimizer], cond_dropout: float = 0.1,
                  warmup_steps: int = 0, cooldown_steps: int = 0, preview_prompts: Sequence[str] = (),
                  export_every_n_steps: int | None = None) -> None:
-        super().__init__()
-        self._build_backbone = backbone
-        self.backbone: Backbone | None = None
+        super().__init__(backbone, sampler, optimizer, preview_prompts)
         self.objective = objective
-        self.sampler = sampler
-        self._optimizer = optimizer
         self.cond_dropout = cond_dropout
         self.warmup_steps = warmup_steps
         self.cooldown_steps = cooldown_steps
-        self.preview_prompts = list(preview_prompts)
         self.export_every_n_steps = export_every_n_steps
-
-    def configure_model(self) -> None:
-        if self.backbone is None:
-            self.backbone = self._build_backbone()
 
     def ema_parameters(self) -> dict[str, torch.nn.Parameter]:
         return {k: p for k, p in self.backbone.named_parameters() if p.requires_grad}
@@ -89,12 +78,6 @@ class FlowMatchingPretrain(GuardedModule):
                                total_steps=total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    @torch.no_grad()
-    def preview(self, num_steps: int) -> tuple[Tensor, list[str]]:
-        images = generate(self.backbone, self.preview_prompts, num_steps=num_steps,
-                          guidance_scale=self.sampler.guidance_scale, shift=self.sampler.shift, seed=0)
-        return images, self.preview_prompts
-
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Snapshots of the EMA weights along the way, to pick a base of the wanted strength."""
         step = self.global_step
@@ -106,9 +89,5 @@ class FlowMatchingPretrain(GuardedModule):
 
     def export(self, out: Path) -> None:
         """Write the EMA weights with ``save_pretrained`` (rank 0)."""
-        if not self.trainer.is_global_zero:
-            return
-        with ema_weights(self.trainer, self):
-            self.check_export(self.backbone.named_parameters(), f"the model to {out}")
-            self.backbone.save_pretrained(out)
-        self.print(f"exported the EMA weights to {out} (use model.path={out})")
+        self.export_ema(out, "the model", self.backbone.named_parameters(), self.backbone.save_pretrained,
+                        f" (use model.path={out})")

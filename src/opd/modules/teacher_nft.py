@@ -1,6 +1,6 @@
 """DiffusionNFT teacher training: forward-process (flow-matching) fine-tuning on the old
 policy's own samples, with implicit positive/negative policies around a soft-updated "old"
-adapter (ALGORITHMS.md §3).
+adapter (docs/algorithms.md, DiffusionNFT).
 
 One round: CFG-free deterministic rollout of the *old* adapter → rewards → group advantages →
 optimality probabilities ``r`` → fresh noising of each clean sample at ``num_train_steps``
@@ -62,24 +62,19 @@ class NFTTeacher(OnlineRL):
         x_t, t, _ = nft_noising(x0, traj.sigmas, self.num_train_steps, self.generator(2))
         cond = traj.cond
         metrics = self.log_rewards(scores)
-        sums: dict[str, Tensor] = {}
-        for chunk in torch.arange(x0.shape[0], device=self.device).tensor_split(self.num_updates_per_round):
-            for s in range(x_t.shape[1]):
-                xs, ts, c = x_t[chunk, s], t[chunk, s], cond[chunk]
-                v_ref = self.velocity(xs, ts, c, None) if getattr(self.objective, "kl_weight", 0) > 0 else None
-                loss, step_metrics = self.objective(self.velocity(xs, ts, c, self.STUDENT).float(),
-                                                    self.velocity(xs, ts, c, self.OLD).float(), xs, x0[chunk],
-                                                    ts, r[chunk], v_ref=None if v_ref is None else v_ref.float())
-                self.note_loss(f"the {type(self.objective).__name__} loss at noised time {s}", loss, step_metrics)
-                self.manual_backward(loss / x_t.shape[1])
-                for k, v in step_metrics.items():
-                    sums[k] = sums.get(k, 0.0) + v.detach().float() / (x_t.shape[1] * self.num_updates_per_round)
-            sums["train/grad_norm"] = sums.get("train/grad_norm", 0.0) + \
-                self.optimizer_step_with_clip().float() / self.num_updates_per_round
-            self.num_updates += 1
+
+        def term_loss(idx: Tensor, s: int) -> tuple[Tensor, dict[str, Tensor]]:
+            xs, ts, c = x_t[idx, s], t[idx, s], cond[idx]
+            v_ref = self.velocity(xs, ts, c, None) if getattr(self.objective, "kl_weight", 0) > 0 else None
+            return self.objective(self.velocity(xs, ts, c, self.STUDENT).float(),
+                                  self.velocity(xs, ts, c, self.OLD).float(), xs, x0[idx], ts, r[idx],
+                                  v_ref=None if v_ref is None else v_ref.float())
+
+        metrics.update(self.update_round(x0.shape[0], x_t.shape[1], self.num_updates_per_round, term_loss,
+                                         f"the {type(self.objective).__name__} loss at noised time"))
+        self.num_updates += self.num_updates_per_round
         eta = old_policy_decay(self.num_updates, self.decay_schedule)
         soft_update_(self.old_parameters(), self.policy_parameters(), eta)
-        metrics.update(sums)
         metrics["train/old_decay"] = torch.tensor(eta)
         metrics["train/r_mean"] = r.mean()
         return metrics

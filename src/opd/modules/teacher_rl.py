@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from opd.modules.online_rl import OnlineRL
@@ -44,18 +43,10 @@ class GRPOTeacher(OnlineRL):
         adv = self.advantages(scores["reward"], group_ids)
         metrics = self.log_rewards(scores)
         self.note_nonfinite(f"the group advantages of reward {self.reward_name!r}", adv)
-        trained = range(max(1, int(self.sampler.num_steps * self.timestep_fraction)))
-        sums: dict[str, Tensor] = {}
-        for chunk in torch.arange(adv.shape[0], device=self.device).tensor_split(self.num_updates_per_round):
-            for j in trained:
-                loss, step_metrics = self.step_loss(traj, adv, chunk, j)
-                self.note_loss(f"the {type(self.objective).__name__} loss at trained step {j}", loss, step_metrics)
-                self.manual_backward(loss / len(trained))
-                for k, v in step_metrics.items():
-                    sums[k] = sums.get(k, 0.0) + v.detach().float() / (len(trained) * self.num_updates_per_round)
-            sums["train/grad_norm"] = sums.get("train/grad_norm", 0.0) + \
-                self.optimizer_step_with_clip().float() / self.num_updates_per_round
-        metrics.update(sums)
+        metrics.update(self.update_round(
+            adv.shape[0], max(1, int(self.sampler.num_steps * self.timestep_fraction)), self.num_updates_per_round,
+            lambda idx, j: self.step_loss(traj, adv, idx, j),
+            f"the {type(self.objective).__name__} loss at trained step"))
         metrics["train/zero_adv_frac"] = (adv == 0).float().mean()
         return metrics
 

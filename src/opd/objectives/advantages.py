@@ -1,4 +1,4 @@
-"""Group-relative advantages (Flow-GRPO, GRPO-Guard, DiffusionNFT; ALGORITHMS.md §1–3).
+"""Group-relative advantages (Flow-GRPO, GRPO-Guard, DiffusionNFT; docs/algorithms.md).
 
 ``A_i = (R_i − mean_{g(i)} R) / (std + eps)``, clipped to ``[−clip, clip]``, where ``g(i)`` is the
 group (prompt) of sample ``i`` and ``std`` is either the standard deviation of *all* rewards

@@ -1,4 +1,4 @@
-"""Flow-GRPO's loss for one trained SDE step (ALGORITHMS.md §1).
+"""Flow-GRPO's loss for one trained SDE step (docs/algorithms.md, Flow-GRPO).
 
 For step ``k`` of a rollout from the old policy, with per-sample log-probabilities ``ℓ`` (Gaussian
 log-density of the sampled ``x_{k+1}``, averaged over the ``D`` latent elements, as
@@ -75,7 +75,8 @@ class GRPOLoss:
         ``log_prob [B]`` under θ (carries gradient), ``old_log_prob [B]`` stored at rollout,
         ``advantages [B]``; for the KL term ``mean [B, ...]`` = μ_θ, ``ref_mean [B, ...]`` = μ_ref,
         ``std`` = ``s_k`` and (``exact_kl=False`` only) ``delta`` = ``Δ_k``. The KL term is skipped when
-        β = 0 or ``ref_mean`` is None. Metrics: ``train/policy_loss``, ``train/kl`` (when computed),
+        β = 0 or ``ref_mean`` is None. Metrics: ``train/policy_loss``, ``train/kl_ref`` (the KL term: the
+        closed-form KL between θ's and the reference model's step kernels, mean over samples; when computed),
         ``train/clip_frac``, ``train/ratio_mean``, ``train/approx_kl``. ``old_mean`` is unused here; it is
         accepted so that :class:`GRPOGuardLoss` (which needs it) is a drop-in replacement.
         """
@@ -102,6 +103,6 @@ class GRPOLoss:
             if mean is None or std is None:
                 raise ValueError("the KL term needs mean (μ_θ) and std (s_k) besides ref_mean")
             kl = gaussian_mean_kl(mean, ref_mean, std, delta, self.exact_kl).mean()
-            metrics["train/kl"] = kl.detach()
+            metrics["train/kl_ref"] = kl.detach()
             loss = loss + self.kl_weight * kl
         return loss, metrics

@@ -1,4 +1,4 @@
-"""GRPO-Guard: Flow-GRPO with a normalised ratio and per-step re-weighting (ALGORITHMS.md §2).
+"""GRPO-Guard: Flow-GRPO with a normalised ratio and per-step re-weighting (docs/algorithms.md, GRPO-Guard).
 
 **RatioNorm.** With ``x' = μ_old + s ξ`` drawn at rollout, ``δ = μ_θ − μ_old`` and ``m = mean_D δ²``,
 the raw log-ratio is ``ℓ_θ − ℓ_old = mean_D(ξ δ)/s − m/(2 s²)``: its mean under the old policy is

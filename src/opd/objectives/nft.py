@@ -1,4 +1,4 @@
-"""DiffusionNFT: negative-aware fine-tuning on the forward process (ALGORITHMS.md §3).
+"""DiffusionNFT: negative-aware fine-tuning on the forward process (docs/algorithms.md, DiffusionNFT).
 
 Rollouts come from the old policy ``v_old``; only the final ``x0`` is kept. Each ``x0`` is re-noised
 at grid times, and the trained velocity ``v_θ`` defines an implicit positive and negative policy
@@ -64,7 +64,9 @@ class NFTLoss:
         ``x_t [B, ...]`` noised at ``t [B]`` (σ, not 1000·σ) from ``x0 [B, ...]``, ``r [B]`` from
         :func:`optimality_probability`; ``v_ref [B, ...]`` (reference model) enables the λ term.
         Metrics: ``train/policy_loss``, ``train/loss_pos``, ``train/loss_neg``, ``train/old_deviate``
-        (``mean (v_θ − v_old)²``), ``train/r_mean`` and ``train/kl`` (with ``v_ref``).
+        (``mean (v_θ − v_old)²``), ``train/r_mean`` and, with ``v_ref``, ``train/kl_ref_velocity_mse``
+        (the λ term: ``mean (v_θ − v_ref)²``, DiffusionNFT's velocity-space stand-in for the KL to the
+        reference model).
         """
         v, v_o = v_theta.float(), v_old.detach().float()
         xt, x0f = x_t.float(), x0.float()
@@ -85,7 +87,7 @@ class NFTLoss:
         loss = policy_loss
         if v_ref is not None:
             kl = (v - v_ref.detach().float()).square().flatten(1).mean(dim=1).mean()
-            metrics["train/kl"] = kl.detach()
+            metrics["train/kl_ref_velocity_mse"] = kl.detach()
             loss = loss + self.kl_weight * kl
         return loss, metrics
 

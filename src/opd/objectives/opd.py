@@ -124,9 +124,10 @@ class OPDLoss:
         ``Δ_j = σ_j − σ_{j+1} > 0`` (scalar or per sample). Score-function estimator only: ``x_next [B, ...]``
         drawn from the student's rollout kernel; ``student_log_prob [B]`` / ``old_student_log_prob [B]``
         element-averaged as ``Transition.log_prob`` returns them (default: computed from ``student_mean``,
-        and its detached value, i.e. on-policy). Metrics: ``train/kl`` (mean per-sample closed-form KL),
-        ``train/mean_gap`` (RMS of μ_S − μ_T) and, for the score-function estimator,
-        ``train/sf_weight_mean`` (mean of the weights ``c_i``, a Monte-Carlo estimate of ``train/kl``).
+        and its detached value, i.e. on-policy). Metrics: ``train/kl_step`` (this step's closed-form KL,
+        mean over the samples), ``train/mean_gap`` (RMS of μ_S − μ_T) and, for the score-function
+        estimator, ``train/sf_weight_mean`` (mean of the weights ``c_i``, a Monte-Carlo estimate of
+        ``train/kl_step``).
         """
         b = student_mean.shape[0]
         std_b = per_sample_scalar(std, b, "std").to(student_mean.device).expand(b)
@@ -139,7 +140,7 @@ class OPDLoss:
         mu_s, mu_t = compute_dtype(student_mean), compute_dtype(teacher_mean.detach())
         kl = self._closed_form(mu_s, mu_t, std_b, delta_b)
         metrics = {
-            "train/kl": kl.detach().mean(),
+            "train/kl_step": kl.detach().mean(),
             "train/mean_gap": (mu_s.detach() - mu_t).square().mean().sqrt(),
         }
         if self.estimator == "pathwise":

@@ -2,7 +2,7 @@
 
 A linear-probe-style MLP on the L2-normalised CLIP ViT-L/14 image embedding, trained on SAC +
 LAION-Logos + AVA ratings (``sac+logos+ava1-l14-linearMSE.pth``); scores are on AVA's 1–10 scale
-(SD3.5-M ≈ 5.4 in DESIGN.md's Table 1). The head is ``768 → 1024 → 128 → 64 → 16 → 1`` with
+(SD3.5-M ≈ 5.4 in the DiffusionOPD paper's Table 1). The head is ``768 → 1024 → 128 → 64 → 16 → 1`` with
 dropouts 0.2, 0.2, 0.1 and *no* non-linearities, exactly as the original (whose state-dict keys,
 ``layers.{0,2,4,6,7}``, :class:`AestheticHead` reproduces); Flow-GRPO uses the raw score as reward.
 

@@ -5,9 +5,9 @@ colours and relative positions against the prompt's metadata. Here the detector 
 :func:`opd.rewards.shapes.detect` (colour segmentation, outlines fitted to every kind's template
 with a margin, size limits; its docstring gives the thresholds and how they were measured).
 
-Scoring (ALGORITHMS.md §4):
+Scoring (docs/algorithms.md, Rewards; docs/mini_world.md, Judges):
 
-- ``"correct"`` (:func:`strict_correct`): the image shows what the prompt asks and nothing else.
+- ``"correct"`` (:func:`exact_correct`): the image shows what the prompt asks and nothing else.
   Every ``include`` clause matches *exactly* ``count`` objects of its class, all of the named
   colour where one is named; a position ``[rel, i]`` must hold between each of them and each
   object of clause ``i`` under GenEval's relation test (box centres, margin 0.1 of the summed box
@@ -18,7 +18,10 @@ Scoring (ALGORITHMS.md §4):
   strict rule would punish the detector's false positives. In the mini world detection is exact
   (clean renders of every test prompt are 100% correct, blurred and noisy ones 99%), so the
   allowance only lets prompt-blind images pass — the previous judge read a half-canvas yellow
-  block as a square or circle and passed any prompt asking for one.
+  block as a square or circle and passed any prompt asking for one. The rules differ, so they are
+  two functions (GenEval's is :func:`opd.rewards.geneval_rules.strict_correct`); the relation test
+  and the ``exclude`` check are shared (:func:`~opd.rewards.geneval_rules.positions_hold`,
+  :func:`~opd.rewards.geneval_rules.excluded`).
 - ``"reward"`` (:func:`partial_score`): Flow-GRPO's partial training score, unchanged: the mean of
   per-clause sub-scores; count ``1 - |n - n_found| / n`` over the class's detections (negative
   when far too many; objects of no kind belong to no class); if the count is wrong, 0 for each
@@ -28,44 +31,48 @@ Scoring (ALGORITHMS.md §4):
 
 :meth:`GenEvalMini.score_matrix` judges N images against M rows with N detections (evaluation
 controls: a row's images against other rows' prompts).
+
+The detections are the mini detector's :class:`~opd.rewards.shapes.Detection` (imported here as
+``ShapeDetection``: a kind or ``None``, a palette colour, a pixel box, centroid and area), not
+GenEval's :class:`opd.rewards.geneval_rules.Detection` (a COCO label, a score, a box, a mask).
 """
 
 from __future__ import annotations
 
 import itertools
+from operator import attrgetter
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from opd.data.world.scene import relations
 from opd.rewards.base import Reward, check_batch, to_uint8_hwc
-from opd.rewards.geneval_rules import partial_score_with
+from opd.rewards.geneval_rules import excluded, partial_score_with, positions_hold
 from opd.rewards.shapes import (
     MARGIN,
     MAX_SIZE,
     MIN_AREA_FRAC,
     MIN_SCORE,
     MIN_SIZE,
-    Detection,
     by_class,
     detect,
 )
+from opd.rewards.shapes import Detection as ShapeDetection
 
-__all__ = ["Detection", "GenEvalMini", "by_class", "detect", "partial_score", "strict_correct"]
+__all__ = ["GenEvalMini", "ShapeDetection", "by_class", "detect", "exact_correct", "partial_score"]
 
 
 # --------------------------------------------------------------------------- judging
 
 
-def _holds(found: list[Detection], relation: str, targets: list[Detection]) -> bool:
-    return all(relation in relations(obj.bbox, ref.bbox) for obj in found for ref in targets)
+def _holds(found: list[ShapeDetection], relation: str, targets: list[ShapeDetection]) -> bool:
+    return positions_hold(found, relation, targets, box=attrgetter("bbox"))
 
 
 def _assign(
     include: list[dict],
-    objects: dict[str | None, list[Detection]],
-    groups: list[list[Detection]],
+    objects: dict[str | None, list[ShapeDetection]],
+    groups: list[list[ShapeDetection]],
     used: set[int],
 ) -> bool:
     """Whether the clauses from ``len(groups)`` on can each take ``count`` unused objects of their
@@ -89,21 +96,22 @@ def _assign(
     return False
 
 
-def strict_correct(objects: dict[str | None, list[Detection]], meta: dict[str, Any]) -> bool:
-    """The image shows what ``meta`` asks and nothing else (see the module docstring).
+def exact_correct(objects: dict[str | None, list[ShapeDetection]], meta: dict[str, Any]) -> bool:
+    """The image shows what ``meta`` asks and nothing else: exactly ``count`` objects per clause and
+    no other object (stricter than GenEval's ``strict_correct``; see the module docstring).
 
     ``objects`` is :func:`by_class` of *all* detections, objects of no kind (key ``None``) included.
     """
     include = meta["include"]
     if sum(len(group) for group in objects.values()) != sum(c["count"] for c in include):
         return False  # an extra object of any kind (or of none), or one too few
-    if any(len(objects.get(c["class"], [])) >= c["count"] for c in meta.get("exclude", [])):
+    if excluded(objects, meta):
         return False
     return _assign(include, objects, [], set())
 
 
 def partial_score(
-    objects: dict[str | None, list[Detection]], meta: dict[str, Any], reference_quirk: bool = False
+    objects: dict[str | None, list[ShapeDetection]], meta: dict[str, Any], reference_quirk: bool = False
 ) -> float:
     """Flow-GRPO's partial GenEval reward of one image (see the module docstring); the rule itself is
     :func:`opd.rewards.geneval_rules.partial_score_with`, shared with the real-scale judge."""
@@ -140,13 +148,15 @@ class GenEvalMini(Reward):
         }
         self.reference_quirk = reference_quirk
 
-    def objects(self, images: Tensor) -> list[dict[str | None, list[Detection]]]:
+    def objects(self, images: Tensor) -> list[dict[str | None, list[ShapeDetection]]]:
         """:func:`by_class` of each image's detections, ``[B, 3, H, W]`` in [0, 1]."""
         return [by_class(detect(image, **self.detect_kwargs)) for image in to_uint8_hwc(images)]
 
-    def judge(self, objects: dict[str | None, list[Detection]], meta: dict[str, Any]) -> tuple[float, float]:
+    def judge(
+        self, objects: dict[str | None, list[ShapeDetection]], meta: dict[str, Any]
+    ) -> tuple[float, float]:
         """``(partial score, strict 0/1)`` of one image's objects against one metadata row."""
-        return partial_score(objects, meta, self.reference_quirk), float(strict_correct(objects, meta))
+        return partial_score(objects, meta, self.reference_quirk), float(exact_correct(objects, meta))
 
     @staticmethod
     def _check_rows(metadata: list[dict[str, Any]], prompts: list[str] | None = None) -> None:
@@ -184,7 +194,7 @@ class GenEvalMini(Reward):
             reward.append([partial_score(objs, meta, self.reference_quirk) for meta in metadata])
             correct.append(  # a row asking for another number of objects fails at once
                 [
-                    float(n == total and strict_correct(objs, meta))
+                    float(n == total and exact_correct(objs, meta))
                     for n, meta in zip(counts, metadata, strict=True)
                 ]
             )

@@ -19,7 +19,9 @@ training score, Flow-GRPO's ``reward_server/gen_eval.py``:
   its ``count`` most confident objects (at least ``count``: more pass); a colour must hold for all
   of them; a position ``[relation, i]`` must hold between each of them and each object matched by
   clause ``i``, which must itself have matched. Any ``exclude`` clause with at least ``count``
-  objects fails the prompt (this makes counting exact).
+  objects fails the prompt (this makes counting exact). The mini world's judge has a stricter
+  rule of its own (:func:`opd.rewards.geneval_mini.exact_correct`: exact counts, nothing else in
+  the image) and shares :func:`positions_hold` and :func:`excluded` with this one.
 - **Partial score** (:func:`partial_score`, Flow-GRPO's training reward): the mean of per-clause
   sub-scores — count ``1 − |n − n_found| / n`` over *all* kept objects of the class (negative for
   far too many); a wrong count adds a 0 for each colour/position it asks; else colour
@@ -37,11 +39,12 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
 
-from opd.data.world.scene import relations
+from opd.data.world.scene import POSITION_THRESHOLD, relations
 
 #: GenEval's ten colour names (the zero-shot classes of its CLIP colour classifier)
 COLORS: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
@@ -50,7 +53,7 @@ THRESHOLD = 0.3
 COUNTING_THRESHOLD = 0.9
 MAX_OBJECTS = 16
 NMS_THRESHOLD = 1.0
-POSITION_THRESHOLD = 0.1
+# POSITION_THRESHOLD, GenEval's relation margin (0.1), comes with the relation test from opd.data.world.scene
 
 Box = tuple[float, float, float, float]
 
@@ -129,13 +132,24 @@ def _colour(det: Detection) -> str:
     return det.color
 
 
-def _position_holds(found: list[Detection], relation: str, targets: list[Detection], margin: float) -> bool:
-    return all(relation in relative_position(obj.box, ref.box, margin) for obj in found for ref in targets)
+def positions_hold(found: Iterable[Any], relation: str, targets: Sequence[Any], margin: float = POSITION_THRESHOLD,
+                   box: Callable[[Any], Sequence[float]] = attrgetter("box")) -> bool:
+    """Whether ``relation`` (``"left of"``, …) holds between every object of ``found`` and every one
+    of ``targets`` under :func:`relative_position`; ``box(det)`` reads a detection's box (this
+    module's :class:`Detection` by default; the mini world's detections pass ``attrgetter("bbox")``)."""
+    return all(relation in relative_position(box(obj), box(ref), margin) for obj in found for ref in targets)
+
+
+def excluded(objects: dict[Any, list[Any]], meta: dict[str, Any]) -> bool:
+    """Whether an ``exclude`` clause of ``meta`` has at least its ``count`` objects in ``objects``
+    (class → detections): such an image fails every strict rule."""
+    return any(len(objects.get(c["class"], [])) >= c["count"] for c in meta.get("exclude", []))
 
 
 def strict_correct(objects: dict[str, list[Detection]], meta: dict[str, Any],
                    margin: float = POSITION_THRESHOLD) -> bool:
-    """GenEval's binary correctness of one image (see the module docstring)."""
+    """GenEval's binary correctness of one image: at least ``count`` objects per clause, the most
+    confident ``count`` of them checked, other objects ignored (see the module docstring)."""
     correct, groups = True, []
     for clause in meta["include"]:
         n = clause["count"]
@@ -145,20 +159,17 @@ def strict_correct(objects: dict[str, list[Detection]], meta: dict[str, Any],
             ok = sum(_colour(d) == clause["color"] for d in found) >= n
         if ok and "position" in clause:
             relation, target = clause["position"]
-            ok = groups[target] is not None and _position_holds(found, relation, groups[target], margin)
+            ok = groups[target] is not None and positions_hold(found, relation, groups[target], margin)
         groups.append(found if ok else None)
         correct = correct and ok
-    for clause in meta.get("exclude", []):
-        if len(objects.get(clause["class"], [])) >= clause["count"]:
-            correct = False
-    return correct
+    return correct and not excluded(objects, meta)
 
 
 def partial_score(objects: dict[str, list[Detection]], meta: dict[str, Any], margin: float = POSITION_THRESHOLD,
                   reference_quirk: bool = False) -> float:
     """Flow-GRPO's partial GenEval reward of one image (see the module docstring)."""
     return partial_score_with(objects, meta, _colour,
-                              lambda found, relation, targets: _position_holds(found, relation, targets, margin),
+                              lambda found, relation, targets: positions_hold(found, relation, targets, margin),
                               reference_quirk)
 
 

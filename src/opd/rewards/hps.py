@@ -2,7 +2,7 @@
 
 Scored as the HPSv2 repository (``hpsv2/img_score.py``) and Flow-GRPO's ``hpsv2_scorer`` do: the
 cosine of the L2-normalised image and text features, with no temperature (SD3.5-M ≈ 0.279 in
-DESIGN.md's Table 1). Preprocessing is HPSv2's validation transform: ``ToTensor`` first, then a
+the DiffusionOPD paper's Table 1). Preprocessing is HPSv2's validation transform: ``ToTensor`` first, then a
 bicubic resize of the short side to 224 and a centre crop on the float tensor, OpenAI CLIP
 normalisation (:class:`~opd.rewards.model_reward.ImageTransform` with ``resize_uint8=False``).
 The tensor resize is antialiased, torchvision's default since 0.17 and so what HPSv2's transform

@@ -1,6 +1,6 @@
 """OCR reward: how well the text asked for in the prompt can be read back from the image.
 
-Scored as Flow-GRPO does (ALGORITHMS.md §4): the recognised lines with confidence > 0 are joined
+Scored as Flow-GRPO does (docs/algorithms.md, Rewards): the recognised lines with confidence > 0 are joined
 with nothing and compared with the target by :func:`opd.rewards.text_match.ocr_accuracy`; any
 failure scores 0. The OCR engine is pluggable (:class:`OCREngine`); ``"rapidocr"`` runs PP-OCRv4's
 ONNX models shipped inside the ``rapidocr-onnxruntime`` wheel, fully offline, on CPU; ``"easyocr"``

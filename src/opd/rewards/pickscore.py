@@ -2,7 +2,7 @@
 
 As Flow-GRPO's ``PickScoreScorer`` computes it: ``raw = exp(logit_scale) · cos(text, image)``
 with the model's own learned temperature (≈ 100), and the training reward ``raw / 26``, which maps
-typical scores (≈ 20–24) to about 0.8–0.9. Papers (and DESIGN.md's Table 1, e.g. 22.34) report
+typical scores (≈ 20–24) to about 0.8–0.9. Papers (and the DiffusionOPD paper's Table 1, e.g. 22.34) report
 ``raw``; it is returned as ``"raw"``.
 
 Weights: model ``yuvalkirstain/PickScore_v1``; tokenizer and image config

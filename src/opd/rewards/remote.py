@@ -9,7 +9,7 @@ with the traceback as text.
 
 - GenEval request ``{"images", "meta_datas", "only_strict"}`` → ``{"scores", "rewards",
   "strict_rewards", "group_rewards", "group_strict_rewards"}``: ``scores`` is the partial training
-  score (ALGORITHMS.md §4), ``strict_rewards`` exact-count correctness, ``rewards`` GenEval's own
+  score (docs/algorithms.md, Rewards), ``strict_rewards`` exact-count correctness, ``rewards`` GenEval's own
   correctness (not computed, all 0, when ``only_strict``).
 - UnifiedReward request ``{"images", "prompts"}`` → ``{"outputs"}``: one 1–5 score per image (a
   number, or the model's text with ``Final Score: x``); reward = score / 5.
@@ -156,7 +156,7 @@ class UnifiedRewardRemote(Reward):
     """UnifiedReward (a VLM judging prompt alignment and quality, 1–5) through a reward server.
 
     ``score`` returns ``"reward"`` = score / ``scale`` (Flow-GRPO: 5) and ``"raw"`` = the 1–5 score
-    (DESIGN.md's Table 1 reports it, e.g. 3.03). An answer without a score counts 0, as in the
+    (the DiffusionOPD paper's Table 1 reports it, e.g. 3.03). An answer without a score counts 0, as in the
     reference, with a warning.
 
     Args:

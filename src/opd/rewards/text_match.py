@@ -1,4 +1,4 @@
-"""Pure string scoring for text rendering (OCR) rewards, as ALGORITHMS.md §4 describes.
+"""Pure string scoring for text rendering (OCR) rewards, as docs/algorithms.md (Rewards) describes.
 
 Both the target and the recognised text are normalised the same way (lower-cased, every whitespace
 character removed) before comparison, so ``"Hello World"`` and ``"helloworld"`` are equal.

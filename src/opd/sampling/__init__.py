@@ -1,4 +1,4 @@
-"""Schedules, pure transition kernels and rollouts (DESIGN.md §2)."""
+"""Schedules, pure transition kernels and rollouts (docs/method.md)."""
 from opd.sampling.kernels import KERNELS, History, Transition, transition
 from opd.sampling.rollout import Trajectory, generate, guided_velocity, rollout
 from opd.sampling.schedules import sd3_sigmas, shift_sigma, timestep_of

@@ -1,6 +1,6 @@
 """The mini world: flat shapes and text signs, their renderer, and the three task prompt sets.
 
-See DESIGN.md section 5. ``scene`` holds the objects and colours, ``render`` draws them, ``grammar``
+See docs/mini_world.md. ``scene`` holds the objects and colours, ``render`` draws them, ``grammar``
 writes prompts (GenEval-, OCR- and aesthetic-style), ``layout`` the scenes that satisfy them.
 """
 
