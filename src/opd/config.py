@@ -14,6 +14,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from opd.utils.paths import checkout_root
+
 
 @dataclass
 class SamplerConfig:
@@ -94,7 +96,7 @@ class TeacherConfig:
 
 def project_root() -> str:
     """The checkout opd runs from (``conf/`` and ``models/`` beside ``src/``), else the working folder."""
-    root = Path(__file__).resolve().parents[2]
+    root = checkout_root()
     return str(root) if (root / "conf").is_dir() else str(Path.cwd())
 
 

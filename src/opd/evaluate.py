@@ -26,8 +26,6 @@ conf/eval_settings/default.yaml.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import hydra
 from omegaconf import DictConfig
 
@@ -45,8 +43,9 @@ from opd.evaluation.run import (  # noqa: F401 — the evaluation's pieces, impo
     resolve_device,
     takes_random_flag,
 )
+from opd.utils.paths import checkout_root
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+CONFIG_DIR = str(checkout_root() / "conf")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from opd.utils.paths import checkout_root
+
 #: the 80 COCO classes under GenEval's names (``object_names.txt``: "computer mouse", "tv remote", …)
 COCO_CLASSES: tuple[str, ...] = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
@@ -147,7 +149,7 @@ def write_jsonl(rows: list[dict[str, Any]], path: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    root = Path(__file__).resolve().parents[3]
+    root = checkout_root()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(root / "data/geneval/evaluation_metadata.jsonl"))
     parser.add_argument("--seed", type=int, default=43)

@@ -43,6 +43,7 @@ from opd.evaluation.report import Report, score_task
 from opd.evaluation.tasks import CoverSpec, EvalTask
 from opd.models.lora import active_adapter, adapter_names, load_lora, resolve_lora_file
 from opd.rewards.base import Reward
+from opd.utils.paths import checkout_root
 from opd.validate import ConfigError, validate_eval_config
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ BASE, TRAINED = "base", "trained"
 EVAL_DIR = "eval"
 #: the settings shared by both entry points (the keys a training config's ``eval`` node may have besides
 #: ``tasks``, from conf/eval_tasks, and ``guidance_scale``, the base's CFG scale)
-EVAL_SETTINGS = Path(__file__).resolve().parents[3] / "conf" / "eval_settings" / "default.yaml"
+EVAL_SETTINGS = checkout_root() / "conf" / "eval_settings" / "default.yaml"
 
 
 def run_eval_keys() -> tuple[str, ...]:

@@ -15,9 +15,11 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from opd.utils.paths import checkout_root
+
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parents[3] / "conf"
+CONFIG_DIR = checkout_root() / "conf"
 #: sampler.kernel → what ``noise_level`` means for it (opd.sampling.kernels)
 KERNEL_NOISE = {
     "ode": "ignored (deterministic Euler)",

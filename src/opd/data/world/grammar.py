@@ -54,6 +54,7 @@ from opd.data.world.scene import (
     RELATIONS,
     SHAPE_KINDS,
 )
+from opd.utils.paths import checkout_root
 
 TASKS: tuple[str, ...] = ("geneval", "ocr", "aesthetic")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -81,7 +82,7 @@ GENEVAL_EVAL_PER_TAG = {"val": 30, "test": 70}
 AESTHETIC_ROWS = {"train": 1000, "val": 100, "test": 200}
 
 #: where write_prompt_files puts the committed prompt sets: <repo>/data/mini
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[4] / "data" / "mini"
+DEFAULT_DATA_DIR = checkout_root() / "data" / "mini"
 
 OCR_TEMPLATE = 'a sign that says "{}"'
 #: characters of mixed/random strings: no I or O, which this font draws like 1 and 0 (RapidOCR
