@@ -218,3 +218,15 @@ def test_launcher_configs_compose(launcher, plugin, overrides, expected):
                       return_hydra_config=True)
     assert plugin in cfg.hydra.launcher._target_
     assert {key: cfg.hydra.launcher[key] for key in expected} == expected
+
+
+def test_debug_shrinks_pretraining_data_and_is_ignored_by_experiments_without_data(tmp_path):
+    """`debug=default` sets data.batch_size for pre-training; an RL/distillation experiment (data: null)
+    gets a data node without `_target_`, which training ignores instead of instantiating."""
+    from opd.train import datamodule_config
+
+    pretrain = datamodule_config(compose_train(["experiment=pretrain_mini", "debug=default"], tmp_path / "a"))
+    assert pretrain._target_ == "opd.data.scenes.SceneDataModule" and pretrain.batch_size == 4
+    distill = compose_train(["experiment=mini/sopd_ocr", "debug=default"], tmp_path / "b")
+    assert OmegaConf.to_container(distill.data) == {"batch_size": 4, "num_workers": 0}
+    assert datamodule_config(distill) is None

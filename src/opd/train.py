@@ -241,9 +241,22 @@ def _training_precision() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
+def datamodule_config(cfg: DictConfig) -> DictConfig | None:
+    """``cfg.data``, or ``None`` for an experiment that draws its own prompts (``data: null``). Such an
+    experiment may still carry ``data.*`` values from a shared group (``debug=default`` shrinks the
+    pre-training batch): without a ``_target_`` they are logged and ignored."""
+    data = cfg.get("data")
+    if data is None or "_target_" in data:
+        return data
+    log.info("data.{%s} ignored: this experiment has no data module (it draws its own prompts)",
+             ", ".join(map(str, data)))
+    return None
+
+
 def _fit(cfg: DictConfig, ckpt_path: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = hydra.utils.instantiate(cfg.data)
+    data_cfg = datamodule_config(cfg)
+    datamodule = hydra.utils.instantiate(data_cfg) if data_cfg is not None else None
     module = hydra.utils.instantiate(cfg.module)
     if cfg.get("allow_teacher_change") and hasattr(module, "allow_teacher_change"):
         module.allow_teacher_change = True
