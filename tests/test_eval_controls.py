@@ -52,7 +52,7 @@ def test_image_seed_is_the_documented_hash():
     assert image_seed(0, 1, 2) != image_seed(0, 2, 1)
 
 
-def test_generate_with_seeds_ignores_the_batch_and_keeps_the_old_default():
+def test_generate_with_seeds_ignores_the_batch_and_without_uses_the_generate_stream():
     model = toy(seed=3)
     prompts = [f"a photo of {n} squares" for n in range(5)]
     seeds = [image_seed(0, p, 0) for p in range(5)]
@@ -61,8 +61,9 @@ def test_generate_with_seeds_ignores_the_batch_and_keeps_the_old_default():
     b = generate(model, prompts, seeds=seeds, batch_size=2, **kw)
     c = generate(model, prompts[3:], seeds=seeds[3:], batch_size=64, **kw)  # another call, other neighbours
     assert torch.allclose(a, b, atol=1e-5) and torch.allclose(a[3:], c, atol=1e-5)
-    # without seeds: image i's noise is still seeded seed * 1_000_003 + i (other callers unchanged)
-    noise = torch.randn(model.latent_shape(16, 16), generator=torch.Generator().manual_seed(5 * 1_000_003 + 1))
+    # without seeds: image i's noise is seeded stream_seed("generate", seed, i)
+    from opd.utils.seeds import stream_seed
+    noise = torch.randn(model.latent_shape(16, 16), generator=torch.Generator().manual_seed(stream_seed("generate", 5, 1)))
     from opd.sampling import rollout, sd3_sigmas
     traj = rollout(model, model.encode_prompts(prompts[1:2]), noise[None], sd3_sigmas(2, 3.0), guidance_scale=4.5,
                    uncond=model.encode_prompts([""]))

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from opd.utils.seeds import ROUND_GROUPS, stream_seed
+
 
 def round_groups(num_prompts: int, num_groups: int, group_size: int, seed: int, round_idx: int) -> tuple[Tensor, Tensor]:
     """Global ``(prompt_ids, group_ids)``, each ``[num_groups · group_size]``, shuffled."""
@@ -21,7 +23,7 @@ def round_groups(num_prompts: int, num_groups: int, group_size: int, seed: int, 
     if num_prompts < num_groups:
         raise ValueError(f"the prompt set has {num_prompts} prompts but a round needs {num_groups} distinct ones "
                          "(lower num_groups_per_round or use a larger prompt set)")
-    g = torch.Generator().manual_seed(seed * 1_000_003 + round_idx)
+    g = torch.Generator().manual_seed(stream_seed(ROUND_GROUPS, seed, round_idx))
     prompts = torch.randperm(num_prompts, generator=g)[:num_groups]
     groups = torch.arange(num_groups).repeat_interleave(group_size)
     order = torch.randperm(groups.numel(), generator=g)

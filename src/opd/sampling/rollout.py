@@ -9,6 +9,7 @@ from torch import Tensor
 
 from opd.models.backbone import Backbone, PromptEmbeds
 from opd.sampling.kernels import History, transition
+from opd.utils.seeds import GENERATE, stream_seed
 
 
 @dataclass
@@ -116,7 +117,7 @@ def generate(backbone: Backbone, prompts: list[str], *, num_steps: int = 40, gui
     sigmas = sd3_sigmas(num_steps, shift, device=backbone.device)
     if seeds is not None and len(seeds) != len(prompts):
         raise ValueError(f"generate: {len(seeds)} seeds for {len(prompts)} prompts; pass one per prompt")
-    noise_seeds = list(seeds) if seeds is not None else [seed * 1_000_003 + i for i in range(len(prompts))]
+    noise_seeds = list(seeds) if seeds is not None else [stream_seed(GENERATE, seed, i) for i in range(len(prompts))]
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]

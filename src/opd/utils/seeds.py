@@ -9,7 +9,11 @@ tuple of integers. The streams:
   (:meth:`opd.modules.policy.AdapterPolicy.generator`; ``purpose`` tells the rollouts and noisings
   of one round apart);
 - :data:`TEACHER_PROMPTS` ``(seed, round, teacher, rank)``: the prompts DiffusionOPD draws for one
-  teacher in one round (:meth:`opd.modules.distill.OPDDistill.draw`).
+  teacher in one round (:meth:`opd.modules.distill.OPDDistill.draw`);
+- :data:`ROUND_GROUPS` ``(seed, round)``: which prompts an online-RL round samples and in which order
+  (:func:`opd.data.prompts.round_groups`);
+- :data:`GENERATE` ``(seed, prompt_position)``: the initial noise of :func:`opd.sampling.rollout.generate`
+  when no per-image seeds are passed (previews, quick looks).
 
 The seed is BLAKE2b with an 8-byte digest over the integers packed as little-endian signed 64-bit
 values, with the stream's name as BLAKE2b's personalisation string (``person``, at most 16 bytes),
@@ -38,6 +42,10 @@ EVAL_IMAGE = ""
 ROLLOUT = "rollout"
 #: DiffusionOPD's prompt draw for one teacher: ``(seed, round, teacher, rank)``
 TEACHER_PROMPTS = "teacher_prompts"
+#: an online-RL round's prompt groups: ``(seed, round)``
+ROUND_GROUPS = "round_groups"
+#: :func:`opd.sampling.rollout.generate`'s noise without per-image seeds: ``(seed, prompt_position)``
+GENERATE = "generate"
 
 
 def stream_seed(stream: str, *parts: int) -> int:
