@@ -49,8 +49,10 @@ def test_keys_are_grouped_into_labelled_panels_by_pattern(tmp_path):
         "Monitor rewards on each teacher's prompts": {"aesthetic_mini (aesthetic's prompts)":
                                                       "teacher/aesthetic/aesthetic_mini",
                                                       "ocr (ocr's prompts)": "teacher/ocr/ocr"},
+        "Monitor reward aesthetic_mini on aesthetic's prompts: caption facts violated": {
+            "errors": "teacher/aesthetic/aesthetic_mini/errors"},  # a count, on its own axis
         "Monitor reward aesthetic_mini on aesthetic's prompts: components": {
-            "contrast": "teacher/aesthetic/aesthetic_mini/contrast", "errors": "teacher/aesthetic/aesthetic_mini/errors"},
+            "contrast": "teacher/aesthetic/aesthetic_mini/contrast"},
         "Monitor reward ocr on ocr's prompts: components": {"exact": "teacher/ocr/ocr/exact"},
         "Total KL to the teachers": {"train/kl": "train/kl", "sum": "train/kl_sum"},
         "KL to each teacher": {"geneval": "teacher/geneval/kl", "ocr": "teacher/ocr/kl"},

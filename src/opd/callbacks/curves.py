@@ -54,11 +54,16 @@ class Panel:
 #: the kinds of panel, in drawing order; a key goes to the first that matches (and is drawn only then)
 PANELS = (
     Panel("Reward of the policy's samples", "reward (mean over images)", r"reward/(?P<label>[^/]+)", "reward/<name>"),
+    # counts (aesthetic_mini's violated caption facts, 0-14) get their own axis, apart from [0, 1] terms
+    Panel("Reward {reward}: caption facts violated", "facts per image (mean)",
+          r"reward/(?P<reward>[^/]+)/(?P<label>errors)", "reward/{reward}/errors"),
     Panel("Reward {reward}: components", "component (mean over images)", r"reward/(?P<reward>[^/]+)/(?P<label>.+)",
           "reward/{reward}/*"),
     Panel("Monitor rewards on each teacher's prompts", "reward (mean over images)",
           r"teacher/(?P<teacher>[^/]+)/(?!kl$|weight$)(?P<reward>[^/]+)", "teacher/<teacher>/<reward>",
           label="{reward} ({teacher}'s prompts)"),
+    Panel("Monitor reward {reward} on {teacher}'s prompts: caption facts violated", "facts per image (mean)",
+          r"teacher/(?P<teacher>[^/]+)/(?P<reward>[^/]+)/(?P<label>errors)", "teacher/{teacher}/{reward}/errors"),
     Panel("Monitor reward {reward} on {teacher}'s prompts: components", "component (mean over images)",
           r"teacher/(?P<teacher>[^/]+)/(?P<reward>[^/]+)/(?P<label>.+)", "teacher/{teacher}/{reward}/*"),
     Panel("Total KL to the teachers", "KL (sum over teachers)", r"train/kl(?:_(?P<label>sum))?", "train/kl_sum",
