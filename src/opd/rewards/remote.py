@@ -27,7 +27,7 @@ import io
 import numbers
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -82,7 +82,29 @@ def stand_in_level(images: Tensor) -> Tensor:
     return (pixels.mean(dim=(1, 2, 3)) / 255).cpu()
 
 
-class GenEvalRemote(Reward):
+class ServerReward(Reward):
+    """What every server-backed reward shares: the client (named by the class) or, with
+    ``random_weights_for_tests``, no client and the stand-in mark; requests of at most ``batch_size``
+    JPEG images."""
+
+    def __init__(self, url: str, batch_size: int, timeout: float, max_retries: int, backoff_s: float,
+                 verify: bool, ca_bundle: str | None, jpeg_quality: int, random_weights_for_tests: bool) -> None:
+        self.client = None if random_weights_for_tests else RewardServerClient(
+            url, type(self).__name__, timeout=timeout, max_retries=max_retries, backoff_s=backoff_s,
+            verify=verify, ca_bundle=ca_bundle)
+        if random_weights_for_tests:
+            mark_stand_in(self, f"a local function of image brightness answers instead of the server at {url}")
+        self.batch_size = batch_size
+        self.jpeg_quality = jpeg_quality
+
+    def post_batches(self, images: Tensor, fields: Callable[[slice], dict[str, Any]]
+                     ) -> Iterator[tuple[slice, dict[str, Any]]]:
+        """``(part, reply)`` per request: ``images[part]`` as JPEG under ``"images"`` plus ``fields(part)``."""
+        for part in _batches(images.shape[0], self.batch_size):
+            yield part, self.client.post({"images": jpeg_bytes(images[part], self.jpeg_quality), **fields(part)})
+
+
+class GenEvalRemote(ServerReward):
     """GenEval through Flow-GRPO's GenEval server.
 
     ``score`` returns ``"reward"`` (the partial score Flow-GRPO trains on), ``"strict_correct"``
@@ -107,14 +129,9 @@ class GenEvalRemote(Reward):
                  timeout: float = 120.0, max_retries: int = 2, backoff_s: float = 1.0, verify: bool = True,
                  ca_bundle: str | None = None, jpeg_quality: int = 75,
                  random_weights_for_tests: bool = False) -> None:
-        self.client = None if random_weights_for_tests else RewardServerClient(
-            url, "GenEvalRemote", timeout=timeout, max_retries=max_retries, backoff_s=backoff_s, verify=verify,
-            ca_bundle=ca_bundle)
-        if random_weights_for_tests:
-            mark_stand_in(self, f"a local function of image brightness answers instead of the server at {url}")
+        super().__init__(url, batch_size, timeout, max_retries, backoff_s, verify, ca_bundle, jpeg_quality,
+                         random_weights_for_tests)
         self.only_strict = only_strict
-        self.batch_size = batch_size
-        self.jpeg_quality = jpeg_quality
 
     def score(self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> dict[str, Tensor]:
         """``images [B, 3, H, W]`` in [0, 1] → ``{"reward", "strict_correct"[, "correct"]}``."""
@@ -131,9 +148,8 @@ class GenEvalRemote(Reward):
             level = stand_in_level(images)
             return {key: level if key == "reward" else (level > 0.5).float() for key in keys}
         out: dict[str, list[float]] = {key: [] for key in keys}
-        for part in _batches(len(prompts), self.batch_size):
-            reply = self.client.post({"images": jpeg_bytes(images[part], self.jpeg_quality),
-                                      "meta_datas": metas[part], "only_strict": self.only_strict})
+        for part, reply in self.post_batches(images, lambda part: {"meta_datas": metas[part],
+                                                                   "only_strict": self.only_strict}):
             for key, column in keys.items():
                 out[key] += [float(v) for v in _column(reply, column, len(metas[part]), "GenEvalRemote")]
         return {key: torch.tensor(values, dtype=torch.float32) for key, values in out.items()}
@@ -152,7 +168,7 @@ def parse_score(output: Any) -> float | None:
     return float(match.group(1)) if match else None
 
 
-class UnifiedRewardRemote(Reward):
+class UnifiedRewardRemote(ServerReward):
     """UnifiedReward (a VLM judging prompt alignment and quality, 1–5) through a reward server.
 
     ``score`` returns ``"reward"`` = score / ``scale`` (Flow-GRPO: 5) and ``"raw"`` = the 1–5 score
@@ -173,13 +189,8 @@ class UnifiedRewardRemote(Reward):
     def __init__(self, url: str = "http://127.0.0.1:18087", batch_size: int = 64, timeout: float = 300.0,
                  max_retries: int = 2, backoff_s: float = 1.0, verify: bool = True, ca_bundle: str | None = None,
                  jpeg_quality: int = 75, scale: float = 5.0, random_weights_for_tests: bool = False) -> None:
-        self.client = None if random_weights_for_tests else RewardServerClient(
-            url, "UnifiedRewardRemote", timeout=timeout, max_retries=max_retries, backoff_s=backoff_s,
-            verify=verify, ca_bundle=ca_bundle)
-        if random_weights_for_tests:
-            mark_stand_in(self, f"a local function of image brightness answers instead of the server at {url}")
-        self.batch_size = batch_size
-        self.jpeg_quality = jpeg_quality
+        super().__init__(url, batch_size, timeout, max_retries, backoff_s, verify, ca_bundle, jpeg_quality,
+                         random_weights_for_tests)
         self.scale = scale
 
     def score(self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> dict[str, Tensor]:
@@ -189,9 +200,7 @@ class UnifiedRewardRemote(Reward):
             values = 1.0 + 4.0 * stand_in_level(images)
             return {"reward": values / self.scale, "raw": values}
         raw: list[float] = []
-        for part in _batches(len(prompts), self.batch_size):
-            reply = self.client.post({"images": jpeg_bytes(images[part], self.jpeg_quality),
-                                      "prompts": list(prompts[part])})
+        for part, reply in self.post_batches(images, lambda part: {"prompts": list(prompts[part])}):
             raw += self._scores(_column(reply, "outputs", len(prompts[part]), "UnifiedRewardRemote"))
         values = torch.tensor(raw, dtype=torch.float32)
         return {"reward": values / self.scale, "raw": values}
