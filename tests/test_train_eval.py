@@ -4,6 +4,7 @@ in the process (seeds, TF32 flags, threads)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -67,15 +68,18 @@ def test_end_of_run_evaluation_equals_opd_evaluate(toy_base, tmp_path):
 def test_end_of_pretraining_evaluates_the_exported_model(tmp_path):
     from opd.evaluate import evaluate
 
+    # the experiment's end-of-run evaluation reads the val prompts, without a cover search
+    settings = [o for o in eval_overrides("eval.") if "cover" not in o]
     cfg = compose_train(["experiment=pretrain_mini", *TOY_MODEL, *TRAIN_SMALL, "data.batch_size=2", "data.num_workers=0",
-                         "module.cooldown_steps=0", "module.export_every_n_steps=null", *eval_overrides("eval."),
-                         "eval.controls.cover=null"], tmp_path)
+                         "module.cooldown_steps=0", "module.export_every_n_steps=null", *settings], tmp_path)
     OmegaConf.resolve(cfg)
     train(cfg)
     trained = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert set(trained) == {"trained"}  # no base: pre-training trains every weight
     alone = evaluate(compose_cfg("eval", [f"model.path={tmp_path / 'model'}", "model.image_size=16",
-                                          "~checkpoints", "+checkpoints.trained=null", *eval_overrides(""), "controls.cover=null"],
+                                          "~checkpoints", "+checkpoints.trained=null", *eval_overrides(""), "controls.cover=null",
+                                          "controls.swapped=false",
+                                          *(f"eval_tasks.{t}.prompts.split=val" for t in ("geneval", "ocr", "aesthetic"))],
                                  tmp_path / "alone"))
     assert alone == trained
 
@@ -99,3 +103,28 @@ def test_eval_null_skips_it_and_bad_settings_fail_before_training(tmp_path, monk
                                             "module.lora={rank:2,alpha:4}"], tmp_path))
     assert "eval" not in objects and not (tmp_path / "eval").exists()
     assert not any(key.startswith("eval/") for key in metrics)
+
+
+def test_a_ddp_run_ends_with_the_evaluation_one_process_gives(toy_base, tmp_path):
+    """Two DDP ranks (gloo, CPU) under torchrun: rank 0 exports the adapter at the end of fit and the
+    other rank waits for it before loading; both evaluate their share and rank 0 writes the numbers a
+    single ``python -m opd.evaluate`` of that adapter gives."""
+    run, alone = tmp_path / "run", tmp_path / "alone"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run(
+        [*torchrun, "-m", "opd.train", "experiment=mini/teacher_ocr", f"model.path={toy_base}", "model.image_size=16",
+         *TRAIN_SMALL, "trainer.devices=2", "++trainer.strategy=ddp", "module.num_groups_per_round=2",
+         "module.group_size=2", "module.lora={rank:2,alpha:4}", *eval_overrides("eval."), "eval.controls.cover=null",
+         f"hydra.run.dir={run}"], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+        text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trained = json.loads((run / "eval" / "results.json").read_text())
+    assert set(trained) == {"base", "trained"} and "ocr/ocr/swapped" in trained["trained"]
+    done = subprocess.run(
+        [sys.executable, "-m", "opd.evaluate", f"model.path={toy_base}", "model.image_size=16",
+         f"+checkpoints.trained={{adapter:{run / 'adapter'},guidance_scale:4.5}}", *eval_overrides(""),
+         "controls.cover=null", f"hydra.run.dir={alone}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for row, metrics in json.loads((alone / "results.json").read_text()).items():  # another batch split: float noise
+        assert trained[row] == pytest.approx(metrics, rel=1e-4, abs=1e-4), row

@@ -1,14 +1,17 @@
 """Several ranks for one evaluation (``torchrun --nproc_per_node N -m opd.evaluate``).
 
 Each rank generates and scores a share of the batches; rank 0 gathers the per-image records and
-writes the report. Only small Python objects travel (records, the output folder), so the process
-group is gloo even on GPUs: no device pinning, and the same code runs on a CPU-only machine. Images
+writes the report. Only small Python objects travel (records, the output folder), so they travel
+over gloo even on GPUs: no device pinning, and the same code runs on a CPU-only machine (``opd.evaluate``
+under torchrun starts a gloo process group; the evaluation that ends a DDP training run opens a gloo
+group beside the fit's NCCL one, :func:`gloo_ranks`). Images
 go to the output folder from every rank, which therefore must be shared (one node, or a shared
 file system).
 """
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -25,6 +28,7 @@ class Ranks:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    group: Any = None  # the process group of the collectives (None: the default group)
 
     @property
     def is_main(self) -> bool:
@@ -39,7 +43,7 @@ class Ranks:
         if self.world_size == 1:
             return [obj]
         out: list[Any] | None = [None] * self.world_size if self.is_main else None
-        dist.gather_object(obj, out, dst=0)
+        dist.gather_object(obj, out, dst=0, group=self.group)
         return out
 
     def broadcast(self, obj: T) -> T:
@@ -47,8 +51,25 @@ class Ranks:
         if self.world_size == 1:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
+
+
+    def barrier(self) -> None:
+        """Wait until every rank gets here."""
+        if self.world_size > 1:
+            dist.barrier(group=self.group)
+
+
+#: how long ranks wait for each other in an evaluation (rank 0 alone runs the cover search and the report)
+TIMEOUT = timedelta(hours=3)
+
+
+def gloo_ranks(rank: int, world_size: int, local_rank: int) -> Ranks:
+    """The ranks of an initialised process group (e.g. a DDP fit's NCCL one), with a new gloo group
+    over all of them for the evaluation's collectives. Every rank must call it (creating a group is
+    collective)."""
+    return Ranks(rank, world_size, local_rank, dist.new_group(backend="gloo", timeout=TIMEOUT))
 
 
 def init_ranks() -> Ranks:
@@ -58,6 +79,6 @@ def init_ranks() -> Ranks:
     if world_size == 1:
         return Ranks()
     if not dist.is_initialized():
-        dist.init_process_group(backend="gloo")
+        dist.init_process_group(backend="gloo", timeout=TIMEOUT)
     rank = dist.get_rank()
     return Ranks(rank, dist.get_world_size(), int(os.environ.get("LOCAL_RANK", rank)))

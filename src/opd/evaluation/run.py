@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from opd.data.prompt_files import MAX_PROMPT_CHARS
 from opd.evaluation.checkpoints import Checkpoint, parse_checkpoints
 from opd.evaluation.controls import find_cover, sensitivity_differences, sensitivity_pairs, subsample
-from opd.evaluation.distributed import Ranks, init_ranks
+from opd.evaluation.distributed import Ranks, gloo_ranks, init_ranks
 from opd.evaluation.report import Report, score_task
 from opd.evaluation.tasks import CoverSpec, EvalTask
 from opd.models.lora import active_adapter, adapter_names, load_lora, resolve_lora_file
@@ -77,7 +77,7 @@ def _instantiate_prompts(spec: DictConfig, where: str) -> list[dict[str, Any]]:
             raise ValueError(f"{where}: row {number} has no prompt text ({row!r:.120}); each row needs a 'prompt'")
         if len(prompt) > MAX_PROMPT_CHARS:
             raise ValueError(f"{where}: prompt {number} has {len(prompt)} characters, more than any text encoder here "
-                             f"reads (limit {MAX_PROMPT_CHARS}; the mini model reads 48 bytes, CLIP 77 tokens): "
+                             f"reads (limit {MAX_PROMPT_CHARS}; the mini model reads 96 bytes (the v1 base 48), CLIP 77 tokens): "
                              f"{prompt[:60]!r}...; fix the prompt set")
     return rows
 
@@ -324,10 +324,11 @@ def check_run_eval(cfg: DictConfig) -> DictConfig | None:
 
 
 def _training_ranks(trainer: Any) -> Ranks:
-    """The fit's ranks (its process group stays up after ``fit``); one process otherwise."""
+    """The fit's ranks (its process group stays up after ``fit``), talking over a gloo group of their
+    own; one process otherwise."""
     world = int(getattr(trainer, "world_size", 1) or 1)
     if world > 1 and dist.is_available() and dist.is_initialized():
-        return Ranks(int(trainer.global_rank), world, int(trainer.local_rank))
+        return gloo_ranks(int(trainer.global_rank), world, int(trainer.local_rank))
     return Ranks()
 
 
@@ -340,6 +341,7 @@ def evaluate_run(cfg: DictConfig, trainer: Any = None, eval_cfg: DictConfig | No
     if eval_cfg is None:
         return None
     ranks = _training_ranks(trainer) if trainer is not None else init_ranks()
+    ranks.barrier()  # rank 0 exported the adapter or model at the end of fit; the others load it next
     out = Path(eval_cfg.output_dir)
     if ranks.is_main and out.exists():  # rank 0 clears it before evaluate's first collective call
         log.warning("replacing the earlier evaluation in %s", out)
