@@ -68,7 +68,8 @@ TRAIN_ARGS   ?=
 EVAL_ARGS    ?=
 PYM          := $(BIN)/python -m
 ADAPTER      := adapter/pytorch_lora_weights.safetensors
-RUN_ARGS      = $(TRAINER) logger=csv trainer.enable_progress_bar=false trainer.max_steps=1000000
+# eval=null: the chains below evaluate every adapter in a folder of its own (val/ or eval/), with shared settings
+RUN_ARGS      = $(TRAINER) logger=csv trainer.enable_progress_bar=false trainer.max_steps=1000000 eval=null
 TRAIN         = $(PYM) opd.train $(RUN_ARGS)
 MULTIRUN      = $(PYM) opd.train -m $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER)) $(RUN_ARGS)
 EVAL          = $(PYM) opd.evaluate '~checkpoints' batch_size=160 +eval_tasks.ocr.rewards.ocr.num_workers=$(OCR_WORKERS)
@@ -160,7 +161,7 @@ TABLE1_EXTRA := {"mopd_r16": {"label": "MOPD student, rank 16", "stages": ["mopd
   "multi_reward_16min": {"label": "multi-reward RL after 16 min", "stages": ["multi_reward_nft"], "teachers": []}}
 $(RUNS)/table/results.md: $(TABLE1_EVALS) | $(STAMP)
 	$(PYM) opd.results.table1 --runs $(RUNS) --out $(@D) --previous $(PREVIOUS) --device "$(DEVICE)" \
-	  --stages '$(TABLE1_STAGES)' --extra '$(TABLE1_EXTRA)'
+	  --stages '$(TABLE1_STAGES)' --extra '$(TABLE1_EXTRA)' --also geneval/geneval_mini ocr/ocr
 
 mini-table1: $(RUNS)/table/results.md  ## the mini Table 1 from the shipped teachers (GPU; make -j8 mini-table1): RUNS=runs/table1 DEVICE="..."
 	@echo "mini-table1: $(RUNS)/table/results.md (runs.json, curves.png beside it); ship the student with python -m opd.results.ship_adapter $(RUNS)/mopd_r64_p2/adapter <dest>"

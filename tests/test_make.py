@@ -1,0 +1,58 @@
+"""The Make chains behind the mini tables (``make mini-teachers``, ``make mini-table1``) are committed
+commands: their dry runs list every step, and every training and evaluation step composes (no
+unknown key, group or experiment) without running anything."""
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+
+import pytest
+
+from conftest import ROOT, compose_cfg
+from test_experiments import compose_train
+
+MODULES = {"opd.train": "train", "opd.evaluate": "eval"}
+
+
+def dry_run(target: str, tmp_path) -> list[str]:
+    """The recipe lines ``make -n <target>`` prints for empty run folders (continuations joined)."""
+    done = subprocess.run(["make", "-n", target, f"RUNS={tmp_path / 'runs'}", f"TEACHER_RUNS={tmp_path / 'teachers'}",
+                           "LAUNCHER=local"], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    return [line.strip() for line in done.stdout.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def overrides_of(line: str) -> tuple[str, list[str]] | None:
+    """``(config name, overrides)`` of an ``opd.train``/``opd.evaluate`` line; a multirun's sweeps
+    (``a=x,y``) take their first value, Hydra's own settings are left out."""
+    words = shlex.split(line)
+    for i, word in enumerate(words[:-1]):
+        if word == "-m" and words[i + 1] in MODULES:
+            config, args = MODULES[words[i + 1]], words[i + 2:]
+            break
+    else:
+        return None
+    out = []
+    for arg in args:
+        if arg == "-m" or arg.startswith(("hydra.", "hydra/")):
+            continue
+        key, _, value = arg.partition("=")
+        if "," in value and not re.search(r"[{\[]", value):
+            arg = f"{key}={value.split(',')[0]}"
+        out.append(arg)
+    return config, out
+
+
+@pytest.mark.parametrize("target", ["mini-teachers", "mini-table1"])
+def test_the_mini_table_chains_compose(target, tmp_path):
+    lines = dry_run(target, tmp_path)
+    steps = [step for line in lines if "$(" not in line and (step := overrides_of(line)) is not None]
+    trains = [o for name, o in steps if name == "train"]
+    assert len(trains) >= (4 if target == "mini-teachers" else 9) and len(steps) > len(trains)
+    for name, overrides in steps:
+        if name == "train":  # each chain evaluates its adapters in folders of their own
+            assert compose_train(overrides, tmp_path / "out").eval is None, overrides
+        else:
+            compose_cfg(name, overrides, tmp_path / "out")
+    assert any("opd.results." in line for line in lines)
