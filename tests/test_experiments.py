@@ -195,13 +195,14 @@ def test_a_sweep_runs_in_parallel_with_the_local_launcher(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "opd.train", "-m", "hydra/launcher=local", "hydra.launcher.n_jobs=2",
          "experiment=mini/teacher_ocr", *TOY_MODEL, *TRAIN_SMALL, *EVAL_SMALL, "module.num_groups_per_round=2",
-         "module.group_size=2", "module.lora={rank:2,alpha:4}", "optimized_metric=eval/trained/ocr/ocr", "seed=0,1",
+         "module.group_size=2", "module.lora={rank:2,alpha:4}", "optimized_metric=eval/trained/ocr/ocr_exact", "seed=0,1",
          f"hydra.sweep.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Joblib.Parallel(n_jobs=2" in done.stdout + done.stderr
     for job in ("0", "1"):
         results = json.loads((tmp_path / job / "eval" / "results.json").read_text())
-        assert "ocr/ocr" in results["trained"]
+        value = results["trained"]["ocr/ocr_exact"]
+        assert f"optimized_metric eval/trained/ocr/ocr_exact = {value:.6g}" in (tmp_path / job / "train.log").read_text()
         assert OmegaConf.load(tmp_path / job / ".hydra" / "config.yaml").seed == int(job)
 
 
@@ -230,3 +231,13 @@ def test_debug_shrinks_pretraining_data_and_is_ignored_by_experiments_without_da
     distill = compose_train(["experiment=mini/sopd_ocr", "debug=default"], tmp_path / "b")
     assert OmegaConf.to_container(distill.data) == {"batch_size": 4, "num_workers": 0}
     assert datamodule_config(distill) is None
+
+
+def test_optimized_metric_must_name_a_metric_the_run_produced():
+    from opd.train import optimized_value
+
+    produced = {"eval/trained/ocr/ocr_exact": 0.5, "train/loss": 1.0}
+    assert optimized_value(OmegaConf.create({"optimized_metric": "eval/trained/ocr/ocr_exact"}), produced) == 0.5
+    assert optimized_value(OmegaConf.create({"optimized_metric": None}), produced) is None
+    with pytest.raises(KeyError, match=r"optimized_metric='eval/trained/ocr/orc'.*eval/trained/ocr/ocr_exact, train/loss"):
+        optimized_value(OmegaConf.create({"optimized_metric": "eval/trained/ocr/orc"}), produced)

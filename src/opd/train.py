@@ -303,7 +303,20 @@ def main(cfg: DictConfig) -> float | None:
     quiet_known_noise()
     OmegaConf.resolve(cfg)
     metrics, _ = train(cfg)
-    return metrics.get(cfg.optimized_metric) if cfg.optimized_metric else None
+    return optimized_value(cfg, metrics)
+
+
+def optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
+    """The value of ``cfg.optimized_metric`` for Hydra's sweepers (logged), ``None`` when unset; a name
+    the run did not produce is an error (a sweeper would otherwise optimise ``None``)."""
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    if name not in metrics:
+        raise KeyError(f"optimized_metric={name!r}: the run produced no such metric; it has "
+                       f"{', '.join(sorted(metrics)[:40])}{' ...' if len(metrics) > 40 else ''}")
+    log.info("optimized_metric %s = %.6g", name, metrics[name])
+    return metrics[name]
 
 
 if __name__ == "__main__":
