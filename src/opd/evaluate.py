@@ -11,7 +11,7 @@ the controls, all metrics and per-tag means), ``scores.png`` (bar chart with the
 prompts side by side), ``grids/cover_<task>.png``, ``images/…png`` and ``samples.jsonl`` (one line
 per image with its prompt, metadata, scores and swapped-prompt scores).
 
-Controls (:mod:`opd.evaluation.controls`, settings under ``controls`` in conf/eval.yaml): each
+Controls (:mod:`opd.evaluation.controls`, settings under ``controls`` in conf/eval_settings/default.yaml): each
 image is also scored against another prompt of its tag (``controls.swapped``); each checkpoint's
 prompt sensitivity is measured on ``controls.sensitivity_pairs`` prompt pairs against the base model
 (adapter off) at the same CFG scale; and a task with a ``cover`` entry gets a ``cover`` row: the best

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-#: no text encoder here reads more (the mini model 48 bytes, CLIP 77 tokens, T5 at most 512 tokens): a
+#: no text encoder here reads more (the mini model 96 bytes, CLIP 77 tokens, T5 at most 512 tokens): a
 #: longer "prompt" is a file that is not one prompt per line, or text that would be silently cut
 MAX_PROMPT_CHARS = 2000
 
@@ -37,7 +37,7 @@ def load_prompt_file(path: str | Path, tag: str = "prompt") -> list[dict[str, An
             row = {"prompt": line.strip(), "tag": tag}
         if len(row["prompt"]) > MAX_PROMPT_CHARS:
             raise ValueError(f"{path}:{number}: a prompt of {len(row['prompt'])} characters, more than any text encoder "
-                             f"here reads (limit {MAX_PROMPT_CHARS}; the mini model reads 48 bytes, CLIP 77 tokens): "
+                             f"here reads (limit {MAX_PROMPT_CHARS}; the mini model reads 96 bytes (the v1 base 48), CLIP 77 tokens): "
                              "is the file one prompt per line?")
         rows.append(row)
     if not rows:
