@@ -87,6 +87,24 @@ def test_pretrain_runs_exports_and_resumes(cfg_factory, tmp_path):
                                          if type(c).__name__ == "EMA").num_updates == 6
 
 
+def test_pretraining_continues_from_exported_weights(cfg_factory, tmp_path):
+    """experiment=pretrain_mini_continue starts from the weights at model.path (lr 1e-12: they stay, and
+    the EMA export is them), with its own scene stream (seed 1)."""
+    from test_models import toy
+
+    start = toy(seed=7)
+    start.save_pretrained(tmp_path / "start", dtype=torch.float32)
+    cfg = cfg_factory("train", ["experiment=pretrain_mini_continue", *SMALL, f"model.path={tmp_path / 'start'}",
+                                "trainer.max_steps=2", "module.warmup_steps=0", "module.optimizer.lr=1e-12",
+                                "module.export_every_n_steps=null", "callbacks.image_grid=null"])
+    assert cfg.seed == 1
+    OmegaConf.resolve(cfg)
+    train(cfg)
+    exported = MiniBackbone.from_pretrained(tmp_path / "model")
+    for (name, a), (_, b) in zip(start.named_parameters(), exported.named_parameters(), strict=True):
+        torch.testing.assert_close(a.half().float(), b.float(), msg=name)
+
+
 def test_scene_stream_is_a_pure_function_of_position():
     """Batch n of a rank is the same whatever the number of workers and wherever the stream starts
     (a resumed run continues the data exactly); ranks and batches differ."""
