@@ -107,3 +107,24 @@ def test_a_demo_like_history_draws_one_png(tmp_path):
     trainer = SimpleNamespace(global_step=40, is_global_zero=True, default_root_dir=str(tmp_path))
     out = plot.draw(trainer)
     assert out == tmp_path / "curves.png" and out.stat().st_size > 10000
+
+
+def test_a_schedule_is_drawn_as_it_is_and_a_loss_spanning_decades_on_a_log_axis(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    drawn = []
+    plot_line = matplotlib.axes.Axes.plot
+
+    def spy(ax, x, y, **kwargs):
+        drawn.append((ax, list(y), kwargs.get("alpha")))
+        return plot_line(ax, x, y, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    plot = CurvePlot(smoothing=0.5)
+    plot.history["lr-AdamW"] = [(1, 1e-4), (2, 2e-4), (3, 3e-4)]
+    plot.history["train/loss"] = [(1, 1.0), (2, 0.1), (3, 0.01)]
+    plot.draw(SimpleNamespace(global_step=3, is_global_zero=True, default_root_dir=str(tmp_path)))
+    loss_raw, loss_smooth, lr = drawn  # panel order: loss, then learning rate
+    assert loss_raw[1:] == ([1.0, 0.1, 0.01], 0.3) and loss_smooth[1] == pytest.approx(ema([1.0, 0.1, 0.01], 0.5))
+    assert loss_raw[0].get_yscale() == "log"
+    assert lr[1:] == ([1e-4, 2e-4, 3e-4], None) and lr[0].get_yscale() == "linear"  # one line, unsmoothed

@@ -40,6 +40,7 @@ class Panel:
     keys: str
     label: str = "{label}"
     log_scale_ok: bool = False  # a log y axis when the series are positive and span more than 10×
+    smooth: bool = True  # False: a schedule, drawn as it is (no EMA, no faint copy)
 
     def match(self, key: str) -> tuple[str, str, str] | None:
         """``(title, keys, series label)`` of ``key``, or None."""
@@ -76,8 +77,8 @@ PANELS = (
           log_scale_ok=True),
     Panel("Other KL estimates", "KL", r"train/(?P<label>(?:kl_.+|approx_kl))", "train/kl_*, train/approx_kl",
           log_scale_ok=True),
-    Panel("Loss", "loss", r"train/(?P<label>(?:.+_)?loss(?:_.+)?)", "train/*loss*"),
-    Panel("Learning rate", "learning rate", r"lr-(?P<label>.+)", "lr-* (LearningRateMonitor)"),
+    Panel("Loss", "loss", r"train/(?P<label>(?:.+_)?loss(?:_.+)?)", "train/*loss*", log_scale_ok=True),
+    Panel("Learning rate", "learning rate", r"lr-(?P<label>.+)", "lr-* (LearningRateMonitor)", smooth=False),
     Panel("Gradient norm (before clipping)", "global L2 norm", r"train/(?P<label>grad_norm)", "train/grad_norm"),
     Panel("PPO clipping", "fraction of samples clipped", r"train/(?P<label>clip_frac)", "train/clip_frac"),
 )
@@ -183,8 +184,9 @@ class CurvePlot(pl.Callback):
             for i, (label, key) in enumerate(series.items()):
                 steps, values = zip(*self.history[key])
                 color = colors[i % len(colors)]
-                ax.plot(steps, values, color=color, lw=0.8, alpha=0.3)
-                ax.plot(steps, self.smoothed(key), color=color, lw=1.8, label=label,
+                if panel.smooth:
+                    ax.plot(steps, values, color=color, lw=0.8, alpha=0.3)
+                ax.plot(steps, self.smoothed(key) if panel.smooth else values, color=color, lw=1.8, label=label,
                         marker="o" if len(steps) == 1 else None)
                 lows.append(min(values))
                 highs.append(max(values))
