@@ -168,6 +168,56 @@ def test_balanced_weighting_divides_each_teacher_by_its_running_kl(cfg_factory, 
     assert module.teacher_weight(teacher, traj) == pytest.approx(1 / module.kl_scale[teacher.name])
 
 
+def test_balance_normalize_keeps_the_ratios_of_the_balanced_weights_and_makes_them_average_one(
+        cfg_factory, toy_world):
+    """balanced: w_m = 1/KL_m; balance_normalize rescales them to mean 1 over the teachers."""
+    module = build(cfg_factory, toy_world, ["module.teacher_weighting=balanced", "module.balance_normalize=true"])
+    module.all_gather = lambda t: t  # type: ignore[method-assign]
+    trajs, kls = [], []
+    for teacher in module.teachers:
+        with torch.no_grad():
+            traj = module.sample([r["prompt"] for r in teacher.prompts[:2]], kernel="ode", noise_level=0.0,
+                                 guidance_scale=4.5)
+        trajs.append(traj)
+        kls.append(module.distill_on(traj, teacher, backward=False).item())
+    weights = module.teacher_weights(trajs)
+    raw = [1 / kl for kl in kls]
+    expected = [r / (sum(raw) / len(raw)) for r in raw]
+    assert weights == pytest.approx(expected, rel=1e-5)
+    assert sum(weights) == pytest.approx(len(weights))
+    assert kls[0] != pytest.approx(kls[1], rel=1e-2)  # the teachers differ, so the ratio is not trivially 1
+
+
+def test_cfg_free_student_trains_its_conditional_mean_towards_the_teachers_guided_mean(cfg_factory, toy_world):
+    """sampler.guidance_scale=1 (the CFG-free student): the student's mean is one conditional pass while
+    the teacher keeps its own CFG; the loss is ½·mean_D (μ_S − μ_T)² summed over the ODE steps,
+    recomputed here from raw backbone velocities."""
+    module = build(cfg_factory, toy_world, ["sampler.guidance_scale=1.0", "teacher.ocr.guidance_scale=4.5"])
+    with torch.no_grad():
+        for p in module.policy_parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    teacher = module.teachers[0]
+    assert teacher.guidance_scale == 4.5
+    prompts = [r["prompt"] for r in teacher.prompts[:2]]
+    with torch.no_grad():
+        traj = module.sample(prompts, kernel="ode", noise_level=0.0, guidance_scale=module.sampler.guidance_scale)
+        loss = module.distill_on(traj, teacher, backward=False)
+        bb, tr = module.backbone, module.backbone.transformer
+        cond, empty = bb.encode_prompts(prompts), bb.encode_prompts(["", ""])
+        expected = torch.zeros(())
+        for j in range(module.num_trained_steps):
+            x, s, s_next = traj.latents[:, j], traj.sigmas[j], traj.sigmas[j + 1]
+            sig = torch.full((2,), float(s))
+            tr.set_adapter(module.STUDENT)
+            v_s = bb.velocity(x, sig, cond)
+            tr.set_adapter(teacher.adapter_name)
+            v_u, v_c = bb.velocity(x, sig, empty), bb.velocity(x, sig, cond)
+            v_t = v_u + 4.5 * (v_c - v_u)
+            gap = (s_next - s) * (v_s - v_t)  # ODE means x + (σ' − σ) v: x cancels
+            expected = expected + 0.5 * gap.square().flatten(1).mean(1).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-7)
+
+
 def test_step_reduction_mean_scales_the_first_rounds_gradient_by_steps_times_teachers(toy_world, tmp_path):
     """objective.step_reduction=mean (the authors' gradient accumulation) divides round 0's gradient
     (logged before clipping) by trained steps × teachers, and leaves the logged KLs summed."""

@@ -100,7 +100,7 @@ class OPDDistill(AdapterPolicy):
                  prompts_per_teacher: int = 3, timestep_fraction: float = 0.99, target_chunk: int = 64,
                  train_chunk: int = 16, grad_clip: float = 1.0, seed: int = 0,
                  preview_prompts: Sequence[str] = (), teacher_weighting: str = "sum",
-                 balance_decay: float = 0.9, init_adapter: str | None = None,
+                 balance_decay: float = 0.9, balance_normalize: bool = False, init_adapter: str | None = None,
                  allow_teacher_change: bool = False) -> None:
         self.teachers = build_teachers(teachers)
         self.allow_teacher_change = allow_teacher_change
@@ -117,6 +117,7 @@ class OPDDistill(AdapterPolicy):
             raise ValueError(f"module.teacher_weighting must be 'sum' or 'balanced', got {teacher_weighting!r}")
         self.teacher_weighting = teacher_weighting
         self.balance_decay = balance_decay
+        self.balance_normalize = balance_normalize
         self.kl_scale: dict[str, float] = {}  # balanced: running mean of each teacher's KL (all ranks)
         self._monitor_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-monitor")
 
@@ -146,20 +147,22 @@ class OPDDistill(AdapterPolicy):
         metrics: dict[str, Tensor] = {}
         total = 0.0
         pending = []  # monitor rewards run in a worker thread, off the critical path
+        trajs = []  # every teacher's rollout first (no update happens within a round): the weights may need them all
         for m, teacher in enumerate(self.teachers):
             rows = self.draw(m)
             with torch.no_grad():
                 traj = self.sample([r["prompt"] for r in rows], kernel=self.sampler.kernel,
                                    noise_level=self.sampler.noise_level, guidance_scale=self.sampler.guidance_scale,
                                    purpose=10 * (m + 1))  # each teacher's rollout gets its own noise
+            trajs.append(traj)
             for name, reward in teacher.monitor.items():
                 pending.append((teacher.name, name, self._monitor_pool.submit(
                     self.score_images, reward, name, traj.final.detach(), rows)))
-            # objective.step_reduction=mean: the authors' 1/(steps·teachers); it scales the gradient only,
-            # so the logged KLs stay summed and comparable
-            weight = self.teacher_weight(teacher, traj) * self.objective.accumulation_weight(
-                self.num_trained_steps, len(self.teachers))
-            loss = self.distill_on(traj, teacher, backward=True, weight=weight)
+        # objective.step_reduction=mean: the authors' 1/(steps·teachers); it scales the gradient only,
+        # so the logged KLs stay summed and comparable
+        scale = self.objective.accumulation_weight(self.num_trained_steps, len(self.teachers))
+        for teacher, traj, weight in zip(self.teachers, trajs, self.teacher_weights(trajs)):
+            loss = self.distill_on(traj, teacher, backward=True, weight=weight * scale)
             self.note_loss(f"teacher/{teacher.name}/kl (teacher {teacher.name!r}, adapter {teacher.adapter})", loss)
             self.update_kl_scale(teacher, loss)
             total += loss
@@ -215,6 +218,17 @@ class OPDDistill(AdapterPolicy):
             with torch.no_grad():
                 self.kl_scale[teacher.name] = self.gathered_kl(self.distill_on(traj, teacher, backward=False))
         return 1.0 / max(self.kl_scale[teacher.name], 1e-12)
+
+    def teacher_weights(self, trajs: Sequence[Trajectory]) -> list[float]:
+        """This round's weight of every teacher (:meth:`teacher_weight`); with ``balance_normalize``
+        the balanced weights are rescaled to average 1 over the teachers, so they keep their ratios
+        but not their absolute size, which otherwise grows as the KLs shrink (1/KL: hundreds or
+        thousands late in a run, so every round's gradient is cut by the clip norm)."""
+        weights = [self.teacher_weight(t, traj) for t, traj in zip(self.teachers, trajs)]
+        if self.teacher_weighting == "balanced" and self.balance_normalize:
+            mean = sum(weights) / len(weights)
+            weights = [w / mean for w in weights]
+        return weights
 
     def gathered_kl(self, kl: Tensor) -> float:
         return self.all_gather(kl.detach()).float().mean().item()
