@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 export PYTHONHASHSEED := 0
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all demo eval pretrain bench-rewards mini-teachers mini-table1 lint clean
+.PHONY: help install test test-all demo eval pretrain bench-rewards prompts mini-teachers mini-table1 lint clean
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -42,6 +42,9 @@ pretrain: $(STAMP)  ## pre-train the mini base model (GPU): ARGS="trainer=gpu"
 
 bench-rewards: $(STAMP)  ## images/s of the mini rewards on this machine
 	$(BIN)/python -m opd.bench_rewards
+
+prompts: $(STAMP)  ## fetch the SD3.5 prompt sets (Flow-GRPO's PickScore, OCR, GenEval; pinned by commit, checked by checksum) into data/ (docs/prompts.md)
+	$(BIN)/python -m opd.data.fetch_prompts --data-dir "$(or $(OPD_ROOT),$(CURDIR))/data" $(ARGS)
 
 # ---- result chains: ordered runs as file targets (the adapter each run exports, then its evaluation).
 # Independent runs train side by side under `make -j`, or as one Hydra multirun (`opd.train -m`)
