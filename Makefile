@@ -11,12 +11,21 @@ export PYTHONHASHSEED := 0
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
 
+# One OpenCV: opencv-python, which rapidocr-onnxruntime requires. easyocr (its engine's other requirements
+# are in the dev extra) goes in with --no-deps, without its opencv-python-headless, which writes the same
+# cv2 files; a venv that already has both loses both first, and the dev install brings opencv-python back.
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
+	if $(BIN)/python -m pip show -qq opencv-python-headless >/dev/null 2>&1; then \
+	  $(BIN)/python -m pip uninstall -q -y opencv-python-headless opencv-python; fi
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
-	$(BIN)/python -c "import torch, torchvision, diffusers, hydra, lightning, peft, rapidocr_onnxruntime; print('installed: torch', torch.__version__, '| diffusers', diffusers.__version__)"
+	$(BIN)/python -m pip install -q -c constraints.txt --no-deps easyocr
+	$(BIN)/python -c "import importlib.metadata as md, torch, torchvision, diffusers, hydra, lightning, peft, rapidocr_onnxruntime, easyocr, cv2; \
+	  cvs = sorted({d.metadata['Name'].lower().replace('_', '-') for d in md.distributions() if d.metadata['Name'].lower().startswith('opencv')}); \
+	  assert cvs == ['opencv-python'], f'one OpenCV expected, found {cvs}'; \
+	  print('installed: torch', torch.__version__, '| diffusers', diffusers.__version__, '| OpenCV', cv2.__version__)"
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv/ with everything opd needs (pinned torch 2.14.1)

@@ -7,6 +7,7 @@ anything is built: :func:`validate_train_config` / :func:`validate_eval_config` 
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -94,10 +95,53 @@ class TeacherConfig:
     monitor_reward: Any = None     # a reward config logged on the student's samples
 
 
+#: the environment variable that names ``paths.root_dir`` (conf/paths/default.yaml)
+ROOT_ENV = "OPD_ROOT"
+#: the folders a root holds (``paths.data_dir``, ``paths.models_dir``)
+ROOT_FOLDERS = ("data", "models")
+
+
+def in_checkout() -> bool:
+    """Whether this ``opd`` is the source of a checkout (``<root>/src/opd`` with ``<root>/conf``), not a
+    copy installed from a wheel into site-packages."""
+    root = checkout_root()
+    return Path(__file__).resolve().parent == root / "src" / "opd" and (root / "conf").is_dir()
+
+
+def config_dir() -> Path:
+    """The Hydra config folder: the checkout's ``conf/``, else the copy a wheel ships inside the package
+    (``opd/conf``, the same files: pyproject.toml maps ``conf/`` to the package ``opd.conf``)."""
+    if in_checkout():
+        return checkout_root() / "conf"
+    packaged = Path(__file__).resolve().parent / "conf"
+    if not (packaged / "train.yaml").is_file():
+        raise FileNotFoundError(f"opd's configs are missing: neither a checkout's conf/ nor {packaged}; reinstall "
+                                "opd (`pip install .` in the checkout ships conf/ inside the package)")
+    return packaged
+
+
 def project_root() -> str:
     """The checkout opd runs from (``conf/`` and ``models/`` beside ``src/``), else the working folder."""
-    root = checkout_root()
-    return str(root) if (root / "conf").is_dir() else str(Path.cwd())
+    return str(checkout_root()) if in_checkout() else str(Path.cwd())
+
+
+def config_root_dir() -> str:
+    """``paths.root_dir`` (the ``opd_root`` resolver): ``$OPD_ROOT``, else the checkout; outside one (opd
+    installed from a wheel) the working folder if it holds ``data/`` or ``models/``, else a clear error,
+    rather than runs that fail later on files missing under a folder nobody chose. (``$OPD_ROOT`` is
+    read here too: OmegaConf resolves ``oc.env``'s default even when the variable is set.)"""
+    if os.environ.get(ROOT_ENV):
+        return os.environ[ROOT_ENV]
+    if in_checkout():
+        return str(checkout_root())
+    cwd = Path.cwd()
+    if any((cwd / name).is_dir() for name in ROOT_FOLDERS):
+        return str(cwd)
+    raise ValueError(
+        f"paths.root_dir (the folder holding data/ and models/) is not set: opd runs from an installed package, "
+        f"not a checkout, and the working folder {cwd} holds neither data/ nor models/. Set {ROOT_ENV}=<checkout> "
+        "or paths.root_dir=<checkout> (the mini world's base model is <checkout>/models/mini_base, its prompts "
+        "<checkout>/data/mini), or run from the checkout folder; see docs/install.md")
 
 
 def validate_train_config(cfg: Any) -> None:
@@ -117,7 +161,7 @@ def validate_eval_config(cfg: Any) -> None:
 
 def register_configs() -> None:
     if not OmegaConf.has_resolver("opd_root"):
-        OmegaConf.register_new_resolver("opd_root", project_root)
+        OmegaConf.register_new_resolver("opd_root", config_root_dir)
     cs = ConfigStore.instance()
     cs.store(group="sampler", name="sampler_schema", node=SamplerConfig)
     cs.store(group="objective", name="flow_matching_schema", node=FlowMatchingConfig)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-import opd.config  # noqa: F401 — registers the structured-config schemas
+import opd.config  # registers the structured-config schemas; config_dir
 from opd.evaluation.run import (  # noqa: F401 — the evaluation's pieces, importable from here as before
     RANDOM_FLAG,
     _instantiate_prompts,
@@ -43,9 +43,8 @@ from opd.evaluation.run import (  # noqa: F401 — the evaluation's pieces, impo
     resolve_device,
     takes_random_flag,
 )
-from opd.utils.paths import checkout_root
 
-CONFIG_DIR = str(checkout_root() / "conf")
+CONFIG_DIR = str(opd.config.config_dir())  # the checkout's conf/, or the copy inside an installed wheel
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")

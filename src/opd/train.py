@@ -37,11 +37,10 @@ from omegaconf import DictConfig, OmegaConf
 
 import opd.config  # registers the structured-config schemas; validate_train_config
 from opd.evaluation.run import check_run_eval, evaluate_run
-from opd.utils.paths import checkout_root
 from opd.validate import check_ckpt_path
 
 log = logging.getLogger(__name__)
-CONFIG_DIR = str(checkout_root() / "conf")
+CONFIG_DIR = str(opd.config.config_dir())  # the checkout's conf/, or the copy inside an installed wheel
 
 
 def instantiate_dict(cfg: DictConfig | None) -> list[Any]:

@@ -6,6 +6,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
+from PIL import Image
 
 from opd.callbacks.ema import ema_weights
 from opd.utils.grid import caption_grid
@@ -13,7 +14,8 @@ from opd.utils.grid import caption_grid
 
 class ImageGrid(pl.Callback):
     """Calls ``pl_module.preview(num_steps) -> (images [B,3,H,W], captions)`` with EMA weights,
-    writes ``<output_dir>/images/step_XXXXXX.png`` and logs the grid to TensorBoard."""
+    writes ``<output_dir>/images/step_XXXXXX.png`` and logs the grid as ``preview`` to every logger that
+    takes images: TensorBoard (``experiment.add_image``) and W&B (``log_image``, ``logger=wandb``)."""
 
     def __init__(self, every_n_steps: int = 500, num_steps: int = 20, num_cols: int = 8, at_start: bool = True) -> None:
         self.every_n_steps = every_n_steps
@@ -45,7 +47,16 @@ class ImageGrid(pl.Callback):
         out = Path(trainer.default_root_dir) / "images" / f"step_{trainer.global_step:06d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         grid.save(out)
-        for logger in trainer.loggers:
-            if hasattr(getattr(logger, "experiment", None), "add_image"):
-                logger.experiment.add_image("preview", np.asarray(grid), trainer.global_step, dataformats="HWC")
+        log_grid(trainer.loggers, grid, trainer.global_step)
         return out
+
+
+def log_grid(loggers: list[Any], grid: Image.Image, step: int, key: str = "preview") -> None:
+    """``grid`` to each logger that takes images: one with ``log_image(key, images, step, caption=...)``
+    (Lightning's ``WandbLogger``) gets the PIL image, one whose ``experiment`` has ``add_image``
+    (TensorBoard) an HWC array; the others (CSV) are skipped."""
+    for logger in loggers:
+        if callable(getattr(logger, "log_image", None)):
+            logger.log_image(key=key, images=[grid], step=step, caption=[f"step {step}"])
+        elif hasattr(getattr(logger, "experiment", None), "add_image"):
+            logger.experiment.add_image(key, np.asarray(grid), step, dataformats="HWC")

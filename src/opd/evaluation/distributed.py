@@ -11,9 +11,9 @@ file system).
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch.distributed as dist

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
+from opd.config import config_dir
 from opd.data.prompt_files import MAX_PROMPT_CHARS
 from opd.evaluation.checkpoints import Checkpoint, parse_checkpoints
 from opd.evaluation.controls import find_cover, sensitivity_differences, sensitivity_pairs, subsample
@@ -43,7 +44,6 @@ from opd.evaluation.report import Report, score_task
 from opd.evaluation.tasks import CoverSpec, EvalTask
 from opd.models.lora import active_adapter, adapter_names, load_lora, resolve_lora_file
 from opd.rewards.base import Reward
-from opd.utils.paths import checkout_root
 from opd.validate import ConfigError, validate_eval_config
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ BASE, TRAINED = "base", "trained"
 EVAL_DIR = "eval"
 #: the settings shared by both entry points (the keys a training config's ``eval`` node may have besides
 #: ``tasks``, from conf/eval_tasks, and ``guidance_scale``, the base's CFG scale)
-EVAL_SETTINGS = checkout_root() / "conf" / "eval_settings" / "default.yaml"
+EVAL_SETTINGS = config_dir() / "eval_settings" / "default.yaml"
 
 
 def run_eval_keys() -> tuple[str, ...]:

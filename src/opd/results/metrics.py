@@ -11,11 +11,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from opd.config import project_root
+from opd.config import config_dir
 from opd.evaluation.checkpoints import parse_checkpoints
 from opd.evaluation.report import checkpoint_rows
 
-CONF_DIR = Path(project_root()) / "conf"
+CONF_DIR = config_dir()
 
 
 def _suite(suite: str, conf_dir: Path | None) -> DictConfig:

@@ -136,8 +136,9 @@ class EasyOCREngine:
         try:
             import easyocr
         except ImportError as err:
-            raise ImportError("OCRReward(engine='easyocr') needs the `easyocr` package: pip install easyocr "
-                              "(or run `make install`)") from err
+            raise ImportError("OCRReward(engine='easyocr') needs the `easyocr` package: pip install --no-deps easyocr "
+                              "(its own requirements are in opd's `real` extra; without --no-deps it adds a second "
+                              "OpenCV), or run `make install`") from err
         try:
             reader = easyocr.Reader(list(languages), gpu=torch.cuda.is_available() if gpu is None else gpu,
                                     model_storage_directory=str(path), download_enabled=False, verbose=False)

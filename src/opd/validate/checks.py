@@ -15,11 +15,11 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from opd.utils.paths import checkout_root
+from opd.config import config_dir
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = checkout_root() / "conf"
+CONFIG_DIR = config_dir()  # the checkout's conf/, or the copy inside an installed wheel
 #: sampler.kernel → what ``noise_level`` means for it (opd.sampling.kernels)
 KERNEL_NOISE = {
     "ode": "ignored (deterministic Euler)",

@@ -409,10 +409,15 @@ def held_out_prompts(seed: int = 0) -> frozenset[str]:
 
 
 def prompt_file(task: str, split: str, path: str | Path | None = None) -> Path:
-    """``<path or DEFAULT_DATA_DIR>/<task>_<split>.jsonl``; ``path`` may also name the file itself."""
+    """``<path or <paths.root_dir>/data/mini>/<task>_<split>.jsonl``; ``path`` may also name the file itself
+    (the root is the checkout's, or ``$OPD_ROOT`` for an installed copy: :func:`opd.config.config_root_dir`)."""
     if task not in TASKS or split not in SPLITS:
         raise ValueError(f"unknown prompt set {task!r}/{split!r}; tasks are {TASKS}, splits {SPLITS}")
-    base = Path(path) if path is not None else DEFAULT_DATA_DIR
+    if path is None:
+        from opd.config import config_root_dir
+
+        path = Path(config_root_dir()) / "data" / "mini"
+    base = Path(path)
     return base if base.suffix == ".jsonl" else base / f"{task}_{split}.jsonl"
 
 
