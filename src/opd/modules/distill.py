@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from opd.models.backbone import Backbone, PromptEmbeds
-from opd.models.lora import load_lora, resolve_lora_file
+from opd.models.lora import load_lora, read_lora, resolve_lora_file
 from opd.modules.guards import NonFiniteError, file_sha256, is_finite
 from opd.modules.policy import AdapterPolicy
 from opd.objectives.opd import OPDLoss
@@ -53,8 +53,6 @@ def build_teachers(teachers: Mapping[str, Any]) -> list[Teacher]:
     """Validate teacher configs before any model is built: names unique, adapter files present and
     readable LoRA files of one shape with finite weights, prompt sets non-empty. Each adapter file's
     SHA-256 is kept (checkpoints record it; a resume with other teacher files is refused)."""
-    from safetensors import SafetensorError, safe_open
-
     if not teachers:
         raise ValueError("teacher: no teachers configured; add e.g. `teacher=[mini_ocr,mini_geneval]`")
     out, shapes, names = [], None, set()
@@ -64,12 +62,12 @@ def build_teachers(teachers: Mapping[str, Any]) -> list[Teacher]:
             raise ValueError(f"teacher.{key}: duplicate teacher name {name!r}; names must be unique")
         names.add(name)
         file = resolve_lora_file(cfg["adapter"])
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                these = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 — a safetensors handle, not a dict
-                bad = [k for k in f.keys() if not is_finite(f.get_tensor(k))]  # noqa: SIM118
-        except (SafetensorError, OSError) as err:
-            raise ValueError(f"teacher.{key}.adapter: {file} is not a readable safetensors file ({err})") from err
+        try:  # diffusers or PEFT layout, compared by module names (opd.models.lora.read_lora)
+            weights = read_lora(file)
+        except ValueError as err:
+            raise ValueError(f"teacher.{key}.adapter: {err}") from err
+        these = weights.modules()
+        bad = [k for k, v in weights.state.items() if not is_finite(v)]
         if bad:
             raise NonFiniteError(f"teacher {name!r} (teacher.{key}.adapter={file}) holds non-finite weights in "
                                  f"{len(bad)} tensor(s), e.g. {bad[:3]}: distilling it would make the student NaN; "
