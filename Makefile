@@ -85,8 +85,8 @@ RUN_ARGS      = $(TRAINER) logger=csv trainer.enable_progress_bar=false trainer.
 TRAIN         = $(PYM) opd.train $(RUN_ARGS)
 MULTIRUN      = $(PYM) opd.train -m $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER)) $(RUN_ARGS)
 EVAL          = $(PYM) opd.evaluate '~checkpoints' batch_size=160 +eval_tasks.ocr.rewards.ocr.num_workers=$(OCR_WORKERS)
-# candidates are compared on 300 *training* prompts per task (seed 1), never on the test sets
-VAL           = eval_tasks.geneval.prompts.split=train eval_tasks.ocr.prompts.split=train eval_tasks.aesthetic.prompts.split=train max_prompts=300 seed=1
+# candidates are compared on the val prompts of every task (held out from training, never the test sets)
+VAL           = eval_tasks.geneval.prompts.split=val eval_tasks.ocr.prompts.split=val eval_tasks.aesthetic.prompts.split=val
 # in a recipe: the run folder of the adapter being made
 RUN           = $(patsubst %/$(ADAPTER),%,$@)
 # the CFG scale an evaluation samples at (set per target below: DiffusionNFT-trained runs are CFG-free)
