@@ -8,7 +8,7 @@ authors' script, batch 3, one teacher and one student pass per step (:func:`refe
 Both use the same module, kernel, CFG and LoRA, so the math per trajectory is identical; the
 figures are trajectories distilled per second, their ratio, peak memory and (on a GPU) model
 FLOPs utilisation against the chip's measured bf16 matmul peak. On a GPU the default model is an
-SD3.5-Medium-shaped transformer with random weights at 512 px (1024 image + 333 text tokens).
+SD3.5-Medium-shaped transformer with random weights at 512 px (1024 image + 205 text tokens: CLIP's 77 + T5's 128).
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ SD3_TINY = {**SD35_MEDIUM, "sample_size": 16, "num_layers": 2, "attention_head_d
 
 
 def build_backbone(model: str, device: str, dtype: torch.dtype) -> Backbone:
-    """``sd35m-random``: SD3.5-Medium's transformer at 512 px (64×64×16 latents, 333 text tokens);
+    """``sd35m-random``: SD3.5-Medium's transformer at 512 px (64×64×16 latents, 205 text tokens);
     ``sd3-tiny``: the same code path at toy size; ``mini``: the mini world's base architecture."""
     from diffusers import SD3Transformer2DModel
 
@@ -81,7 +81,7 @@ def build_backbone(model: str, device: str, dtype: torch.dtype) -> Backbone:
         big = model == "sd35m-random"
         with torch.device(device):  # 2.2 B random parameters are initialised where they will run
             net = SD3Transformer2DModel(**(SD35_MEDIUM if big else SD3_TINY))
-        return RandomConditionBackbone(net, 333 if big else 7, (16, 64, 64) if big else (16, 8, 8)).to(device, dtype)
+        return RandomConditionBackbone(net, 205 if big else 7, (16, 64, 64) if big else (16, 8, 8)).to(device, dtype)
     from opd.models.mini import MiniBackbone
 
     return MiniBackbone().to(device, dtype)

@@ -18,10 +18,13 @@ def mini_backbone(path: str | None = None, image_size: int = 64, torch_dtype: st
     return model
 
 
-def sd3_backbone(path: str, use_t5: bool = False, torch_dtype: str = "bfloat16", max_sequence_length: int = 256,
-                 image_size: int = 512) -> SD3Backbone:
-    """SD3.5 from a local diffusers folder or hub id; ``image_size`` is the training/eval resolution."""
+def sd3_backbone(path: str, use_t5: bool = True, torch_dtype: str = "bfloat16", max_sequence_length: int = 128,
+                 image_size: int = 512, gradient_checkpointing: bool = False) -> SD3Backbone:
+    """SD3.5 from a local diffusers folder or hub id; ``image_size`` is the training/eval resolution.
+    T5 on at 128 tokens (the references' prompt encoding; ``use_t5=False`` saves its memory);
+    ``gradient_checkpointing``: recompute the MMDiT blocks in the backward pass (see :class:`SD3Backbone`)."""
     backbone = SD3Backbone.from_pretrained(path, use_t5=use_t5, torch_dtype=torch_dtype,
-                                           max_sequence_length=max_sequence_length)
+                                           max_sequence_length=max_sequence_length,
+                                           gradient_checkpointing=gradient_checkpointing)
     backbone.image_size = image_size
     return backbone

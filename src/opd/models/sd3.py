@@ -30,14 +30,24 @@ def looks_local(path: str) -> bool:
 
 
 class SD3Backbone(Backbone):
-    """SD3.5 (Medium/Large) as a :class:`Backbone`: frozen CLIP-L/G (+ optional T5) and VAE,
-    the ``SD3Transformer2DModel`` carrying the adapters.
+    """SD3.5 (Medium/Large) as a :class:`Backbone`: frozen CLIP-L/G, T5-XXL (unless left out) and
+    VAE, the ``SD3Transformer2DModel`` carrying the adapters.
 
-    Build it with :meth:`from_pretrained` or wrap an existing pipeline (tests build a tiny random
-    one from configs).
+    Prompts are encoded as ``StableDiffusion3Pipeline.encode_prompt`` does: CLIP-L and CLIP-G (77
+    tokens each, their pooled outputs concatenated) and T5 padded to ``max_sequence_length`` tokens,
+    which the references (Flow-GRPO, DiffusionNFT) set to 128 for SD3.5. Without T5 the pipeline puts
+    ``max_sequence_length`` zero tokens in its place.
+
+    ``gradient_checkpointing=True`` recomputes each MMDiT block's activations in the backward pass
+    (diffusers' ``enable_gradient_checkpointing``): the same gradients for less memory and about one
+    more forward pass of compute. It acts only where gradients are taken (the trained forwards), not
+    in the rollouts.
+
+    Build it with :meth:`from_pretrained` or wrap an existing pipeline (:mod:`opd.models.random_sd3`
+    builds random ones from configs).
     """
 
-    def __init__(self, pipeline: Any, max_sequence_length: int = 256) -> None:
+    def __init__(self, pipeline: Any, max_sequence_length: int = 128, gradient_checkpointing: bool = False) -> None:
         super().__init__()
         self.transformer = pipeline.transformer
         self.vae = pipeline.vae
@@ -49,12 +59,31 @@ class SD3Backbone(Backbone):
             module.requires_grad_(False)
         self._pipeline = pipeline
         self.max_sequence_length = max_sequence_length
+        if gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+
+    def train(self, mode: bool = True) -> SD3Backbone:
+        """Switch the transformer's mode; the frozen text encoders and VAE stay in eval mode (Lightning
+        calls ``train()`` on the whole module at the start of fit: T5's dropout, 0.1 in T5 v1.1's config,
+        would otherwise act on every prompt encoding)."""
+        super().train(mode)
+        self.vae.eval()
+        self.text_encoders.eval()
+        return self
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether the transformer recomputes its blocks' activations in the backward pass."""
+        return bool(getattr(self.transformer, "gradient_checkpointing", False))
 
     @classmethod
-    def from_pretrained(cls, path: str, use_t5: bool = False, torch_dtype: str = "bfloat16",
-                        max_sequence_length: int = 256) -> SD3Backbone:
-        """Load from a local diffusers folder or a hub id (``model.path``). ``use_t5=False`` drops
-        T5-XXL (``text_encoder_3=None``), as the references do to save memory."""
+    def from_pretrained(cls, path: str, use_t5: bool = True, torch_dtype: str = "bfloat16",
+                        max_sequence_length: int = 128, gradient_checkpointing: bool = False) -> SD3Backbone:
+        """Load from a local diffusers folder or a hub id (``model.path``). T5-XXL is loaded, as the
+        references (Flow-GRPO, DiffusionNFT) do, who encode SD3.5 prompts with it at
+        ``max_sequence_length=128``; ``use_t5=False`` leaves it out (``text_encoder_3=None``), a memory
+        option (about 9.5 GB of bfloat16 weights) that changes the conditioning: a model trained without
+        T5 is not the references' setting, and must be sampled without it."""
         from diffusers import StableDiffusion3Pipeline
 
         kwargs: dict[str, Any] = {} if use_t5 else {"text_encoder_3": None, "tokenizer_3": None}
@@ -77,7 +106,7 @@ class SD3Backbone(Backbone):
                 "`huggingface-cli download stabilityai/stable-diffusion-3.5-medium --local-dir <dir>` "
                 "and set model.path=<dir>, or set HF_HOME to a cache that holds them."
             ) from err
-        return cls(pipe, max_sequence_length=max_sequence_length)
+        return cls(pipe, max_sequence_length=max_sequence_length, gradient_checkpointing=gradient_checkpointing)
 
     @property
     def pipeline(self) -> Any:
