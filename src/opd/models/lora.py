@@ -49,9 +49,14 @@ _BOOKKEEPING = {"peft_type", "peft_version", "auto_mapping", "base_model_name_or
 
 
 def add_lora(transformer: nn.Module, name: str, rank: int = 32, alpha: float = 64,
-             target_modules: Sequence[str] = DEFAULT_TARGETS, init: str | bool = "gaussian") -> None:
+             target_modules: Sequence[str] = DEFAULT_TARGETS, init: str | bool = "gaussian",
+             dtype: torch.dtype | None = None) -> None:
     """Add a trainable adapter ``name``; ``init="gaussian"`` draws A and zeroes B, so the adapted
-    model starts equal to the base."""
+    model starts equal to the base.
+
+    ``dtype``: the adapter's parameter dtype; ``None`` keeps peft's choice, the base layers' dtype.
+    The training modules pass ``torch.float32`` (:func:`cast_lora`), so that on a bf16/fp16 backbone
+    the trainable weights, their gradients and the optimiser state are fp32 (docs/precision.md)."""
     from peft import LoraConfig
 
     if name in adapter_names(transformer):
@@ -59,6 +64,28 @@ def add_lora(transformer: nn.Module, name: str, rank: int = 32, alpha: float = 6
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init, target_modules=list(target_modules))
     transformer.add_adapter(config, adapter_name=name)
     transformer.set_adapter(name)
+    if dtype is not None:
+        cast_lora(transformer, name, dtype)
+
+
+def cast_lora(transformer: nn.Module, name: str, dtype: torch.dtype) -> None:
+    """Cast adapter ``name``'s parameters to ``dtype`` in place, leaving the rest of the transformer
+    (frozen base, other adapters) as it is: diffusers' ``cast_training_params`` for one adapter.
+    The ``Parameter`` objects stay the same (their ``.data`` is replaced), so an optimiser built on
+    them still holds them (cast before it has state: moments are made in the parameters' dtype);
+    parameters already in ``dtype`` are not touched.
+
+    peft casts a new adapter to its base layer's dtype (A's gaussian draw is therefore rounded to
+    that dtype once); peft's LoRA forward casts its input to the adapter's dtype, so an fp32 adapter
+    on a bf16 base runs, and under ``torch.autocast`` its matmuls take bf16 inputs."""
+    for p in lora_parameters(transformer, name):
+        if p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
+def lora_dtypes(transformer: nn.Module, name: str) -> set[torch.dtype]:
+    """The dtypes of adapter ``name``'s parameters (one, unless something cast part of it)."""
+    return {p.dtype for p in lora_parameters(transformer, name)}
 
 
 def adapter_names(transformer: nn.Module) -> list[str]:

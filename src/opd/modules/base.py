@@ -2,10 +2,15 @@
 previews with the sampler's settings, and export it (or part of it) with the EMA weights after the
 non-finite check. Pre-training (:class:`opd.modules.pretrain.FlowMatchingPretrain`) trains the
 whole backbone; the adapter modules (:class:`opd.modules.policy.AdapterPolicy`) a LoRA on it.
+
+Precision (docs/precision.md): a backbone loaded in bf16 or fp16 runs its forwards under
+``torch.autocast`` in that dtype (:meth:`BackboneModule.autocast`), so fp32 trainable weights on it
+take low-precision matmul inputs; an fp32 backbone runs as it always did.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +42,26 @@ class BackboneModule(GuardedModule):
         if self.backbone is None:
             self.backbone = self._build_backbone()
 
+    def autocast(self) -> AbstractContextManager:
+        """``torch.autocast`` in the backbone's dtype when that is bf16 or fp16, else nothing.
+
+        Under it the fp32 trainable LoRA of a low-precision backbone computes its matmuls from bf16/fp16
+        inputs (its weights, gradients and optimiser state stay fp32); Lightning's ``*-mixed`` precision
+        wraps the training step in the same autocast on a GPU, so nested use changes nothing there.
+        ``cache_enabled=False`` as Lightning does: inside an outer autocast the weight-cast cache would
+        outlive this context, and a cast cached under ``no_grad`` (a rollout) or before an optimiser
+        step would be reused by a later training forward (no gradient, or stale weights)."""
+        dtype = self.backbone.dtype
+        if dtype not in (torch.bfloat16, torch.float16):
+            return nullcontext()
+        return torch.autocast(self.backbone.device.type, dtype=dtype, cache_enabled=False)
+
     @torch.no_grad()
     def preview(self, num_steps: int) -> tuple[Tensor, list[str]]:
         """Images of the preview prompts (seed 0) and the prompts, for the image-grid callback."""
-        images = generate(self.backbone, self.preview_prompts, num_steps=num_steps,
-                          guidance_scale=self.sampler.guidance_scale, shift=self.sampler.shift, seed=0)
+        with self.autocast():
+            images = generate(self.backbone, self.preview_prompts, num_steps=num_steps,
+                              guidance_scale=self.sampler.guidance_scale, shift=self.sampler.shift, seed=0)
         return images, self.preview_prompts
 
     def export_ema(self, out: Path, what: str, tensors: Iterable[tuple[str, Tensor]],

@@ -8,6 +8,13 @@ round stops the run.
 Subclasses implement :meth:`AdapterPolicy.run_round` (one ``training_step`` = one round, manual
 optimisation). Rollout noise is a pure function of ``(seed, round, rank, purpose)``, so a resumed
 run continues exactly as an uninterrupted one would.
+
+Precision (docs/precision.md): the student LoRA is fp32 whatever the backbone's dtype (the frozen
+base and the teachers keep it), so its gradients, its AdamW state, its checkpoints and its exported
+adapter are fp32; on a bf16/fp16 backbone every transformer forward runs under autocast in that
+dtype. An fp16 backbone trains with Lightning's loss scaling (``trainer.precision=16-mixed``): the
+gradients are unscaled before clipping, and a step whose gradients overflowed is skipped, as
+``GradScaler`` does, without tripping the non-finite guard.
 """
 from __future__ import annotations
 
@@ -28,13 +35,14 @@ from opd.models.lora import (
     active_adapter,
     add_lora,
     copy_lora,
+    lora_dtypes,
     lora_parameters,
     resolve_lora_file,
     save_lora,
     set_trainable,
 )
 from opd.modules.base import BackboneModule
-from opd.modules.guards import NonFiniteError
+from opd.modules.guards import NonFiniteError, is_finite
 from opd.sampling import Trajectory, guided_velocity, rollout, sd3_sigmas
 from opd.utils.seeds import ROLLOUT, stream_seed
 
@@ -48,6 +56,8 @@ class AdapterPolicy(BackboneModule):
 
     STUDENT = "student"
     EMBED_CACHE_SIZE = 1024
+    #: the student's parameter dtype (weights, gradients, AdamW state), whatever the backbone's
+    TRAINABLE_DTYPE = torch.float32
 
     def __init__(self, backbone: Callable[[], Backbone], sampler: Any,
                  optimizer: Callable[..., torch.optim.Optimizer], lora: dict[str, Any] | None = None,
@@ -66,6 +76,8 @@ class AdapterPolicy(BackboneModule):
         self.elapsed_minutes = 0.0
         self.last_metrics: dict[str, float] = {}  # this round's metrics (curve plots read them)
         self._embed_cache: dict[str, PromptEmbeds] = {}
+        self._scaled_norm: Tensor | None = None  # fp16 loss scaling: the norm of the step in progress
+        self._skipped_steps = 0  # fp16 loss scaling: steps of this round the scaler skipped
 
     # -- set-up ----------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -73,7 +85,7 @@ class AdapterPolicy(BackboneModule):
             return
         super().configure_model()
         self.backbone.requires_grad_(False)
-        add_lora(self.backbone.transformer, self.STUDENT, **self.lora)
+        add_lora(self.backbone.transformer, self.STUDENT, dtype=self.TRAINABLE_DTYPE, **self.lora)
         if self.init_adapter is not None:
             copy_lora(self.backbone.transformer, self.init_adapter, self.STUDENT)
             bad = [n for n, p in self.backbone.transformer.named_parameters()
@@ -119,7 +131,7 @@ class AdapterPolicy(BackboneModule):
         student = adapter == self.STUDENT
         switch = nullcontext() if student else active_adapter(self.backbone.transformer, adapter,
                                                               trainable=self.STUDENT)
-        with switch, (nullcontext() if student else torch.no_grad()):
+        with switch, (nullcontext() if student else torch.no_grad()), self.autocast():
             return guided_velocity(self.backbone, x.to(self.backbone.dtype), sigma, cond, uncond, guidance_scale)
 
     def generator(self, purpose: int) -> torch.Generator:
@@ -137,9 +149,10 @@ class AdapterPolicy(BackboneModule):
         cond = self.encode(prompts)
         uncond = self.encode([""] * len(prompts)) if guidance_scale != 1.0 else None
         sigmas = sd3_sigmas(self.sampler.num_steps, self.sampler.shift, device=self.device)
-        traj = rollout(self.backbone, cond, noise, sigmas, kernel=kernel, noise_level=noise_level,
-                       guidance_scale=guidance_scale, uncond=uncond, generator=self.generator(purpose + 1),
-                       keep_means=keep_means)
+        with self.autocast():  # as the training forwards: GRPO's ratio starts at 1
+            traj = rollout(self.backbone, cond, noise, sigmas, kernel=kernel, noise_level=noise_level,
+                           guidance_scale=guidance_scale, uncond=uncond, generator=self.generator(purpose + 1),
+                           keep_means=keep_means)
         self.note_nonfinite(f"the rollout of adapter {'/'.join(self.backbone.transformer.active_adapters())!r} "
                             f"(round {self.round}, purpose {purpose})", traj.final)
         return traj
@@ -148,11 +161,38 @@ class AdapterPolicy(BackboneModule):
     def image_size(self) -> int:
         return int(getattr(self.backbone, "image_size", 512))
 
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.check_precision()
+
+    def check_precision(self) -> None:
+        """The student is still fp32 (nothing recast it), and the backbone's dtype fits the trainer's
+        precision: an fp16 backbone needs loss scaling (``trainer.precision=16-mixed``; fp16 gradients
+        underflow without it), and loss scaling in fp16 with a bf16 backbone mixes two half types."""
+        dtypes = lora_dtypes(self.backbone.transformer, self.STUDENT)
+        if dtypes != {self.TRAINABLE_DTYPE}:
+            raise RuntimeError(f"the student LoRA's parameters are {sorted(map(str, dtypes))}, not "
+                               f"{self.TRAINABLE_DTYPE}: something cast the model after configure_model "
+                               "(trainer.precision=bf16-true/16-true cast every weight; use *-mixed)")
+        dtype, scaled = self.backbone.dtype, self.grad_scaler is not None
+        if dtype == torch.float16 and not scaled:
+            raise ValueError("the backbone is float16 (model.torch_dtype) but the trainer does no loss scaling: "
+                             "use trainer.precision=16-mixed (on a GPU; Lightning turns 16-mixed into bf16-mixed "
+                             "on a CPU), or model.torch_dtype=bfloat16")
+        if dtype == torch.bfloat16 and scaled:
+            raise ValueError("trainer.precision=16-mixed with a bfloat16 backbone: use model.torch_dtype=float16 "
+                             "(fp16 training, as in the paper) or trainer.precision=bf16-mixed")
+
     def on_train_start(self) -> None:
         self._clock = time.monotonic() - 60 * self.elapsed_minutes  # a resumed run keeps counting
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
+        self._skipped_steps = 0
         metrics = self.run_round()
+        scaler = self.grad_scaler
+        if scaler is not None:  # fp16: the loss scale and the round's steps skipped on overflowing gradients
+            metrics["train/loss_scale"] = torch.tensor(float(scaler.get_scale()))
+            metrics["train/skipped_steps"] = torch.tensor(float(self._skipped_steps))
         self.last_metrics = {k: float(v) for k, v in metrics.items() if torch.as_tensor(v).numel() == 1}
         self.round += 1
         self.elapsed_minutes = (time.monotonic() - self._clock) / 60
@@ -214,15 +254,50 @@ class AdapterPolicy(BackboneModule):
                 out[f"{prefix}/{label}_std"] = gathered.std()
         return out
 
+    @property
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        """Lightning's loss scaler (``trainer.precision=16-mixed``), or ``None`` (no scaling, no trainer)."""
+        if self._trainer is None:
+            return None
+        return getattr(self.trainer.precision_plugin, "scaler", None)
+
     def optimizer_step_with_clip(self) -> Tensor:
-        """Clip the global grad norm, step, zero; returns the pre-clip norm."""
+        """Clip the global grad norm, step, zero; returns the pre-clip norm.
+
+        With loss scaling (fp16) the gradients ``manual_backward`` accumulated are scaled: Lightning's
+        step unscales them, then calls :meth:`on_before_optimizer_step`, which clips the unscaled
+        gradients and runs the guard, then ``GradScaler.step``, which skips the update when a gradient
+        is inf/NaN (the weights and the AdamW state stay as they were; the scale is lowered). Such a
+        step returns its non-finite norm and counts in ``train/skipped_steps``; it is not an error."""
         opt = self.optimizers()
-        norm = torch.nn.utils.clip_grad_norm_(self.policy_parameters(), self.grad_clip)
-        self.note_nonfinite("the student's gradient norm", norm)
-        self.raise_if_nonfinite()
+        if self.grad_scaler is None:
+            norm = torch.nn.utils.clip_grad_norm_(self.policy_parameters(), self.grad_clip)
+            self.note_nonfinite("the student's gradient norm", norm)
+            self.raise_if_nonfinite()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return norm
+        self._scaled_norm = None
         opt.step()
         opt.zero_grad(set_to_none=True)
+        norm, self._scaled_norm = self._scaled_norm, None
+        if norm is None:
+            raise RuntimeError("loss scaling: the optimiser step did not call AdapterPolicy.on_before_optimizer_step "
+                               "(a subclass overriding it must call super()); the gradient was not clipped")
         return norm
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """With loss scaling only (see :meth:`optimizer_step_with_clip`): Lightning has just unscaled
+        the gradients; clip them and stop on non-finite losses or targets noted this step. Overflowing
+        gradients are the scaler's business (it skips the step), not the guard's."""
+        super().on_before_optimizer_step(optimizer)
+        if self.grad_scaler is None:
+            return
+        norm = torch.nn.utils.clip_grad_norm_(self.policy_parameters(), self.grad_clip)
+        if not is_finite(norm):
+            self._skipped_steps += 1
+        self.raise_if_nonfinite()
+        self._scaled_norm = norm
 
     # -- export and checkpoints ---------------------------------------------------------------
     def on_train_end(self) -> None:

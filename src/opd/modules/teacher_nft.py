@@ -38,7 +38,8 @@ class NFTTeacher(OnlineRL):
         fresh = self.backbone is None
         super().configure_model()
         if fresh:
-            add_lora(self.backbone.transformer, self.OLD, **self.lora)
+            # fp32 like the student: its soft update θ_old ← η θ_old + (1 − η) θ is not rounded to bf16
+            add_lora(self.backbone.transformer, self.OLD, dtype=self.TRAINABLE_DTYPE, **self.lora)
             with torch.no_grad():
                 for old, new in zip(self.old_parameters(), self.policy_parameters()):
                     old.copy_(new)
