@@ -1,9 +1,11 @@
 """Teacher RL end to end on a toy mini model (CPU): what trains, what stays frozen, exact resume."""
 import csv
+from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
+from safetensors.torch import load_file
 
 from conftest import TOY_MODEL, compose_cfg
 from opd.data.prompts import rank_slice, round_groups
@@ -252,3 +254,19 @@ def test_a_diverged_student_rollout_stops_before_scoring(tmp_path):
     OmegaConf.resolve(cfg)
     with pytest.raises(NonFiniteError, match="before scoring the rollouts .*the rollout of adapter 'student'"):
         train(cfg)
+
+
+def test_adapter_snapshots_are_the_ema_adapter_at_each_multiple_of_the_step_interval(cfg_factory):
+    """callbacks.adapter_snapshots: a GRPO round takes 2 optimiser steps, so with every_n_steps=3 the
+    step count passes 3 at step 4 and 6 at step 6; the last snapshot holds the exported adapter's tensors."""
+    objects = run(cfg_factory, 6, ["callbacks.adapter_snapshots.every_n_steps=3"])
+    out = objects["trainer"].default_root_dir
+    exports = sorted(p.name for p in (Path(out) / "exports").iterdir())
+    assert exports == ["step_000004", "step_000006"]
+    last = load_file(str(Path(out) / "exports" / "step_000006" / "pytorch_lora_weights.safetensors"))
+    final = load_file(str(Path(out) / "adapter" / "pytorch_lora_weights.safetensors"))
+    assert last.keys() == final.keys() and len(last) > 0
+    for k in last:
+        torch.testing.assert_close(last[k], final[k], rtol=0, atol=0)
+    first = load_file(str(Path(out) / "exports" / "step_000004" / "pytorch_lora_weights.safetensors"))
+    assert any(not torch.equal(first[k], last[k]) for k in last if "lora_B" in k)  # the EMA moved in between

@@ -302,9 +302,13 @@ class AdapterPolicy(BackboneModule):
     # -- export and checkpoints ---------------------------------------------------------------
     def on_train_end(self) -> None:
         """Export the student's EMA weights as a diffusers LoRA file in ``<output_dir>/adapter``."""
-        self.export_ema(Path(self.trainer.default_root_dir) / "adapter", "the student adapter",
-                        self.ema_parameters().items(),
-                        lambda out: save_lora(self.backbone.transformer, self.STUDENT, out))
+        self.export_adapter(Path(self.trainer.default_root_dir) / "adapter", "the student adapter")
+
+    def export_adapter(self, out: Path, what: str) -> None:
+        """The student's EMA weights as a diffusers LoRA file in ``out`` (rank 0; also the snapshots of
+        :class:`opd.callbacks.snapshots.AdapterSnapshots`)."""
+        self.export_ema(out, what, self.ema_parameters().items(),
+                        lambda folder: save_lora(self.backbone.transformer, self.STUDENT, folder))
 
     def progress_label(self) -> str:
         return f"round {self.round}, step {self.global_step}"
