@@ -100,7 +100,7 @@ def test_sampler_values_are_typed(cfg_factory):
 
 
 def test_every_group_option_composes(cfg_factory):
-    for group in ("trainer=gpu", "trainer=ddp", "trainer=fsdp", "logger=csv", "logger=wandb", "logger=many",
+    for group in ("trainer=gpu", "trainer=ddp", "logger=csv", "logger=wandb", "logger=many",
                   "sampler=flow_sde", "sampler=dpm2", "model=sd35_medium", "debug=default", "debug=fdr",
                   "callbacks=lora", "eval_tasks@eval.tasks=sd35", "eval=null"):
         cfg = cfg_factory("train", [group])

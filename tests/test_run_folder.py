@@ -110,11 +110,13 @@ def test_locks_of_other_hosts_and_unreadable_locks_are_not_guessed_at(tmp_path):
         pass
 
 
-def test_ddp_workers_neither_lock_nor_check(tmp_path, monkeypatch):
-    """Lightning's DDP workers re-run ``python -m opd.train`` into the launching rank's folder."""
+@pytest.mark.parametrize("rank_var", ["LOCAL_RANK", "RANK", "SLURM_PROCID"])
+def test_ddp_workers_neither_lock_nor_check(tmp_path, monkeypatch, rank_var):
+    """Lightning's DDP workers re-run ``python -m opd.train`` into the launching rank's folder; torchrun's
+    and srun's other ranks share rank 0's folder too (tests/test_multinode.py)."""
     earlier_run(tmp_path)
     write_lock(tmp_path, 1)
-    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv(rank_var, "1")
     with claim_run_folder(tmp_path, None):
         pass
     assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == 1

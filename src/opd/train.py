@@ -13,6 +13,13 @@ Every run ends with its evaluation, in the same process and by the code of ``pyt
 (:func:`opd.evaluation.run.evaluate_run`): the trained adapter against the base, or the pre-trained
 model, into ``<output_dir>/eval/``; the training config's ``eval`` node holds its settings
 (``eval=null`` skips it). Its settings and prompt files are checked before training starts.
+
+Every process of a multi-process launch (``torchrun``, ``srun``) composes its own config; the run folder
+they write into must still be one (:func:`default_run_dir`, Hydra's ``hydra.run.dir`` in conf/train.yaml):
+``outputs/<date>/<time>`` for one process or the processes of one ``torchrun`` on one node (the time
+its agent started), ``outputs/torchrun-<rdzv id>`` for a ``torchrun`` over several nodes,
+``outputs/slurm-<job id>`` for the tasks of a SLURM job; only global rank 0 writes Hydra's ``.hydra/``
+and ``train.log`` (the others ``train_rank<r>.log``). docs/cluster.md says how to launch.
 """
 from __future__ import annotations
 
@@ -76,6 +83,119 @@ def _is_global_zero() -> bool:
     before any process group exists)."""
     return all(os.environ.get(var, "0") == "0" for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK",
                                                            "SLURM_PROCID"))
+
+
+class LaunchError(RuntimeError):
+    """The processes of a multi-process launch would not agree on their run folder."""
+
+
+def _world_size() -> int:
+    """How many processes this launch started: torchrun's (and Lightning's) ``WORLD_SIZE``, else the
+    tasks of the SLURM step, else 1."""
+    for var in ("WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1
+
+
+def launch_rank() -> int:
+    """This process's global rank as its launcher set it: ``RANK`` (torchrun), else ``SLURM_PROCID``
+    (one srun task per GPU), else 0."""
+    for var in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^-\w.]", "_", name)
+
+
+def _torchrun_agent_start() -> float | None:
+    """When the ``torchrun`` agent that started this process started (seconds since the epoch), from
+    ``/proc``: the same number in every worker of one agent. ``None`` when the parent is not a
+    ``torchrun`` agent (a wrapper script in between) or ``/proc`` is not there."""
+    ppid = os.getppid()
+    try:
+        argv = Path(f"/proc/{ppid}/cmdline").read_bytes().split(b"\0")
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    args = [a.decode(errors="replace") for a in argv]
+    if not any(a == "torch.distributed.run" or Path(a).name == "torchrun" for a in args):
+        return None
+    fields = _proc_stat(ppid)
+    if fields is None:
+        return None
+    return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
+def default_run_dir(base: str, stamp: str) -> str:
+    """The default run folder (``hydra.run.dir``, the ``opd_run_dir`` resolver of conf/train.yaml):
+    ``<base>/<stamp>`` (``outputs/<date>/<time>``) for one process, and a folder every process of a
+    multi-process launch names alike, though each composes its config (and ``stamp``) on its own:
+
+    - the workers of one ``torchrun`` agent (one node): ``<base>/<date>/<time>`` of the agent's start;
+    - ``torchrun`` over several nodes: ``<base>/torchrun-<rdzv id>`` (``--rdzv_id``, the same on every node);
+    - the tasks of a SLURM job (``srun``, one task per GPU, or one ``torchrun`` per node without an
+      ``--rdzv_id``): ``<base>/slurm-<job id>`` (an array task ``slurm-<array job id>_<task id>``); a
+      requeued job keeps its id, hence its folder.
+
+    Otherwise the processes would write into folders a second apart, so this raises
+    :class:`LaunchError` naming the fixes (an explicit ``hydra.run.dir=<folder>`` never gets here)."""
+    env = os.environ
+    if _world_size() <= 1:
+        return f"{base}/{stamp}"
+    if "TORCHELASTIC_RUN_ID" in env:
+        if env.get("LOCAL_WORLD_SIZE") == env.get("WORLD_SIZE"):
+            started = _torchrun_agent_start()
+            if started is not None:
+                return f"{base}/{time.strftime('%Y-%m-%d/%H-%M-%S', time.localtime(started))}"
+        if env["TORCHELASTIC_RUN_ID"] not in ("", "none"):
+            return f"{base}/torchrun-{_safe(env['TORCHELASTIC_RUN_ID'])}"
+    if env.get("SLURM_JOB_ID"):
+        if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+            return f"{base}/slurm-{_safe(env['SLURM_ARRAY_JOB_ID'])}_{_safe(env['SLURM_ARRAY_TASK_ID'])}"
+        return f"{base}/slurm-{_safe(env['SLURM_JOB_ID'])}"
+    raise LaunchError(
+        f"this is one of {_world_size()} processes, and nothing they share names their run folder: each would "
+        "write into its own outputs/<date>/<time>. Give torchrun an id (--rdzv_id=<name>, the same on every node; "
+        "--standalone on one node), or name the folder: hydra.run.dir=<folder> (the same path on every node). "
+        "See docs/cluster.md")
+
+
+def _rank_name() -> str | None:
+    """``None`` on global rank 0; elsewhere the rank its launcher gave this process (``RANK`` or
+    ``SLURM_PROCID``; ``<node>-<local rank>`` where only those are known)."""
+    if launch_rank() == 0 and _is_global_zero():
+        return None
+    if any(os.environ.get(var, "").isdigit() for var in ("RANK", "SLURM_PROCID")):
+        return str(launch_rank())
+    env = os.environ
+    return f"{env.get('NODE_RANK') or env.get('GROUP_RANK') or 0}-{env.get('LOCAL_RANK') or 0}"
+
+
+def rank_zero_only(value: Any) -> Any:
+    """``value`` on global rank 0, ``None`` elsewhere (the ``opd_rank_zero`` resolver:
+    ``hydra.output_subdir``, so that one process writes ``.hydra/``)."""
+    return value if _rank_name() is None else None
+
+
+def rank_job_name(name: str) -> str:
+    """``name`` on global rank 0, ``<name>_rank<r>`` elsewhere (the ``opd_job_name`` resolver:
+    ``hydra.job.name``, which names each process's log file)."""
+    rank = _rank_name()
+    return name if rank is None else f"{name}_rank{rank}"
+
+
+# The run folder is cached in the config: Lightning's own DDP launcher reads hydra.run.dir again after it
+# has set WORLD_SIZE, and must get the folder this process chose. The rank ones are not: a submitit task
+# (hydra/launcher=slurm) composes its config anew with the submitting process's cache copied in.
+for _name, _resolver, _cached in (("opd_run_dir", default_run_dir, True), ("opd_rank_zero", rank_zero_only, False),
+                                  ("opd_job_name", rank_job_name, False)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _resolver, use_cache=_cached)
 
 
 def _proc_stat(pid: int) -> list[str] | None:
