@@ -15,20 +15,25 @@ from opd.train import train
 from test_models import toy
 
 
-@pytest.fixture(scope="module")
-def toy_world(tmp_path_factory):
-    """A toy base and two teacher adapters (random B, so the teachers differ from the base)."""
-    root = tmp_path_factory.mktemp("opd")
+def write_toy_world(root: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """A toy base saved in ``dtype`` and two teacher adapters with random factors (so the teachers
+    differ from the base), each factor rounded to ``dtype`` and back, so that a module built in that
+    dtype starts from exactly these weights."""
     base = toy(seed=5)
-    base.save_pretrained(root / "base", dtype=torch.float32)
+    base.save_pretrained(root / "base", dtype=dtype)
     for i, name in enumerate(["ocr", "geneval"]):
         add_lora(base.transformer, name, rank=2, alpha=4)
         torch.manual_seed(10 + i)
         with torch.no_grad():
             for p in lora_parameters(base.transformer, name):
-                p.add_(0.3 * torch.randn_like(p))
+                p.copy_((p + 0.3 * torch.randn_like(p)).to(dtype).float())
         save_lora(base.transformer, name, root / name)
     return root
+
+
+@pytest.fixture(scope="module")
+def toy_world(tmp_path_factory):
+    return write_toy_world(tmp_path_factory.mktemp("opd"))
 
 
 def overrides(root, extra=()):

@@ -213,8 +213,10 @@ def test_the_command_line(server, tmp_path, monkeypatch, capsys):
 
 
 def test_make_prompts_passes_the_default_data_dir():
-    env = {key: value for key, value in os.environ.items() if key != "OPD_ROOT"}
-    done = subprocess.run(["make", "-n", "prompts", "ARGS=--sets ocr"], cwd=ROOT, capture_output=True, text=True,
+    # under `make test` the inherited MAKELEVEL/MAKEFLAGS would make this make print "Entering directory" lines
+    env = {key: value for key, value in os.environ.items() if key not in ("OPD_ROOT", "MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    done = subprocess.run(["make", "--no-print-directory", "-n", "prompts", "ARGS=--sets ocr"], cwd=ROOT,
+                          capture_output=True, text=True,
                           timeout=60, check=False, env=env)
     assert done.returncode == 0, done.stderr
     line = done.stdout.strip().splitlines()[-1]

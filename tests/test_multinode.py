@@ -220,6 +220,7 @@ def test_torchrun_on_one_node_writes_one_folder_named_by_its_start(toy_base, tmp
     check_one_folder_for_all(run, 2)
 
 
+@pytest.mark.slow  # a real 2-process run (25-40 s); the fast suite keeps the one-node torchrun run
 def test_torchrun_over_two_nodes_shares_the_rendezvous_folder(toy_base, tmp_path):
     """Two torchrun agents (two "nodes" of one process each, c10d rendezvous) and trainer.num_nodes=2."""
     endpoint, procs, logs = f"127.0.0.1:{free_port()}", [], []
@@ -237,6 +238,7 @@ def test_torchrun_over_two_nodes_shares_the_rendezvous_folder(toy_base, tmp_path
     check_one_folder_for_all(run, 2)
 
 
+@pytest.mark.slow  # a real 2-process run (25-40 s); the fast suite keeps the one-node torchrun run
 def test_lightning_ddp_from_one_process_keeps_its_folder(toy_base, tmp_path):
     """``python -m opd.train trainer.devices=2`` on one machine: Lightning starts the second process
     itself, into the first one's folder (its ``hydra.run.dir``, ``train_ddp_process_1.log``)."""
@@ -267,6 +269,7 @@ def srun(toy_base, cwd: Path, job: int, overrides: list[str], name: str) -> None
     wait_all(procs, logs)
 
 
+@pytest.mark.slow  # a real 2-process run (25-40 s); the fast suite keeps the one-node torchrun run
 def test_slurm_tasks_share_the_job_folder_and_a_requeued_job_resumes_there(toy_base, tmp_path):
     srun(toy_base, tmp_path, 31337, ["trainer.max_steps=1"], "first")
     run = the_run_folder(tmp_path)

@@ -23,12 +23,11 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 
 from opd.data.world.grammar import load_prompts
-from opd.models.lora import add_lora, cast_lora, lora_parameters, save_lora
+from opd.models.lora import cast_lora
 from opd.modules.guards import NonFiniteError
 from opd.sampling import Trajectory
 from opd.train import train
-from test_distill import overrides
-from test_models import toy
+from test_distill import overrides, write_toy_world
 
 
 @pytest.fixture(scope="module")
@@ -40,16 +39,7 @@ def world(tmp_path_factory):
     for task in ("ocr", "geneval"):
         rows = load_prompts(task, "train")[:8]
         (root / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    base = toy(seed=5)
-    base.save_pretrained(root / "base", dtype=torch.bfloat16)
-    for i, name in enumerate(["ocr", "geneval"]):
-        add_lora(base.transformer, name, rank=2, alpha=4)
-        torch.manual_seed(10 + i)
-        with torch.no_grad():
-            for p in lora_parameters(base.transformer, name):
-                p.copy_((p + 0.3 * torch.randn_like(p)).bfloat16().float())
-        save_lora(base.transformer, name, root / name)
-    return root
+    return write_toy_world(root, torch.bfloat16)
 
 
 def options(root, extra=()):
