@@ -171,7 +171,7 @@ def resolve_lora_file(path: str | Path) -> Path:
 
 def _to_safetensors(pickled: Path) -> str:
     return ("convert it once: python -c \"import torch, safetensors.torch as s; s.save_file(torch.load("
-            f"'{pickled}'), '{pickled.with_suffix('.safetensors')}')\"")
+            f"'{pickled}', weights_only=True), '{pickled.with_suffix('.safetensors')}')\"")
 
 
 @dataclass
