@@ -62,7 +62,7 @@ def build_teachers(teachers: Mapping[str, Any]) -> list[Teacher]:
             raise ValueError(f"teacher.{key}: duplicate teacher name {name!r}; names must be unique")
         names.add(name)
         file = resolve_lora_file(cfg["adapter"])
-        try:  # diffusers or PEFT layout, compared by module names (opd.models.lora.read_lora)
+        try:  # diffusers or PEFT layout, compared by module names (opd.models.lora_files.read_lora)
             weights = read_lora(file)
         except ValueError as err:
             raise ValueError(f"teacher.{key}.adapter: {err}") from err
