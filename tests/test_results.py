@@ -437,3 +437,52 @@ def test_shipped_fp16_adapter_keeps_keys_and_metadata_and_the_velocity(tmp_path)
     assert 0 < gaps["fp16_vs_fp32"] < 1e-2 * gaps["adapter_vs_base"]  # ... far more than rounding does
     shipped = ship_adapter.main([str(tmp_path / "fp32"), str(tmp_path / "main"), "--base", str(tmp_path / "base")])
     assert (tmp_path / "main" / "pytorch_lora_weights.safetensors").is_file() and shipped["fp16_vs_fp32"] > 0
+
+
+def _scale_run(tmp_path: Path, minutes: list[float], reserved: list[float]) -> Path:
+    """A run folder as `opd.train logger=csv` writes it: a composed config and one metrics.csv."""
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(
+        "task_name: mopd_aesthetic_ocr_geneval\n"
+        "model: {_target_: opd.models.random_sd3.random_sd3_backbone, image_size: 512, use_t5: true}\n"
+        "module: {prompts_per_teacher: 3, train_chunk: 8}\n"
+        "teacher: {ocr: {}, aesthetic: {}, geneval: {}}\n")
+    csv_dir = run / "csv" / "version_0"
+    csv_dir.mkdir(parents=True)
+    lines = ["step,time/minutes,memory/peak_reserved_gib,memory/peak_allocated_gib"]
+    lines += [f"{i},{m},{r},{r - 1}" for i, (m, r) in enumerate(zip(minutes, reserved))]
+    (csv_dir / "metrics.csv").write_text("\n".join(lines) + "\n")
+    return run
+
+
+def test_scale_record_times_rounds_after_the_first_and_takes_the_largest_memory(tmp_path: Path) -> None:
+    from opd.results.scale_record import main, scale_record
+
+    # rounds end at these minutes: 2.0 (warm-up, 120 s), then 30 s, 36 s, 24 s, 30 s
+    run = _scale_run(tmp_path, [2.0, 2.5, 3.1, 3.5, 4.0], [50.0, 61.5, 60.0, 61.0, 61.0])
+    record = scale_record(run, gpus=1, device="1x test GPU")
+    assert record["round_seconds"] == pytest.approx([36.0, 24.0, 30.0])  # the first difference (30 s) is warm-up
+    assert record["seconds_per_round"] == pytest.approx(30.0)
+    assert record["trajectories_per_second"] == pytest.approx(9 / 30.0)  # 3 prompts × 3 teachers per round
+    assert record["peak_memory_gib"] == pytest.approx(61.5)
+    assert record["torch_peak_allocated_gib"] == pytest.approx(60.5)
+    assert record["settings"]["teachers"] == ["aesthetic", "geneval", "ocr"]
+    assert record["settings"]["module.train_chunk"] == 8
+    smi = tmp_path / "nvsmi.csv"
+    smi.write_text("0, 1024\n1, 70656\n0, 2048\n")  # MiB per GPU: the largest is 69 GiB
+    out = tmp_path / "scale" / "h200.json"
+    main([str(run), "--out", str(out), "--smi", str(smi), "--gpus", "8", "--device", "8x test GPU"])
+    written = json.loads(out.read_text())
+    assert written["peak_memory_gib"] == pytest.approx(69.0)
+    assert written["peak_memory_source"].startswith("nvidia-smi")
+    assert written["trajectories_per_second"] == pytest.approx(72 / 30.0)
+
+
+def test_scale_record_refuses_a_run_with_too_few_rounds(tmp_path: Path) -> None:
+    from opd.results.scale_record import scale_record
+
+    with pytest.raises(ValueError, match="at least 3"):
+        scale_record(_scale_run(tmp_path, [1.0, 1.5], [10.0, 10.0]))
+    with pytest.raises(FileNotFoundError, match="hydra.run.dir"):
+        scale_record(tmp_path / "nowhere")

@@ -198,6 +198,9 @@ class AdapterPolicy(BackboneModule):
         self.elapsed_minutes = (time.monotonic() - self._clock) / 60
         self.log("train/round", float(self.round), on_step=True)
         self.log("time/minutes", self.elapsed_minutes, on_step=True)  # training wall-clock, for curves
+        if self.device.type == "cuda":  # what the run's tensors have needed so far, for scale records
+            self.log("memory/peak_allocated_gib", torch.cuda.max_memory_allocated(self.device) / 2**30, on_step=True)
+            self.log("memory/peak_reserved_gib", torch.cuda.max_memory_reserved(self.device) / 2**30, on_step=True)
         self.log_dict({k: v.float() for k, v in metrics.items()}, on_step=True, prog_bar=False)
 
     def run_round(self) -> dict[str, Tensor]:
