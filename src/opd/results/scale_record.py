@@ -20,6 +20,7 @@ import argparse
 import json
 import statistics
 import subprocess
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ SETTINGS = ("model.image_size", "model.torch_dtype", "model.use_t5", "model.max_
 def round_seconds(rows: list[dict[str, str]]) -> list[float]:
     """Seconds of rounds 3, 4, ...: differences of ``time/minutes`` by step, the first one left out."""
     points = sorted({int(r["step"]): float(r[MINUTES]) for r in rows if r.get(MINUTES) and r.get("step")}.items())
-    return [60 * (b - a) for (_, a), (_, b) in zip(points, points[1:])][1:]
+    return [60 * (b - a) for (_, a), (_, b) in pairwise(points)][1:]
 
 
 def smi_peak_gib(path: Path) -> float | None:
@@ -53,8 +54,8 @@ def logged_peak(rows: list[dict[str, str]], key: str) -> float | None:
 
 def gpu_name() -> str:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=30).stdout.splitlines()
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], check=False,
+                             capture_output=True, text=True, timeout=30).stdout.splitlines()
     except (OSError, subprocess.SubprocessError):
         out = []
     return out[0].strip() if out else "unknown GPU"
