@@ -133,3 +133,20 @@ def test_soft_update():
     with pytest.raises(ValueError, match="old_params has 2"):
         soft_update_(old, new[:1], eta=0.5)
     assert old[0].tolist() == [3.0, 6.0]
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.1])
+def test_sample_weights_leave_samples_out_and_keep_a_mean_over_the_rest(beta):
+    # weights (0, 3, 0) over 3 samples: the loss of sample 1 alone, and no gradient on the others
+    x0, x_t, t, v_old, _ = _batch()
+    v_ref = torch.randn_like(v_old)
+    v = (v_old + 0.1 * torch.randn_like(v_old)).requires_grad_()
+    r = torch.tensor([0.2, 0.7, 0.5])
+    loss, _ = NFTLoss(beta=beta)(v, v_old, x_t, x0, t, r, v_ref=v_ref, weights=torch.tensor([0.0, 3.0, 0.0]))
+    loss.backward()
+    alone, _ = NFTLoss(beta=beta)(v.detach()[1:2], v_old[1:2], x_t[1:2], x0[1:2], t[1:2], r[1:2], v_ref=v_ref[1:2])
+    torch.testing.assert_close(loss, alone, rtol=1e-6, atol=0)
+    assert v.grad[0].abs().max() == 0 and v.grad[2].abs().max() == 0 and v.grad[1].abs().max() > 0
+    unweighted, _ = NFTLoss(beta=beta)(v.detach(), v_old, x_t, x0, t, r, v_ref=v_ref)
+    weighted, _ = NFTLoss(beta=beta)(v.detach(), v_old, x_t, x0, t, r, v_ref=v_ref, weights=torch.ones(3))
+    torch.testing.assert_close(weighted, unweighted, rtol=0, atol=0)

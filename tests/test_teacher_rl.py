@@ -270,3 +270,30 @@ def test_adapter_snapshots_are_the_ema_adapter_at_each_multiple_of_the_step_inte
         torch.testing.assert_close(last[k], final[k], rtol=0, atol=0)
     first = load_file(str(Path(out) / "exports" / "step_000004" / "pytorch_lora_weights.safetensors"))
     assert any(not torch.equal(first[k], last[k]) for k in last if "lora_B" in k)  # the EMA moved in between
+
+
+def test_nft_skips_rounds_whose_groups_all_have_equal_rewards(cfg_factory, monkeypatch):
+    """Every image scores 0.25 (a constant reward): every group has zero reward variance. With
+    skip_zero_variance_groups no step is made (adapters bit-identical, the old-policy schedule does
+    not advance); without it the optimiser steps (AdamW's decoupled decay alone moves the weights)."""
+    from opd.modules.online_rl import OnlineRL
+
+    def constant(self, latents, rows):
+        return {"reward": torch.full((latents.shape[0],), 0.25, device=latents.device)}
+
+    monkeypatch.setattr(OnlineRL, "score", constant)
+    common = ["experiment=mini/teacher_geneval", *NFT, "trainer.log_every_n_steps=1", "trainer.max_steps=2"]
+
+    def objects(*extra):
+        cfg = cfg_factory("train", [*common, "overwrite=true", *extra])
+        OmegaConf.resolve(cfg)
+        return train(cfg)
+
+    metrics, skipped = objects("module.skip_zero_variance_groups=true")
+    init = lora_state(objects("trainer.max_steps=0")[1]["module"])
+    after = lora_state(skipped["module"])
+    assert init.keys() == after.keys() and all(torch.equal(init[k], after[k]) for k in init)
+    assert skipped["module"].num_updates == 0 and skipped["module"].round == 2
+    assert metrics["train/skipped_round"] == 1.0 and metrics["train/kept_fraction"] == 0.0
+    stepped = lora_state(objects()[1]["module"])
+    assert any(not torch.equal(init[k], stepped[k]) for k in init if ".student." in k)

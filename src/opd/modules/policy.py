@@ -289,6 +289,18 @@ class AdapterPolicy(BackboneModule):
                                "(a subclass overriding it must call super()); the gradient was not clipped")
         return norm
 
+    def skip_optimizer_step(self) -> None:
+        """Count an optimiser step that changes nothing: with every gradient ``None`` AdamW leaves each
+        parameter and its state as they are, while Lightning's step counter (``trainer.max_steps``
+        counts optimiser steps under manual optimisation) advances as for a real step. Not with fp16
+        loss scaling, whose ``GradScaler.step`` refuses a step without gradients."""
+        if self.grad_scaler is not None:
+            raise ValueError("a round without an update cannot be counted under fp16 loss scaling "
+                             "(trainer.precision=16-mixed): use trainer.precision=bf16-mixed")
+        opt = self.optimizers()
+        opt.zero_grad(set_to_none=True)
+        opt.step()
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """With loss scaling only (see :meth:`optimizer_step_with_clip`): Lightning has just unscaled
         the gradients; clip them and stop on non-finite losses or targets noted this step. Overflowing

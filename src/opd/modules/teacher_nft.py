@@ -16,18 +16,28 @@ from torch import Tensor
 
 from opd.models.lora import active_adapter, add_lora, lora_parameters, set_trainable
 from opd.modules.online_rl import OnlineRL
+from opd.objectives.advantages import nonzero_advantage_mask
 from opd.objectives.nft import nft_noising, old_policy_decay, optimality_probability, soft_update_
 
 
 class NFTTeacher(OnlineRL):
     """``objective`` is an ``NFTLoss``; ``decay_schedule`` is ``linear`` (GenEval, PickScore) or
-    ``delayed`` (OCR)."""
+    ``delayed`` (OCR).
+
+    ``skip_zero_variance_groups`` (off in the reference, which has no zero-advantage filtering) leaves
+    the samples of groups whose rewards are all equal (advantage exactly 0, so ``r = 1/2``) out of the
+    loss: they carry no preference, but the NFT loss still has a gradient on them (fresh noise each
+    round, and θ ≠ θ_old), which Adam scales up to full-size steps. A round in which every group of
+    every rank is such a group makes no optimiser step and no old-policy update
+    (``train/skipped_round`` = 1). Every rank still runs its passes, so DDP stays in step.
+    """
 
     OLD = "old"
 
     def __init__(self, *args: Any, objective: Any, num_train_steps: int = 9, num_updates_per_round: int = 1,
-                 decay_schedule: str = "linear", **kwargs: Any) -> None:
+                 decay_schedule: str = "linear", skip_zero_variance_groups: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.skip_zero_variance_groups = skip_zero_variance_groups
         self.objective = objective
         self.num_train_steps = num_train_steps
         self.num_updates_per_round = num_updates_per_round
@@ -58,18 +68,32 @@ class NFTTeacher(OnlineRL):
         with active_adapter(self.backbone.transformer, self.OLD, trainable=self.STUDENT):
             traj, scores = self.sample_and_score(rows)
         x0 = traj.final.float()
-        r = optimality_probability(self.advantages(scores["reward"], group_ids))
+        advantages = self.advantages(scores["reward"], group_ids)
+        r = optimality_probability(advantages)
         self.note_nonfinite(f"the optimality probabilities of reward {self.reward_name!r}", r)
         x_t, t, _ = nft_noising(x0, traj.sigmas, self.num_train_steps, self.generator(2))
         cond = traj.cond
         metrics = self.log_rewards(scores)
+        weights = None
+        if self.skip_zero_variance_groups:
+            keep = nonzero_advantage_mask(advantages).float()
+            counts = self.all_gather(torch.stack([keep.sum(), torch.tensor(float(keep.numel()), device=keep.device)]))
+            kept, total = counts.reshape(-1, 2).sum(dim=0).tolist()
+            metrics["train/kept_fraction"] = torch.tensor(kept / total)
+            metrics["train/skipped_round"] = torch.tensor(float(kept == 0))
+            if kept == 0:  # nothing to prefer anywhere: no update (the same decision on every rank)
+                self.skip_optimizer_step()
+                metrics["train/r_mean"] = r.mean()
+                return metrics
+            weights = keep * (total / kept)  # the loss stays a mean over the kept samples of all ranks
 
         def term_loss(idx: Tensor, s: int) -> tuple[Tensor, dict[str, Tensor]]:
             xs, ts, c = x_t[idx, s], t[idx, s], cond[idx]
             v_ref = self.velocity(xs, ts, c, None) if getattr(self.objective, "kl_weight", 0) > 0 else None
             return self.objective(self.velocity(xs, ts, c, self.STUDENT).float(),
                                   self.velocity(xs, ts, c, self.OLD).float(), xs, x0[idx], ts, r[idx],
-                                  v_ref=None if v_ref is None else v_ref.float())
+                                  v_ref=None if v_ref is None else v_ref.float(),
+                                  **({} if weights is None else {"weights": weights[idx]}))
 
         metrics.update(self.update_round(x0.shape[0], x_t.shape[1], self.num_updates_per_round, term_loss,
                                          f"the {type(self.objective).__name__} loss at noised time"))

@@ -57,7 +57,7 @@ class NFTLoss:
         self.loss_scale = loss_scale
 
     def __call__(self, v_theta: Tensor, v_old: Tensor, x_t: Tensor, x0: Tensor, t: Tensor, r: Tensor,
-                 v_ref: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                 v_ref: Tensor | None = None, weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """``(loss, metrics)``.
 
         ``v_theta [B, ...]`` (carries gradient), ``v_old [B, ...]`` (old policy, detached here),
@@ -66,9 +66,12 @@ class NFTLoss:
         Metrics: ``train/policy_loss``, ``train/loss_pos``, ``train/loss_neg``, ``train/old_deviate``
         (``mean (v_θ − v_old)²``), ``train/r_mean`` and, with ``v_ref``, ``train/kl_ref_velocity_mse``
         (the λ term: ``mean (v_θ − v_ref)²``, DiffusionNFT's velocity-space stand-in for the KL to the
-        reference model).
+        reference model). ``weights [B]`` (default all 1) weight each sample's terms inside the means:
+        0 leaves a sample out of the gradient (:class:`~opd.modules.teacher_nft.NFTTeacher`'s
+        ``skip_zero_variance_groups``), and weights averaging 1 keep the loss a mean over the others.
         """
         v, v_o = v_theta.float(), v_old.detach().float()
+        w = torch.ones_like(t, dtype=torch.float32) if weights is None else weights.float()
         xt, x0f = x_t.float(), x0.float()
         tt = _view(t.float(), xt)
         v_pos = self.beta * v + (1 - self.beta) * v_o
@@ -76,7 +79,7 @@ class NFTLoss:
         loss_pos = _normalised_x0_loss(xt - tt * v_pos, x0f)
         loss_neg = _normalised_x0_loss(xt - tt * v_neg, x0f)
         rf = r.float()
-        policy_loss = self.loss_scale * ((rf * loss_pos + (1 - rf) * loss_neg) / self.beta).mean()
+        policy_loss = self.loss_scale * (w * (rf * loss_pos + (1 - rf) * loss_neg) / self.beta).mean()
         metrics = {
             "train/policy_loss": policy_loss.detach(),
             "train/loss_pos": loss_pos.detach().mean(),
@@ -86,7 +89,7 @@ class NFTLoss:
         }
         loss = policy_loss
         if v_ref is not None:
-            kl = (v - v_ref.detach().float()).square().flatten(1).mean(dim=1).mean()
+            kl = (w * (v - v_ref.detach().float()).square().flatten(1).mean(dim=1)).mean()
             metrics["train/kl_ref_velocity_mse"] = kl.detach()
             loss = loss + self.kl_weight * kl
         return loss, metrics
