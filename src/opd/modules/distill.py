@@ -9,13 +9,16 @@ Speed by design (docs/bench/README.md): after a rollout every ``(x_j, σ_j)`` is
 targets for *all* steps are computed in large chunks (CFG as a doubled batch, per-sample σ), and
 the student trains on chunks that span steps; prompt embeddings are cached. The step-by-step
 loop of the reference implementation lives beside the benchmark (:func:`opd.bench.reference_loss`),
-which tests that both give the same loss and measures both.
+which tests that both give the same loss and measures both. Optional, off by default:
+``merge_teacher_lora`` / ``merge_rollout_lora`` run the no-grad teacher targets / student rollouts
+with that LoRA merged into the base weights (:func:`opd.models.speed.merged_lora`).
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +27,7 @@ from torch import Tensor
 
 from opd.models.backbone import Backbone, PromptEmbeds
 from opd.models.lora import load_lora, read_lora, resolve_lora_file
+from opd.models.speed import merged_lora
 from opd.modules.guards import NonFiniteError, file_sha256, is_finite
 from opd.modules.policy import AdapterPolicy
 from opd.objectives.opd import OPDLoss
@@ -91,7 +95,13 @@ class OPDDistill(AdapterPolicy):
 
     A resume checks that every teacher's adapter file has the SHA-256 recorded in the checkpoint
     (and that the teacher names match); ``allow_teacher_change=True`` (the run-level flag of the
-    same name in ``conf/train.yaml``) accepts other files with a warning."""
+    same name in ``conf/train.yaml``) accepts other files with a warning.
+
+    ``merge_teacher_lora`` / ``merge_rollout_lora`` (off by default; a speed lever of issue 18,
+    measured by ``python -m opd.bench --levers``): the teacher's target passes / the student's
+    rollouts, both without grad, run with that adapter merged into the base weights instead of as
+    separate LoRA matmuls. The student's training passes always run unmerged (its LoRA trains). In
+    bf16 the merge rounds ``W + ΔW`` to the base's precision (see :func:`~opd.models.speed.merged_lora`)."""
 
     def __init__(self, backbone: Callable[[], Backbone], teachers: Mapping[str, Any], objective: OPDLoss,
                  sampler: Any, optimizer: Callable[..., torch.optim.Optimizer], lora: dict[str, Any] | None = None,
@@ -99,7 +109,8 @@ class OPDDistill(AdapterPolicy):
                  train_chunk: int = 16, grad_clip: float = 1.0, seed: int = 0,
                  preview_prompts: Sequence[str] = (), teacher_weighting: str = "sum",
                  balance_decay: float = 0.9, balance_normalize: bool = False, init_adapter: str | None = None,
-                 allow_teacher_change: bool = False) -> None:
+                 allow_teacher_change: bool = False, merge_teacher_lora: bool = False,
+                 merge_rollout_lora: bool = False) -> None:
         self.teachers = build_teachers(teachers)
         self.allow_teacher_change = allow_teacher_change
         super().__init__(backbone, sampler, optimizer, lora, grad_clip, seed,
@@ -116,6 +127,8 @@ class OPDDistill(AdapterPolicy):
         self.teacher_weighting = teacher_weighting
         self.balance_decay = balance_decay
         self.balance_normalize = balance_normalize
+        self.merge_teacher_lora = merge_teacher_lora
+        self.merge_rollout_lora = merge_rollout_lora
         self.kl_scale: dict[str, float] = {}  # balanced: running mean of each teacher's KL (all ranks)
         self._monitor_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-monitor")
 
@@ -148,10 +161,7 @@ class OPDDistill(AdapterPolicy):
         trajs = []  # every teacher's rollout first (no update happens within a round): the weights may need them all
         for m, teacher in enumerate(self.teachers):
             rows = self.draw(m)
-            with torch.no_grad():
-                traj = self.sample([r["prompt"] for r in rows], kernel=self.sampler.kernel,
-                                   noise_level=self.sampler.noise_level, guidance_scale=self.sampler.guidance_scale,
-                                   purpose=10 * (m + 1))  # each teacher's rollout gets its own noise
+            traj = self.rollout_student([r["prompt"] for r in rows], purpose=10 * (m + 1))  # own noise per teacher
             trajs.append(traj)
             for name, reward in teacher.monitor.items():
                 pending.append((teacher.name, name, self._monitor_pool.submit(
@@ -174,6 +184,18 @@ class OPDDistill(AdapterPolicy):
             metrics.update(self.gathered_means(f"teacher/{teacher_name}", name, score))
         return metrics
 
+    def rollout_student(self, prompts: list[str], purpose: int = 0) -> Trajectory:
+        """The student's rollout on ``prompts`` (no grad) with the sampler's kernel, noise level and
+        CFG; with ``merge_rollout_lora`` the student's LoRA is merged into the base for it."""
+        merge = self.merged(self.STUDENT) if self.merge_rollout_lora else nullcontext()
+        with torch.no_grad(), merge:
+            return self.sample(prompts, kernel=self.sampler.kernel, noise_level=self.sampler.noise_level,
+                               guidance_scale=self.sampler.guidance_scale, purpose=purpose)
+
+    def merged(self, adapter: str) -> AbstractContextManager:
+        """``adapter`` merged into the base weights, all adapters off; afterwards the student alone trains."""
+        return merged_lora(self.backbone.transformer, adapter, trainable=self.STUDENT)
+
     # -- the loss, batched over steps --------------------------------------------------------
     def states(self, traj: Trajectory) -> tuple[Tensor, Tensor, Tensor, PromptEmbeds]:
         """Every trained ``(x_j, σ_j, σ_{j+1})`` of the rollout flattened to ``[B·T, ...]`` (step-major
@@ -194,11 +216,16 @@ class OPDDistill(AdapterPolicy):
 
     def teacher_targets(self, x: Tensor, sigma: Tensor, sigma_next: Tensor, cond: PromptEmbeds,
                         teacher: Teacher) -> Tensor:
-        """Teacher means for all states, in chunks of ``target_chunk`` (no grad)."""
+        """Teacher means for all states, in chunks of ``target_chunk`` (no grad); with
+        ``merge_teacher_lora`` the teacher's LoRA is merged into the base (once for all chunks) and
+        the passes run with adapters off."""
         out = []
-        for sl in torch.arange(x.shape[0], device=x.device).split(self.target_chunk):
-            out.append(self.means(x[sl], sigma[sl], sigma_next[sl], cond[sl], teacher.adapter_name,
-                                  teacher.guidance_scale)[0])
+        merge = self.merged(teacher.adapter_name) if self.merge_teacher_lora else nullcontext()
+        adapter = None if self.merge_teacher_lora else teacher.adapter_name
+        with merge:
+            for sl in torch.arange(x.shape[0], device=x.device).split(self.target_chunk):
+                out.append(self.means(x[sl], sigma[sl], sigma_next[sl], cond[sl], adapter,
+                                      teacher.guidance_scale)[0])
         return torch.cat(out)
 
     def teacher_weight(self, teacher: Teacher, traj: Trajectory) -> float:
