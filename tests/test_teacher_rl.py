@@ -297,3 +297,37 @@ def test_nft_skips_rounds_whose_groups_all_have_equal_rewards(cfg_factory, monke
     assert metrics["train/skipped_round"] == 1.0 and metrics["train/kept_fraction"] == 0.0
     stepped = lora_state(objects()[1]["module"])
     assert any(not torch.equal(init[k], stepped[k]) for k in init if ".student." in k)
+
+
+def test_compute_meter_counts_every_transformer_pass_of_an_nft_round(cfg_factory):
+    """One NFT round of 2 groups × 3 images, 3 rollout steps, 2 noised times: the counts follow from
+    the algorithm (rollout CFG-free: 6 images × 3 steps; each training term: the student with grad,
+    the old adapter and, with λ > 0, the reference without), and the FLOPs are those counts times the
+    FLOPs of one pass measured here by torch's counter on the run's own transformer."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = cfg_factory("train", ["experiment=mini/teacher_geneval", *NFT, "trainer.log_every_n_steps=1",
+                                "trainer.max_steps=1"])
+    OmegaConf.resolve(cfg)
+    metrics, objects = train(cfg)
+    module = objects["module"]
+    images, steps, terms = 6, 3, 2
+    ref = 1 if module.objective.kl_weight > 0 else 0
+    meter = module.compute
+    assert meter.images_sampled == images
+    assert meter.train_passes == images * terms
+    assert meter.nograd_passes == images * steps + images * terms * (1 + ref)
+    x = torch.randn(1, *module.backbone.latent_shape(module.image_size, module.image_size))
+    cond = module.encode(["a red circle"])  # (prompts are padded to one length: their FLOPs do not depend on the text)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module.velocity_under(module.STUDENT, x, 0.5, cond, 1.0)
+    assert meter.forward_flops == counter.get_total_flops() > 0
+    with FlopCounterMode(display=False) as counter:
+        module.velocity_under(module.STUDENT, x, 0.5, cond, 1.0).sum().backward()
+    # the frozen base needs input gradients only (about one more forward), the LoRA also weight gradients
+    assert meter.train_flops == counter.get_total_flops()
+    assert 1.5 * meter.forward_flops < meter.train_flops < 3 * meter.forward_flops
+    expect = (meter.nograd_passes * meter.forward_flops + meter.train_passes * meter.train_flops) / 1e12
+    assert metrics["compute/model_tflop"] == pytest.approx(expect)
+    assert metrics["compute/images_sampled"] == images
+    assert metrics["compute/transformer_passes"] == meter.train_passes + meter.nograd_passes

@@ -42,6 +42,7 @@ from opd.models.lora import (
     set_trainable,
 )
 from opd.modules.base import BackboneModule
+from opd.modules.compute import ComputeMeter
 from opd.modules.guards import NonFiniteError, is_finite
 from opd.sampling import Trajectory, guided_velocity, rollout, sd3_sigmas
 from opd.utils.seeds import ROLLOUT, stream_seed
@@ -78,6 +79,7 @@ class AdapterPolicy(BackboneModule):
         self._embed_cache: dict[str, PromptEmbeds] = {}
         self._scaled_norm: Tensor | None = None  # fp16 loss scaling: the norm of the step in progress
         self._skipped_steps = 0  # fp16 loss scaling: steps of this round the scaler skipped
+        self.compute = ComputeMeter()  # images sampled, transformer passes, model FLOPs (compute/... in the log)
 
     # -- set-up ----------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -146,6 +148,7 @@ class AdapterPolicy(BackboneModule):
         several rollouts of one round apart)."""
         shape = self.backbone.latent_shape(self.image_size, self.image_size)
         noise = torch.randn((len(prompts), *shape), generator=self.generator(purpose), device=self.device)
+        self.compute.add_images(len(prompts))
         cond = self.encode(prompts)
         uncond = self.encode([""] * len(prompts)) if guidance_scale != 1.0 else None
         sigmas = sd3_sigmas(self.sampler.num_steps, self.sampler.shift, device=self.device)
@@ -185,10 +188,20 @@ class AdapterPolicy(BackboneModule):
 
     def on_train_start(self) -> None:
         self._clock = time.monotonic() - 60 * self.elapsed_minutes  # a resumed run keeps counting
+        self.measure_compute()
+
+    def measure_compute(self) -> None:
+        """Start counting transformer passes and measure the FLOPs of one (:mod:`opd.modules.compute`)."""
+        shape = self.backbone.latent_shape(self.image_size, self.image_size)
+        x = torch.randn((1, *shape), device=self.device)
+        cond = self.encode([""])
+        self.compute.measure(lambda: self.velocity_under(self.STUDENT, x, 0.5, cond, 1.0), self.policy_parameters())
+        self.compute.attach(self.backbone.transformer)
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         self._skipped_steps = 0
-        metrics = self.run_round()
+        with self.compute.counting():
+            metrics = self.run_round()
         scaler = self.grad_scaler
         if scaler is not None:  # fp16: the loss scale and the round's steps skipped on overflowing gradients
             metrics["train/loss_scale"] = torch.tensor(float(scaler.get_scale()))
@@ -198,6 +211,8 @@ class AdapterPolicy(BackboneModule):
         self.elapsed_minutes = (time.monotonic() - self._clock) / 60
         self.log("train/round", float(self.round), on_step=True)
         self.log("time/minutes", self.elapsed_minutes, on_step=True)  # training wall-clock, for curves
+        world = self.trainer.world_size  # every rank does the same work: totals over all ranks
+        self.log_dict({k: v * world for k, v in self.compute.metrics().items()}, on_step=True)
         if self.device.type == "cuda":  # what the run's tensors have needed so far, for scale records
             self.log("memory/peak_allocated_gib", torch.cuda.max_memory_allocated(self.device) / 2**30, on_step=True)
             self.log("memory/peak_reserved_gib", torch.cuda.max_memory_reserved(self.device) / 2**30, on_step=True)
@@ -332,9 +347,11 @@ class AdapterPolicy(BackboneModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if "lora_" in k}
         checkpoint["opd_round"] = self.round
         checkpoint["opd_elapsed_minutes"] = self.elapsed_minutes
+        checkpoint["opd_compute"] = self.compute.state_dict()
         super().on_save_checkpoint(checkpoint)  # last: the guard scans the finished checkpoint
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         self.round = int(checkpoint.get("opd_round", 0))
         self.elapsed_minutes = float(checkpoint.get("opd_elapsed_minutes", 0.0))
+        self.compute.load_state_dict(checkpoint.get("opd_compute", {}))
