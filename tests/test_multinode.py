@@ -212,7 +212,7 @@ def test_torchrun_on_one_node_writes_one_folder_named_by_its_start(toy_base, tmp
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-             "-m", "opd.train", *RUN, f"model.path={toy_base}", "trainer.devices=2", "trainer.max_steps=1"],
+             "-m", "opd.train", *RUN, f"model.path={toy_base}", "trainer.devices=2", "trainer.max_steps=2"],
             cwd=tmp_path, env=clean_env(), stdout=out, stderr=subprocess.STDOUT)
     wait_all([proc], [log])
     run = the_run_folder(tmp_path)
