@@ -168,7 +168,7 @@ def test_gain_share_by_hand():
     rows = {"base": {"label": "base"}, "s": {"label": "student", "teachers": ["geneval", "ocr"]}}
     records = {k: {"label": r["label"], "cfg": 4.5, "minutes": 1.0, "cumulative_minutes": 2.0} for k, r in rows.items()}
     md = table1.markdown(rows, results, records, {"GenEval": G}, own)
-    assert "| student | 4.5 | 0.500 | 1.0 | 2.0 |" in md
+    assert "| student | 4.5 | – | 0.500 | 1.0 | 2.0 |" in md
     assert "- student: geneval 75%, ocr – (its teacher gained nothing)" in md
 
 
@@ -227,11 +227,11 @@ def test_the_table_command_writes_the_table_with_the_suites_columns(table_runs):
     md = table1.main(["--runs", str(runs), "--out", str(out), "--base", str(base), "--previous", str(previous),
                       "--stages", json.dumps({"mopd": ["mopd_a", "mopd_a2"]}), "--also", X])
     assert md == (out / "results.md").read_text()
-    assert "| model | CFG | GenEval | OCR | Aesthetic | ocr/ocr_exact | GPU min (own) | GPU min (incl. teachers) |" in md
-    assert "| base (mini_base) | 4.5 | 0.200 | 0.600 | 0.400 | 0.500 | 0.0 | 0.0 |" in md
-    assert "| old teacher_geneval ¹ | 1.0 | 0.600 | 0.000 | 0.300 | 0.000 | 10.0 | 10.0 |" in md
-    assert "| ocr teacher (ocr_shipped) | 1.0 | 0.000 | 0.840 | 0.100 | 0.300 | 5.0 | 5.0 |" in md
-    assert "| **MOPD student** (3 teachers) | 4.5 | 0.500 | 0.780 | 0.650 | 0.200 | 3.5 | 22.5 |" in md
+    assert "| model | CFG | seeds | GenEval | OCR | Aesthetic | ocr/ocr_exact | GPU min (own) | GPU min (incl. teachers) |" in md
+    assert "| base (mini_base) | 4.5 | – | 0.200 | 0.600 | 0.400 | 0.500 | 0.0 | 0.0 |" in md
+    assert "| old teacher_geneval ¹ | 1.0 | – | 0.600 | 0.000 | 0.300 | 0.000 | 10.0 | 10.0 |" in md
+    assert "| ocr teacher (ocr_shipped) | 1.0 | – | 0.000 | 0.840 | 0.100 | 0.300 | 5.0 | 5.0 |" in md
+    assert "| **MOPD student** (3 teachers) | 4.5 | 1 | 0.500 | 0.780 | 0.650 | 0.200 | 3.5 | 22.5 |" in md
     # shares on the suite's own metrics: geneval (0.5-0.2)/(0.6-0.2), ocr (0.78-0.6)/(0.84-0.6) on ocr/ocr
     # (ocr_exact would be negative), aesthetic (0.65-0.4)/(0.9-0.4)
     assert "- **MOPD student** (3 teachers): geneval 75%, ocr 75%, aesthetic 50%" in md
@@ -486,3 +486,37 @@ def test_scale_record_refuses_a_run_with_too_few_rounds(tmp_path: Path) -> None:
         scale_record(_scale_run(tmp_path, [1.0, 1.5], [10.0, 10.0]))
     with pytest.raises(FileNotFoundError, match="hydra.run.dir"):
         scale_record(tmp_path / "nowhere")
+
+
+def test_t_quantiles_and_a_three_seed_mean_by_hand():
+    assert table1.t_quantile(2) == 4.303
+    assert table1.t_quantile(30) == pytest.approx(2.042, abs=1e-3)  # the expansion beyond the table
+    assert table1.t_quantile(120) == pytest.approx(1.980, abs=1e-3)
+    rows = [{"g": 0.2, "g/ci_low": 0.0, "g/ci_high": 1.0, "o": 0.5}, {"g": 0.4, "o": 0.5}, {"g": 0.3, "o": 0.5}]
+    out = table1.mean_over_seeds(rows)
+    # mean 0.3, sd 0.1, n 3: 0.3 ± 4.303 · 0.1 / √3 = 0.3 ± 0.24843
+    assert out["num_seeds"] == 3 and out["g"] == pytest.approx(0.3)
+    assert (out["g/ci_low"], out["g/ci_high"]) == pytest.approx((0.3 - 0.24843, 0.3 + 0.24843), abs=1e-5)
+    assert (out["o/ci_low"], out["o/ci_high"]) == pytest.approx((0.5, 0.5))  # seeds that agree: no spread
+    assert table1.mean_over_seeds(rows[:1]) == {**rows[0], "num_seeds": 1}  # one seed keeps its bootstrap
+
+
+def test_a_row_of_three_seeds_is_their_mean_with_compute_totals(tmp_path):
+    """Runs mopd_seed0..2, each evaluated as its own row and logging its compute: the table row is the
+    seeds' mean with a t-interval, num_seeds 3, and the seeds' mean minutes, images and FLOPs."""
+    for n, (score, minutes) in enumerate([(0.2, 3.0), (0.4, 5.0), (0.3, 4.0)]):
+        run = tmp_path / f"mopd_seed{n}"
+        (run / "eval").mkdir(parents=True)
+        (run / "eval" / "results.json").write_text(json.dumps({f"mopd_seed{n}": {"geneval/x": score}}))
+        (run / "csv" / "version_0").mkdir(parents=True)
+        (run / "csv" / "version_0" / "metrics.csv").write_text(
+            "step,time/minutes,train/round,compute/images_sampled,compute/model_tflop\n"
+            f"0,{minutes / 2},1,10,1.5\n1,{minutes},2,20,{3.0 + n}\n")
+    rows = {"mopd": {"label": "MOPD", "run": "mopd", "stages": ["mopd"], "teachers": []}}
+    results, runs, curves = table1.collect(tmp_path, rows, base={"geneval/x": 0.1})
+    assert results["mopd"]["num_seeds"] == 3 and results["mopd"]["geneval/x"] == pytest.approx(0.3)
+    assert results["mopd"]["geneval/x/ci_high"] == pytest.approx(0.3 + 0.24843, abs=1e-5)
+    record = runs["mopd"]
+    assert record["num_seeds"] == 3 and record["seeds"] == ["mopd_seed0", "mopd_seed1", "mopd_seed2"]
+    assert record["minutes"] == pytest.approx(4.0) and record["rounds"] == 2 and record["images_sampled"] == 20
+    assert record["model_tflop"] == pytest.approx(4.0)  # (3 + 4 + 5) / 3

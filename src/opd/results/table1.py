@@ -6,7 +6,9 @@
 Each row is a run ``<runs>/<run>`` (a chain of runs, ``--stages``): its evaluation is the row named
 ``<run>`` of ``<run>/eval/results.json`` (``python -m opd.evaluate +checkpoints.<run>=<run>/adapter
 hydra.run.dir=<run>/eval``), its CFG scale that evaluation's, its minutes the training wall-clock
-of its stages' CSV logs (:mod:`opd.results.logs`). The teachers' rows name the winners in
+of its stages' CSV logs (:mod:`opd.results.logs`). A row trained with several seeds has runs
+``<run>_seed<N>`` (each stage likewise): its metrics are the seeds' means with 95 % t-intervals over
+the seeds, and ``num_seeds`` says how many (:func:`mean_over_seeds`). The teachers' rows name the winners in
 ``<runs>/picked.json`` (:mod:`opd.results.pick_teachers`); the base row is ``--base``. A row not
 evaluated under ``--runs`` comes from ``--previous`` (an earlier table's folder), and so does the
 training record of a row whose runs left no log (a teacher re-evaluated as shipped).
@@ -77,6 +79,61 @@ def gain_share(results: Mapping[str, Mapping[str, float]], student: str, teacher
     return out
 
 
+#: a row trained with several seeds: its runs are ``<run>_seed<N>`` (every stage likewise), each
+#: evaluated as its own row ``<run>_seed<N>`` of ``<run>_seed<N>/eval/results.json``
+SEED = "_seed"
+#: two-sided 95 % quantiles of Student's t for 1-10 degrees of freedom (beyond: the Cornish-Fisher
+#: expansion around the normal quantile, within 0.001 of the exact value)
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+#: training totals each row reports from its log (the last value), for comparisons at equal compute
+COMPUTE = {"rounds": "train/round", "images_sampled": "compute/images_sampled", "model_tflop": "compute/model_tflop"}
+
+
+def t_quantile(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom."""
+    if df < 1:
+        raise ValueError(f"t_quantile: df must be >= 1; got {df}")
+    if df in T_975:
+        return T_975[df]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def seed_suffixes(root: Path, run: str) -> list[str]:
+    """``[""]`` when ``<root>/<run>`` holds an evaluation; else the suffixes ``_seed<N>`` (by N) of the
+    ``<root>/<run>_seed<N>`` that do; ``[]`` when neither exists."""
+    if (Path(root) / run / "eval" / "results.json").is_file():
+        return [""]
+    found = [(int(p.name[len(run) + len(SEED):]), p.name[len(run):]) for p in Path(root).glob(f"{run}{SEED}*")
+             if p.name[len(run) + len(SEED):].isdigit() and (p / "eval" / "results.json").is_file()]
+    return [suffix for _, suffix in sorted(found)]
+
+
+def mean_over_seeds(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """One row from the evaluations of a run's training seeds: every metric's mean, ``num_seeds``, and,
+    with two seeds or more, each metric's ``/ci_low`` and ``/ci_high`` as the 95 % t-interval of
+    that mean over the seeds (``mean ± t · sd / √n``), which replaces the single evaluation's
+    bootstrap over prompts. One seed keeps its evaluation as it is."""
+    if not rows:
+        raise ValueError("mean_over_seeds: no evaluations")
+    if len(rows) == 1:
+        return {**rows[0], "num_seeds": 1}
+    n = len(rows)
+    keys = [k for k in rows[0] if not k.endswith(("/ci_low", "/ci_high")) and all(k in r for r in rows)]
+    out: dict[str, float] = {"num_seeds": n}
+    for key in keys:
+        values = [float(r[key]) for r in rows]
+        mean = sum(values) / n
+        half = t_quantile(n - 1) * math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+        out.update({key: mean, f"{key}/ci_low": mean - half, f"{key}/ci_high": mean + half})
+    return out
+
+
+def last_logged(log: Sequence[Mapping[str, str]], key: str) -> float | None:
+    values = [float(r[key]) for r in log if r.get(key)]
+    return values[-1] if values else None
+
+
 def collect(root: Path, rows: Mapping[str, dict], base: Mapping[str, float], base_cfg: float | str = "",
             previous: Path | None = None, device: str = "") -> tuple[dict, dict, dict]:
     """``(results, runs, curves)``: each row's metrics, its record for runs.json, its training log.
@@ -92,8 +149,9 @@ def collect(root: Path, rows: Mapping[str, dict], base: Mapping[str, float], bas
             runs[key] = {"label": row["label"], "cfg": base_cfg, "minutes": 0.0, "cumulative_minutes": 0.0,
                          "command": "models/mini_base (see its card)"}
             continue
+        suffixes = seed_suffixes(root, row["run"])
         eval_file = Path(root) / row["run"] / "eval" / "results.json"
-        if not eval_file.exists():
+        if not suffixes:
             if key in earlier["results"]:
                 results[key] = earlier["results"][key]
                 runs[key] = {"label": row["label"], **earlier["runs"][key], "table": str(previous)}
@@ -101,17 +159,27 @@ def collect(root: Path, rows: Mapping[str, dict], base: Mapping[str, float], bas
             else:
                 print(f"[table1] {key}: no evaluation at {eval_file}; row left out")
             continue
-        results[key] = evaluated_rows(eval_file)[row["run"]]
-        cfg = guidance_scales(eval_file).get(row["run"], "")
-        log, own = chained_log(root, row["stages"])
+        seeds = [row["run"] + suffix for suffix in suffixes]
+        evals = [Path(root) / run / "eval" / "results.json" for run in seeds]
+        results[key] = mean_over_seeds([evaluated_rows(file)[run] for run, file in zip(seeds, evals)])
+        cfg = guidance_scales(evals[0]).get(seeds[0], "")
+        logs = [chained_log(root, [stage + suffix for stage in row["stages"]]) for suffix in suffixes]
+        log, own = logs[0][0], sum(minutes for _, minutes in logs) / len(logs)  # minutes: the seeds' mean
         if not log and key in earlier["runs"]:  # evaluated again, trained before: the earlier record
             record = {k: v for k, v in earlier["runs"][key].items() if k not in ("label", "cfg", "run", "table")}
             runs[key] = {"run": row["run"], "label": row["label"], "cfg": cfg, **record, "training_from": str(previous)}
             continue
         cumulative = own + sum(runs.get(f"teacher_{t}", {}).get("minutes", 0.0) for t in row.get("teachers", []))
+        compute = {}
+        for name, logged_key in COMPUTE.items():  # each seed's total, averaged over the seeds that logged it
+            totals = [v for v in (last_logged(seed_log, logged_key) for seed_log, _ in logs) if v is not None]
+            if totals:
+                compute[name] = round(sum(totals) / len(totals), 3)
         runs[key] = {"run": row["run"], "stages": row["stages"], "minutes": round(own, 2),
                      "cumulative_minutes": round(cumulative, 2), "label": row["label"], "cfg": cfg,
-                     "command": " ; ".join(run_command(Path(root) / s) for s in row["stages"]), "device": device}
+                     "num_seeds": len(seeds), "seeds": seeds, **compute,
+                     "command": " ; ".join(run_command(Path(root) / (s + suffixes[0])) for s in row["stages"]),
+                     "device": device}
         curves[key] = log
     for key in list(curves):  # a row that another row continues is part of that row's curve
         mine = rows[key]["stages"]
@@ -121,18 +189,23 @@ def collect(root: Path, rows: Mapping[str, dict], base: Mapping[str, float], bas
 
 
 def _cell(metrics: Mapping[str, float], key: str) -> str:
-    return f"{metrics[key]:.3f}" if key in metrics else "–"
+    """``0.183 [0.15, 0.21]``: the value and, where the row has it, its 95 % interval."""
+    if key not in metrics:
+        return "–"
+    low, high = metrics.get(f"{key}/ci_low"), metrics.get(f"{key}/ci_high")
+    return f"{metrics[key]:.3f}" + (f" [{low:.2f}, {high:.2f}]" if low is not None and high is not None else "")
 
 
 def markdown(rows: Mapping[str, dict], results: Mapping[str, dict], runs: Mapping[str, dict],
              cols: Mapping[str, str], own: Mapping[str, str], device: str = "", suite: str = "mini") -> str:
     """results.md: the table (rows with results, in order; ``cols`` = title → results key), then each
     student's share of its teachers' gains."""
-    head = ["model", "CFG", *cols, "GPU min (own)", "GPU min (incl. teachers)"]
+    head = ["model", "CFG", "seeds", *cols, "GPU min (own)", "GPU min (incl. teachers)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key in (k for k in rows if k in results):
         record = runs[key]
         cells = [record["label"] + (" ¹" if "table" in record else ""), str(record.get("cfg", "")),
+                 str(record.get("num_seeds", "–")),
                  *(_cell(results[key], m) for m in cols.values()),
                  f"{record['minutes']:.1f}", f"{record['cumulative_minutes']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -145,7 +218,9 @@ def markdown(rows: Mapping[str, dict], results: Mapping[str, dict], runs: Mappin
                 for t, v in share.items()))
     intro = (f"Every row is scored by `python -m opd.evaluate` on the test prompts of "
              f"`conf/eval_tasks/{suite}.yaml`, at the CFG scale in the table (the DiffusionNFT-trained "
-             "models are CFG-free: 1.0). GPU minutes are training wall-clock"
+             "models are CFG-free: 1.0). In brackets: 95 % intervals, over the training seeds for rows "
+             "with several (t-interval of the mean), else over the prompts (the evaluation's bootstrap). "
+             "GPU minutes are training wall-clock (the seeds' mean)"
              + (f" on {device}." if device else "."))
     carried = sorted({record["table"] for record in runs.values() if "table" in record})
     if carried:
