@@ -520,3 +520,4 @@ def test_a_row_of_three_seeds_is_their_mean_with_compute_totals(tmp_path):
     assert record["num_seeds"] == 3 and record["seeds"] == ["mopd_seed0", "mopd_seed1", "mopd_seed2"]
     assert record["minutes"] == pytest.approx(4.0) and record["rounds"] == 2 and record["images_sampled"] == 20
     assert record["model_tflop"] == pytest.approx(4.0)  # (3 + 4 + 5) / 3
+    assert [r["time/minutes"] for r in curves["mopd"]] == ["1.5", "3.0"]  # the curve: the first seed's log
