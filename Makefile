@@ -41,7 +41,7 @@ demo: $(STAMP)  ## the main job: MOPD distils the three shipped mini teachers in
 	  exp="experiment=mini/mopd_aesthetic_ocr_geneval trainer=gpu"; \
 	else exp="experiment=mini/mopd_demo"; fi; \
 	$(BIN)/python -m opd.train $$exp hydra.run.dir=outputs/demo overwrite=true $(ARGS) && \
-	echo "demo: KL curves outputs/demo/curves.png | student previews outputs/demo/images/ (step 0 = base) | student (row 'trained') vs base outputs/demo/eval/results.md, grids in outputs/demo/eval/grids/"
+	echo "demo: KL curves outputs/demo/curves.png | student previews outputs/demo/images/ (step 0 = base) | verdict outputs/demo/eval/verdict.txt | student (row 'trained') vs base and teachers outputs/demo/eval/results.md, grids in outputs/demo/eval/grids/"
 
 eval: $(STAMP)  ## full mini-world evaluation (all test prompts, 40 steps; a GPU makes it minutes). Pass ARGS="checkpoints.x=..."
 	$(BIN)/python -m opd.evaluate $(ARGS)

@@ -128,3 +128,33 @@ def test_a_ddp_run_ends_with_the_evaluation_one_process_gives(toy_base, tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     for row, metrics in json.loads((alone / "results.json").read_text()).items():  # another batch split: float noise
         assert trained[row] == pytest.approx(metrics, rel=1e-4, abs=1e-4), row
+
+
+def test_the_verdict_compares_student_base_and_teacher_per_task():
+    from opd.evaluation.run import headlines, verdict
+
+    heads = headlines({"geneval": {"table": {"GenEval": "geneval_mini_correct"}}, "ocr": {"table": {"OCR": "ocr_exact"}},
+                       "aesthetic": {"prompts": {}}})  # a task without a table has no headline
+    assert heads == {"geneval": ("GenEval", "geneval/geneval_mini_correct"), "ocr": ("OCR", "ocr/ocr_exact")}
+    results = {"trained": {"geneval/geneval_mini_correct": 0.40, "geneval/geneval_mini_correct/ci_low": 0.30,
+                           "geneval/geneval_mini_correct/ci_high": 0.50, "ocr/ocr_exact": 0.5,
+                           "ocr/ocr_exact/ci_low": 0.4, "ocr/ocr_exact/ci_high": 0.6},
+               "base": {"geneval/geneval_mini_correct": 0.25, "ocr/ocr_exact": 0.55},
+               "teacher_geneval": {"geneval/geneval_mini_correct": 0.6}}
+    assert verdict(results, heads) == [
+        "GenEval: student 0.400 better than the base 0.250 by 0.150 (the base is outside its 95 % interval); "
+        "its teacher 0.600",
+        "OCR: student 0.500 worse than the base 0.550 by 0.050 (within its 95 % interval)"]
+
+
+def test_eval_teachers_adds_each_teacher_at_its_own_cfg(cfg_factory, tmp_path):
+    from opd.evaluation.run import run_eval_config
+
+    cfg = cfg_factory("train", ["experiment=mini/mopd_demo", "eval.teachers=true", f"paths.output_dir={tmp_path}"])
+    checkpoints = OmegaConf.to_container(run_eval_config(cfg).checkpoints, resolve=True)
+    assert set(checkpoints) == {"base", "trained", "teacher_geneval", "teacher_ocr", "teacher_aesthetic"}
+    for name in ("geneval", "ocr", "aesthetic"):
+        assert checkpoints[f"teacher_{name}"] == {"adapter": str(cfg.teacher[name].adapter),
+                                                  "guidance_scale": float(cfg.teacher[name].guidance_scale)}
+    off = cfg_factory("train", ["experiment=mini/mopd_demo", "eval.teachers=false", f"paths.output_dir={tmp_path}"])
+    assert set(run_eval_config(off).checkpoints) == {"base", "trained"}

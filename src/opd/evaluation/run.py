@@ -59,7 +59,7 @@ EVAL_SETTINGS = config_dir() / "eval_settings" / "default.yaml"
 
 def run_eval_keys() -> tuple[str, ...]:
     """The keys of a training config's ``eval`` node."""
-    return ("tasks", "guidance_scale", *OmegaConf.load(EVAL_SETTINGS).keys())
+    return ("tasks", "guidance_scale", "teachers", *OmegaConf.load(EVAL_SETTINGS).keys())
 
 
 # -- prompts, covers, rewards -------------------------------------------------------------------
@@ -267,6 +267,7 @@ def run_eval_config(cfg: DictConfig) -> DictConfig | None:
                           "training config")
     settings = OmegaConf.to_container(spec, resolve=True)
     tasks = settings.pop("tasks", None)
+    with_teachers = bool(settings.pop("teachers", False))
     out = Path(str(cfg.paths.output_dir))
     model = OmegaConf.to_container(cfg.model, resolve=True)
     trained_cfg = float(cfg.sampler.guidance_scale)
@@ -280,6 +281,10 @@ def run_eval_config(cfg: DictConfig) -> DictConfig | None:
         checkpoints: dict[str, Any] = {TRAINED: {"adapter": None, "guidance_scale": trained_cfg}}
     else:
         checkpoints = {BASE: None, TRAINED: {"adapter": str(out / "adapter"), "guidance_scale": trained_cfg}}
+        if with_teachers:  # a distillation run: its teachers too, each at its own CFG (rows teacher_<name>)
+            for name, teacher in (OmegaConf.to_container(cfg.get("teacher") or {}, resolve=True)).items():
+                checkpoints[f"teacher_{name}"] = {"adapter": str(teacher["adapter"]),
+                                                  "guidance_scale": float(teacher.get("guidance_scale", trained_cfg))}
     if settings.get("device", "auto") == "auto" and OmegaConf.select(cfg, "trainer.accelerator") == "cpu":
         settings["device"] = "cpu"
     return OmegaConf.create({
@@ -350,4 +355,45 @@ def evaluate_run(cfg: DictConfig, trainer: Any = None, eval_cfg: DictConfig | No
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     log.info("end-of-run evaluation into %s", out)
-    return evaluate(eval_cfg, ranks)
+    results = evaluate(eval_cfg, ranks)
+    if ranks.is_main and results and TRAINED in results and BASE in results:
+        lines = verdict(results, headlines(eval_cfg.get("eval_tasks")))
+        for line in lines:
+            log.info("%s", line)
+        grids = out / "grids"
+        (out / "verdict.txt").write_text("\n".join([*lines, f"images: {grids} (one grid per row and task)", ""]))
+        print("\n".join(["", "verdict (test prompts of this quick evaluation; more in " + str(out / "results.md") + "):",
+                         *lines, f"grids: {grids}", ""]), flush=True)
+    return results
+
+
+def headlines(tasks: Any) -> dict[str, tuple[str, str]]:
+    """``{task: (title, results key)}``: each task's first ``table`` entry (its headline)."""
+    out = {}
+    for task, spec in (tasks or {}).items():
+        table = (spec or {}).get("table") or {}
+        if table:
+            title, key = next(iter(table.items()))
+            out[str(task)] = (str(title), f"{task}/{key}")
+    return out
+
+
+def verdict(results: dict[str, dict[str, float]], heads: dict[str, tuple[str, str]]) -> list[str]:
+    """One line per task: the trained row against the base (better / worse / level, by how much,
+    and whether the base lies outside the trained row's 95 % interval) and, where the evaluation has
+    one, the task's teacher (row ``teacher_<task>``)."""
+    lines = []
+    for task, (title, key) in heads.items():
+        trained, base = results[TRAINED].get(key), results[BASE].get(key)
+        if trained is None or base is None:
+            continue
+        diff = trained - base
+        word = "better than" if diff > 0 else "worse than" if diff < 0 else "level with"
+        low, high = results[TRAINED].get(f"{key}/ci_low"), results[TRAINED].get(f"{key}/ci_high")
+        sure = ""
+        if low is not None and high is not None:
+            sure = " (the base is outside its 95 % interval)" if not low <= base <= high else " (within its 95 % interval)"
+        teacher = results.get(f"teacher_{task}", {}).get(key)
+        tail = f"; its teacher {teacher:.3f}" if teacher is not None else ""
+        lines.append(f"{title}: student {trained:.3f} {word} the base {base:.3f} by {abs(diff):.3f}{sure}{tail}")
+    return lines
