@@ -361,9 +361,10 @@ def evaluate_run(cfg: DictConfig, trainer: Any = None, eval_cfg: DictConfig | No
         for line in lines:
             log.info("%s", line)
         grids = out / "grids"
-        (out / "verdict.txt").write_text("\n".join([*lines, f"images: {grids} (one grid per row and task)", ""]))
+        where = f"side by side: {grids}/compare_<task>.png (one grid per row and task beside them)"
+        (out / "verdict.txt").write_text("\n".join([*lines, where, ""]))
         print("\n".join(["", "verdict (test prompts of this quick evaluation; more in " + str(out / "results.md") + "):",
-                         *lines, f"grids: {grids}", ""]), flush=True)
+                         *lines, where, ""]), flush=True)
     return results
 
 
