@@ -173,7 +173,8 @@ def test_experiment_trains_a_step_and_evaluates(experiment, world, tmp_path):
     pretrain = "cond_dropout" in cfg.module
     assert (tmp_path / ("model" if pretrain else "adapter")).is_dir()
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert list(results) == (["trained"] if pretrain else ["base", "trained"])
+    teachers = [f"teacher_{name}" for name in (cfg.get("teacher") or {})] if cfg.eval.get("teachers") else []
+    assert sorted(results) == sorted(["trained"] if pretrain else ["base", "trained", *teachers])
     columns = {f"{task}/{key}" for task, spec in cfg.eval.tasks.items() for key in (spec.get("table") or {}).values()}
     assert columns, "the suite names no table column"
     for row, values in results.items():
