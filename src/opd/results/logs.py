@@ -37,6 +37,11 @@ def chained_log(root: Path, stages: Sequence[str]) -> tuple[list[dict[str, str]]
     return rows, offset
 
 
+def column(rows: Sequence[dict[str, str]], key: str) -> list[float]:
+    """The logged values of ``key`` in ``rows`` (:func:`training_log`), in row order, blanks left out."""
+    return [float(r[key]) for r in rows if r.get(key)]
+
+
 def logged(run: Path, key: str) -> list[tuple[int, float]]:
     """``(step, value)`` of ``key`` over the run's logs in step order (a resumed run's later value
     of a step wins); an error naming the run when it never logged ``key``."""

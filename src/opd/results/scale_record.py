@@ -26,7 +26,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from opd.results.logs import MINUTES, training_log
+from opd.results.logs import MINUTES, column, training_log
 
 #: the settings that decide memory and speed, copied into the record
 SETTINGS = ("model.image_size", "model.torch_dtype", "model.use_t5", "model.max_sequence_length",
@@ -48,8 +48,7 @@ def smi_peak_gib(path: Path) -> float | None:
 
 
 def logged_peak(rows: list[dict[str, str]], key: str) -> float | None:
-    values = [float(r[key]) for r in rows if r.get(key)]
-    return max(values) if values else None
+    return max(column(rows, key), default=None)
 
 
 def gpu_name() -> str:

@@ -26,7 +26,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from opd.results.logs import MINUTES, chained_log, moving_average, run_command
+from opd.results.logs import MINUTES, chained_log, column, moving_average, run_command
 from opd.results.metrics import columns, evaluated_rows, guidance_scales, own_metrics, reward_names
 
 #: the table's rows after the base and the teachers: key → label, the teachers it distils (a row's
@@ -130,8 +130,7 @@ def mean_over_seeds(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
 
 
 def last_logged(log: Sequence[Mapping[str, str]], key: str) -> float | None:
-    values = [float(r[key]) for r in log if r.get(key)]
-    return values[-1] if values else None
+    return (column(log, key) or [None])[-1]
 
 
 def collect(root: Path, rows: Mapping[str, dict], base: Mapping[str, float], base_cfg: float | str = "",
