@@ -331,3 +331,18 @@ def test_compute_meter_counts_every_transformer_pass_of_an_nft_round(cfg_factory
     assert metrics["compute/model_tflop"] == pytest.approx(expect)
     assert metrics["compute/images_sampled"] == images
     assert metrics["compute/transformer_passes"] == meter.train_passes + meter.nograd_passes
+
+
+def test_skipping_equal_reward_groups_under_fp16_loss_scaling_stops_before_the_first_round(cfg_factory, monkeypatch):
+    """fp16's GradScaler cannot count a step without gradients: the run stops at fit start, naming
+    the option and the fix (a CPU turns 16-mixed into bf16, so the scaler is simulated here)."""
+    from opd.modules.teacher_nft import NFTTeacher
+
+    monkeypatch.setattr(NFTTeacher, "grad_scaler", property(lambda self: object()))
+    monkeypatch.setattr(NFTTeacher, "check_precision", lambda self: None)
+    monkeypatch.setattr(NFTTeacher, "run_round", lambda self: pytest.fail("a round ran"))
+    cfg = cfg_factory("train", ["experiment=mini/teacher_geneval", *NFT, "trainer.max_steps=1",
+                                "module.skip_zero_variance_groups=true"])
+    OmegaConf.resolve(cfg)
+    with pytest.raises(ValueError, match="skip_zero_variance_groups=true.*bf16-mixed"):
+        train(cfg)

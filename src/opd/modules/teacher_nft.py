@@ -44,6 +44,12 @@ class NFTTeacher(OnlineRL):
         self.decay_schedule = decay_schedule
         self.num_updates = 0
 
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.skip_zero_variance_groups and self.grad_scaler is not None:  # before any round is paid for
+            raise ValueError("module.skip_zero_variance_groups=true needs rounds without an update, which fp16 loss "
+                             "scaling (trainer.precision=16-mixed) cannot count: use trainer.precision=bf16-mixed")
+
     def configure_model(self) -> None:
         fresh = self.backbone is None
         super().configure_model()
