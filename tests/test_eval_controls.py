@@ -8,6 +8,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from opd.evaluation.bootstrap import bootstrap_ci, clustered_mean
 from opd.evaluation.checkpoints import parse_checkpoints
@@ -365,3 +366,14 @@ def test_no_constant_image_covers_the_mini_judges(task, key, limit):
     swapped = tag_weighted_mean(torch.tensor([[matrix[i, j].item() for i, j in pairs]]),
                                 tags([test[i] for i, _ in pairs]))
     assert swapped.item() <= max(limit, 0.1)
+
+
+def test_the_base_row_can_be_dropped_and_a_lone_adapter_scored(cfg_factory):
+    # conf/eval.yaml writes the base as {adapter: null}: Hydra cannot delete a key whose value is null
+    default = cfg_factory("eval", [])
+    assert [(c.name, c.adapter, c.guidance_scale) for c in
+            parse_checkpoints(OmegaConf.to_container(default.checkpoints), 4.5)] == [("base", None, 4.5)]
+    lone = cfg_factory("eval", ["~checkpoints.base", "+checkpoints.ocr={adapter: /t/ocr, guidance_scale: 1.0}"])
+    assert [(c.name, c.adapter, c.guidance_scale) for c in
+            parse_checkpoints(OmegaConf.to_container(lone.checkpoints), 4.5)] == [("ocr", "/t/ocr", 1.0)]
+    assert OmegaConf.to_container(cfg_factory("eval", ["checkpoints.base=null"]).checkpoints) == {"base": None}
