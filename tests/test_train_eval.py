@@ -147,6 +147,18 @@ def test_the_verdict_compares_student_base_and_teacher_per_task():
         "OCR: student 0.500 worse than the base 0.550 by 0.050 (within its 95 % interval)"]
 
 
+def test_the_verdict_says_which_prompts_it_read(cfg_factory, tmp_path):
+    from opd.evaluation.run import evaluated_on, run_eval_config
+
+    demo = run_eval_config(cfg_factory("train", ["experiment=mini/mopd_demo", "eval.teachers=true",
+                                             f"paths.output_dir={tmp_path}"]))
+    assert evaluated_on(demo) == "test prompts, at most 8 per task, 1 image per prompt"
+    val = run_eval_config(cfg_factory("train", [
+        "experiment=mini/mopd_demo", "eval.max_prompts=null", "eval.images_per_prompt=4",
+        *(f"eval.tasks.{t}.prompts.split=val" for t in ("geneval", "ocr", "aesthetic")), f"paths.output_dir={tmp_path}"]))
+    assert evaluated_on(val) == "val prompts, 4 images per prompt"
+
+
 def test_eval_teachers_adds_each_teacher_at_its_own_cfg(cfg_factory, tmp_path):
     from opd.evaluation.run import run_eval_config
 

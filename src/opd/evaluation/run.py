@@ -363,9 +363,22 @@ def evaluate_run(cfg: DictConfig, trainer: Any = None, eval_cfg: DictConfig | No
         grids = out / "grids"
         where = f"side by side: {grids}/compare_<task>.png (one grid per row and task beside them)"
         (out / "verdict.txt").write_text("\n".join([*lines, where, ""]))
-        print("\n".join(["", "verdict (test prompts of this quick evaluation; more in " + str(out / "results.md") + "):",
+        print("\n".join(["", f"verdict ({evaluated_on(eval_cfg)}; more in {out / 'results.md'}):",
                          *lines, where, ""]), flush=True)
     return results
+
+
+def evaluated_on(eval_cfg: Any) -> str:
+    """What an evaluation scored, in words: "test prompts, 4 images per prompt" ("val prompts, at most 8
+    per task, 1 image per prompt", ...), from the tasks' prompt splits and the sampling settings."""
+    splits = sorted({str(split) for spec in (eval_cfg.get("eval_tasks") or {}).values()
+                     if (split := ((spec or {}).get("prompts") or {}).get("split")) is not None})
+    words = ["/".join(splits) + " prompts" if splits else "the tasks' prompts"]
+    if eval_cfg.get("max_prompts") is not None:
+        words.append(f"at most {eval_cfg.max_prompts} per task")
+    n = eval_cfg.get("images_per_prompt", 1)
+    words.append(f"{n} image{'s' if n != 1 else ''} per prompt")
+    return ", ".join(words)
 
 
 def headlines(tasks: Any) -> dict[str, tuple[str, str]]:
