@@ -369,11 +369,14 @@ def test_no_constant_image_covers_the_mini_judges(task, key, limit):
 
 
 def test_the_base_row_can_be_dropped_and_a_lone_adapter_scored(cfg_factory):
-    # conf/eval.yaml writes the base as {adapter: null}: Hydra cannot delete a key whose value is null
-    default = cfg_factory("eval", [])
-    assert [(c.name, c.adapter, c.guidance_scale) for c in
-            parse_checkpoints(OmegaConf.to_container(default.checkpoints), 4.5)] == [("base", None, 4.5)]
-    lone = cfg_factory("eval", ["~checkpoints.base", "+checkpoints.ocr={adapter: /t/ocr, guidance_scale: 1.0}"])
-    assert [(c.name, c.adapter, c.guidance_scale) for c in
-            parse_checkpoints(OmegaConf.to_container(lone.checkpoints), 4.5)] == [("ocr", "/t/ocr", 1.0)]
-    assert OmegaConf.to_container(cfg_factory("eval", ["checkpoints.base=null"]).checkpoints) == {"base": None}
+    # conf/eval.yaml writes the base as {adapter: null, guidance_scale: ...}: Hydra cannot delete a null key
+    def rows(overrides):
+        cfg = cfg_factory("eval", overrides)
+        return [(c.name, c.adapter, c.guidance_scale) for c in
+                parse_checkpoints(OmegaConf.to_container(cfg.checkpoints, resolve=True), 4.5)]
+    assert rows([]) == [("base", None, 4.5)]
+    assert rows(["guidance_scale=3"]) == [("base", None, 3.0)]
+    assert rows(["checkpoints.base={adapter: null, guidance_scale: 1.0}"]) == [("base", None, 1.0)]
+    assert rows(["checkpoints.base=null"]) == [("base", None, 4.5)]
+    assert rows(["~checkpoints.base", "+checkpoints.ocr={adapter: /t/ocr, guidance_scale: 1.0}"]) == [
+        ("ocr", "/t/ocr", 1.0)]
