@@ -145,6 +145,9 @@ def test_the_verdict_compares_student_base_and_teacher_per_task():
         "GenEval: student 0.400 better than the base 0.250 by 0.150 (the base is outside its 95 % interval); "
         "its teacher 0.600",
         "OCR: student 0.500 worse than the base 0.550 by 0.050 (within its 95 % interval)"]
+    results["base_at_trained_cfg"] = {"ocr/ocr_exact": 0.23}
+    assert verdict(results, heads)[1] == ("OCR: student 0.500 worse than the base 0.550 by 0.050 (within its 95 % "
+                                          "interval); the base at the student's CFG 0.230")
 
 
 def test_the_verdict_says_which_prompts_it_read(cfg_factory, tmp_path):
@@ -170,3 +173,8 @@ def test_eval_teachers_adds_each_teacher_at_its_own_cfg(cfg_factory, tmp_path):
                                                   "guidance_scale": float(cfg.teacher[name].guidance_scale)}
     off = cfg_factory("train", ["experiment=mini/mopd_demo", "eval.teachers=false", f"paths.output_dir={tmp_path}"])
     assert set(run_eval_config(off).checkpoints) == {"base", "trained"}
+    # a CFG-free student: the base at its CFG too, where it started
+    free = run_eval_config(cfg_factory("train", ["experiment=mini/mopd_cfg_free", "eval.teachers=false",
+                                                 f"paths.output_dir={tmp_path}"]))
+    assert OmegaConf.to_container(free.checkpoints)["base_at_trained_cfg"] == {"adapter": None, "guidance_scale": 1.0}
+    assert OmegaConf.to_container(free.checkpoints)["trained"]["guidance_scale"] == 1.0

@@ -11,7 +11,9 @@ What a run evaluates:
 
 - a run that trains a LoRA (RL teachers, DiffusionOPD students): the exported adapter
   ``<output_dir>/adapter`` (row ``trained``, at the run's ``sampler.guidance_scale``, the CFG it was
-  trained with) against the base model (row ``base``, at ``eval.guidance_scale``);
+  trained with) against the base model (row ``base``, at ``eval.guidance_scale``) and, when the two
+  scales differ (a CFG-free student or teacher), the base at the run's scale too (row
+  ``base_at_trained_cfg``: where the run started);
 - pre-training: the exported model ``<output_dir>/model`` alone (row ``trained``).
 
 Ranks: ``opd.evaluate`` under ``torchrun`` joins the process group torchrun describes
@@ -50,6 +52,9 @@ log = logging.getLogger(__name__)
 RANDOM_FLAG = "random_weights_for_tests"
 #: results.json's rows of the end-of-run evaluation
 BASE, TRAINED = "base", "trained"
+#: the base at the trained row's CFG scale, added when that differs from the base's (a CFG-free
+#: student): where the student started, beside the base it is meant to replace
+BASE_AT_TRAINED_CFG = "base_at_trained_cfg"
 #: the end-of-run evaluation's folder under the run folder
 EVAL_DIR = "eval"
 #: the settings shared by both entry points (the keys a training config's ``eval`` node may have besides
@@ -281,6 +286,8 @@ def run_eval_config(cfg: DictConfig) -> DictConfig | None:
         checkpoints: dict[str, Any] = {TRAINED: {"adapter": None, "guidance_scale": trained_cfg}}
     else:
         checkpoints = {BASE: None, TRAINED: {"adapter": str(out / "adapter"), "guidance_scale": trained_cfg}}
+        if trained_cfg != float(settings.get("guidance_scale", trained_cfg)):
+            checkpoints[BASE_AT_TRAINED_CFG] = {"adapter": None, "guidance_scale": trained_cfg}
         if with_teachers:  # a distillation run: its teachers too, each at its own CFG (rows teacher_<name>)
             for name, teacher in (OmegaConf.to_container(cfg.get("teacher") or {}, resolve=True)).items():
                 checkpoints[f"teacher_{name}"] = {"adapter": str(teacher["adapter"]),
@@ -395,7 +402,8 @@ def headlines(tasks: Any) -> dict[str, tuple[str, str]]:
 def verdict(results: dict[str, dict[str, float]], heads: dict[str, tuple[str, str]]) -> list[str]:
     """One line per task: the trained row against the base (better / worse / level, by how much,
     and whether the base lies outside the trained row's 95 % interval) and, where the evaluation has
-    one, the task's teacher (row ``teacher_<task>``)."""
+    them, the base at the student's CFG (row ``base_at_trained_cfg``) and the task's teacher (row
+    ``teacher_<task>``)."""
     lines = []
     for task, (title, key) in heads.items():
         trained, base = results[TRAINED].get(key), results[BASE].get(key)
@@ -407,7 +415,9 @@ def verdict(results: dict[str, dict[str, float]], heads: dict[str, tuple[str, st
         sure = ""
         if low is not None and high is not None:
             sure = " (the base is outside its 95 % interval)" if not low <= base <= high else " (within its 95 % interval)"
+        start = results.get(BASE_AT_TRAINED_CFG, {}).get(key)
+        tail = f"; the base at the student's CFG {start:.3f}" if start is not None else ""
         teacher = results.get(f"teacher_{task}", {}).get(key)
-        tail = f"; its teacher {teacher:.3f}" if teacher is not None else ""
+        tail += f"; its teacher {teacher:.3f}" if teacher is not None else ""
         lines.append(f"{title}: student {trained:.3f} {word} the base {base:.3f} by {abs(diff):.3f}{sure}{tail}")
     return lines
