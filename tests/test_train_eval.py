@@ -39,7 +39,7 @@ def toy_base(tmp_path_factory):
 
 def test_end_of_run_evaluation_equals_opd_evaluate(toy_base, tmp_path):
     # the GenEval teacher recipe (DiffusionNFT, CFG-free rollouts): the adapter is evaluated at the CFG
-    # it was trained with (1.0), the base at eval.guidance_scale (4.5)
+    # it was trained with (1.0), the base at eval.guidance_scale (4.5) and, as the run's start, at 1.0
     run = tmp_path / "run"
     cfg = compose_train(["experiment=mini/teacher_geneval", f"model.path={toy_base}", "model.image_size=16",
                                 *TRAIN_SMALL, "module.num_groups_per_round=2", "module.group_size=2",
@@ -48,7 +48,7 @@ def test_end_of_run_evaluation_equals_opd_evaluate(toy_base, tmp_path):
     OmegaConf.resolve(cfg)
     metrics, objects = train(cfg)
     trained = json.loads((run / "eval" / "results.json").read_text())
-    assert set(trained) == {"base", "trained", "cover"}
+    assert set(trained) == {"base", "base_at_trained_cfg", "trained", "cover"}
     assert objects["eval"] == trained
     assert metrics["eval/trained/geneval/geneval_mini_correct"] == pytest.approx(trained["trained"][
         "geneval/geneval_mini_correct"])
@@ -59,7 +59,8 @@ def test_end_of_run_evaluation_equals_opd_evaluate(toy_base, tmp_path):
     alone = tmp_path / "alone"
     done = subprocess.run(
         [sys.executable, "-m", "opd.evaluate", f"model.path={toy_base}", "model.image_size=16",
-         f"+checkpoints.trained={{adapter:{run / 'adapter'},guidance_scale:1.0}}", *eval_overrides(""),
+         f"+checkpoints.trained={{adapter:{run / 'adapter'},guidance_scale:1.0}}",
+         "+checkpoints.base_at_trained_cfg={adapter:null,guidance_scale:1.0}", *eval_overrides(""),
          f"hydra.run.dir={alone}"], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((alone / "results.json").read_text()) == trained  # exactly the same numbers
