@@ -43,7 +43,7 @@ demo: $(STAMP)  ## the main job: MOPD distils the three shipped mini teachers in
 	$(BIN)/python -m opd.train $$exp hydra.run.dir=outputs/demo overwrite=true $(ARGS) && \
 	echo "demo: KL curves outputs/demo/curves.png | student previews outputs/demo/images/ (step 0 = base) | verdict outputs/demo/eval/verdict.txt | student (row 'trained') vs base and teachers outputs/demo/eval/results.md, grids in outputs/demo/eval/grids/"
 
-eval: $(STAMP)  ## full mini-world evaluation (all test prompts, 40 steps; a GPU makes it minutes). Pass ARGS="checkpoints.x=..."
+eval: $(STAMP)  ## full mini-world evaluation (all test prompts, 40 steps; a GPU makes it minutes). Pass ARGS="+checkpoints.x=<adapter>" (adds a row; ~checkpoints.base drops the base)
 	$(BIN)/python -m opd.evaluate $(ARGS)
 
 pretrain: $(STAMP)  ## pre-train the mini base model (GPU): ARGS="trainer=gpu"
