@@ -38,7 +38,7 @@ test-all: $(STAMP)  ## run every CPU test, slow ones included
 
 demo: $(STAMP)  ## the main job: MOPD distils the three shipped mini teachers into one student (CPU: a short run; GPU: the full one) and ends by comparing student and base
 	@if $(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
-	  exp="experiment=mini/mopd_aesthetic_ocr_geneval trainer=gpu"; \
+	  exp="experiment=mini/mopd_cfg_free trainer=gpu"; \
 	else exp="experiment=mini/mopd_demo"; fi; \
 	$(BIN)/python -m opd.train $$exp hydra.run.dir=outputs/demo overwrite=true $(ARGS) && \
 	echo "demo: KL curves outputs/demo/curves.png | student previews outputs/demo/images/ (step 0 = base) | verdict outputs/demo/eval/verdict.txt | student (row 'trained') vs base and teachers outputs/demo/eval/results.md, grids in outputs/demo/eval/grids/"
@@ -68,7 +68,7 @@ TEACHER_RUNS ?= runs/teachers
 TEACHERS     ?= models/mini_teachers
 BASE         ?= models/mini_base/config.json
 # the earlier table whose rows make mini-table1 does not run again (teachers' training, SOPD)
-PREVIOUS     ?= docs/results/mini_table1/round1
+PREVIOUS     ?= docs/results/archive/mini_table1_v1/round1
 TRAINER      ?= trainer=gpu
 # the multiruns' launcher: conf/hydra/launcher/local.yaml (runs side by side) when its joblib plugin is
 # installed, else Hydra's basic one (one run after another)
@@ -102,7 +102,7 @@ $(RUNS)/%/val/results.json: $(RUNS)/%/$(ADAPTER) | $(STAMP)
 $(TEACHER_RUNS)/%/val/results.json: $(TEACHER_RUNS)/%/$(ADAPTER) | $(STAMP)
 	$(call evaluate,$(TEACHER_RUNS)/$*,$(@D),$(VAL))
 
-# -- make mini-teachers: the mini teachers' recipe (round 1 of docs/results/mini_table1) ------------
+# -- make mini-teachers: the mini teachers' recipe (round 1 of docs/results/archive/mini_table1_v1) ------------
 # OCR by GRPO-Guard (CFG 4.5) and by DiffusionNFT (CFG-free): one multirun, runs named by task_name
 $(TEACHER_RUNS)/mini_teacher_ocr/$(ADAPTER) $(TEACHER_RUNS)/mini_teacher_ocr_nft/$(ADAPTER) &: $(BASE) | $(STAMP)
 	$(MULTIRUN) experiment=mini/teacher_ocr,mini/teacher_ocr_nft +reward.ocr.num_workers=$(OCR_WORKERS) trainer.max_time=00:00:05:30 \
@@ -128,7 +128,7 @@ $(TEACHER_RUNS)/cards/results.md: $(foreach s,geneval ocr aesthetic,$(TEACHER_RU
 mini-teachers: $(TEACHER_RUNS)/cards/results.md  ## train, pick and card the mini teachers (GPU; make -j4 mini-teachers): TEACHER_RUNS=runs/teachers
 	@echo "mini-teachers: adapters in $(TEACHER_RUNS)/teachers/, cards and results page in $(TEACHER_RUNS)/cards/ (and $(TEACHER_RUNS)/teachers/*/README.md)"
 
-# -- make mini-table1: the mini Table 1 (round 2 and its phase 2, docs/results/mini_table1) ---------
+# -- make mini-table1: the mini Table 1 (round 2 and its phase 2, docs/results/archive/mini_table1_v1) ---------
 # the OCR teacher: shipped, or continued for 8 min; the better on training prompts is evaluated on test
 $(RUNS)/ocr_shipped/$(ADAPTER): $(TEACHERS)/ocr/pytorch_lora_weights.safetensors
 	mkdir -p $(@D) && cp $< $@

@@ -1,7 +1,7 @@
 """Assemble the mini reproduction of the paper's Table 1 from a folder of runs (``make mini-table1``).
 
     python -m opd.results.table1 --runs runs/table1 --out runs/table1/table \
-        [--previous docs/results/mini_table1/round1] [--stages JSON] [--extra JSON] [--also KEY ...]
+        [--previous docs/results/archive/mini_table1_v1/round1] [--stages JSON] [--extra JSON] [--also KEY ...]
 
 Each row is a run ``<runs>/<run>`` (a chain of runs, ``--stages``): its evaluation is the row named
 ``<run>`` of ``<run>/eval/results.json`` (``python -m opd.evaluate +checkpoints.<run>=<run>/adapter
