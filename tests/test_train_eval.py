@@ -168,12 +168,15 @@ def test_eval_teachers_adds_each_teacher_at_its_own_cfg(cfg_factory, tmp_path):
 
     cfg = cfg_factory("train", ["experiment=mini/mopd_demo", "eval.teachers=true", f"paths.output_dir={tmp_path}"])
     checkpoints = OmegaConf.to_container(run_eval_config(cfg).checkpoints, resolve=True)
-    assert set(checkpoints) == {"base", "trained", "teacher_geneval", "teacher_ocr", "teacher_aesthetic"}
+    # the demo's student is CFG-free: the base at its CFG (where it started) is a row too
+    assert set(checkpoints) == {"base", "base_at_trained_cfg", "trained", "teacher_geneval", "teacher_ocr",
+                                "teacher_aesthetic"}
     for name in ("geneval", "ocr", "aesthetic"):
         assert checkpoints[f"teacher_{name}"] == {"adapter": str(cfg.teacher[name].adapter),
                                                   "guidance_scale": float(cfg.teacher[name].guidance_scale)}
-    off = cfg_factory("train", ["experiment=mini/mopd_demo", "eval.teachers=false", f"paths.output_dir={tmp_path}"])
-    assert set(run_eval_config(off).checkpoints) == {"base", "trained"}
+    off = cfg_factory("train", ["experiment=mini/mopd_demo", "eval.teachers=false", "sampler.guidance_scale=4.5",
+                                f"paths.output_dir={tmp_path}"])
+    assert set(run_eval_config(off).checkpoints) == {"base", "trained"}   # a student at the base's CFG
     # a CFG-free student: the base at its CFG too, where it started
     free = run_eval_config(cfg_factory("train", ["experiment=mini/mopd_cfg_free", "eval.teachers=false",
                                                  f"paths.output_dir={tmp_path}"]))
