@@ -30,7 +30,9 @@ SHRINK = {
     "t5": {"d_model": 48, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 2},
     "vae": {"block_out_channels": [8, 8, 16, 16], "layers_per_block": 1, "norm_num_groups": 4, "sample_size": 64},
 }
+# (the blocks are compiled as at full size, with aot_eager: the wiring without inductor's C++ build)
 SMALL_MODEL = ["model=sd35_medium_random", "model.image_size=64", "model.torch_dtype=float32",
+               "model.compile_backend=aot_eager",
                *(f"model.{part}.{key}={json.dumps(value).replace(' ', '')}"
                  for part, values in SHRINK.items() for key, value in values.items())]
 
@@ -170,9 +172,11 @@ def test_sd35_medium_loads_t5_at_128_tokens_by_default(cfg_factory, tmp_path, mo
     assert backbone.gradient_checkpointing and backbone.transformer.gradient_checkpointing
 
 
-def lora_grads(checkpointing: bool) -> tuple[dict[str, torch.Tensor], int]:
-    """The student LoRA's gradients of one loss on the tiny random SD3, and how many tensors autograd saved."""
-    backbone = tiny_sd3_backbone(seed=0, gradient_checkpointing=checkpointing)
+def lora_grads(checkpointing: bool, compile_backend=None) -> tuple[dict[str, torch.Tensor], int]:
+    """The student LoRA's gradients of one loss on the tiny random SD3, and how many tensors autograd
+    saved (``compile_backend``: the blocks compiled with it, as ``model.compile_blocks=true`` does)."""
+    backbone = tiny_sd3_backbone(seed=0, gradient_checkpointing=checkpointing,
+                                 compile_blocks=compile_backend is not None, compile_backend=compile_backend or "inductor")
     torch.manual_seed(1)
     add_lora(backbone.transformer, "student", rank=4, alpha=8)
     with torch.no_grad():
@@ -199,6 +203,33 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients(cfg_factory):
     assert saved_ckpt < saved_plain / 2  # the blocks' activations are recomputed, not kept
     cfg = cfg_factory("train", ["model=sd3_tiny_random", "model.gradient_checkpointing=true"])
     assert hydra.utils.instantiate(cfg.model)().transformer.gradient_checkpointing
+
+
+def test_compiled_blocks_option_gives_the_same_lora_gradients(cfg_factory, tmp_path, monkeypatch):
+    """model.compile_blocks (on by default for SD3.5): each MMDiT block is compiled at construction,
+    and tracing is lazy, so the LoRA added afterwards runs compiled with the same gradients."""
+    from diffusers import StableDiffusion3Pipeline
+
+    plain, _ = lora_grads(False)
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    try:
+        compiled, _ = lora_grads(False, compile_backend=counter)
+        assert counter.frame_count >= 1  # the blocks did run compiled
+        assert plain.keys() == compiled.keys() and len(plain) > 0
+        for name in plain:
+            torch.testing.assert_close(compiled[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+    finally:
+        torch._dynamo.reset()
+    (tmp_path / "model_index.json").write_text("{}")
+    monkeypatch.setattr(StableDiffusion3Pipeline, "from_pretrained",
+                        staticmethod(lambda path, **kwargs: tiny_sd3_backbone().pipeline))
+    for overrides, expected in (([], True), (["model.compile_blocks=false"], False)):
+        cfg = cfg_factory("train", ["model=sd35_medium", f"model.path={tmp_path}", *overrides])
+        blocks = hydra.utils.instantiate(cfg.model)().transformer.transformer_blocks
+        assert all((b._compiled_call_impl is not None) == expected for b in blocks)
+    assert not any(b._compiled_call_impl is not None for b in tiny_sd3_backbone().transformer.transformer_blocks)
 
 
 def test_random_adapters_fit_the_model_and_differ(tmp_path):
@@ -252,3 +283,5 @@ def test_dry_run_of_the_mopd_experiment_on_the_shrunk_model(cfg_factory, tmp_pat
     assert objects["trainer"].global_step == 2
     assert all(torch.isfinite(torch.as_tensor(metrics[f"teacher/{t}/kl"])) for t in written)
     assert objects["module"].backbone.max_sequence_length == 128
+    # the blocks ran compiled (model.compile_blocks, SD3.5's default; aot_eager here, inductor on a GPU)
+    assert all(b._compiled_call_impl is not None for b in objects["module"].backbone.transformer.transformer_blocks)

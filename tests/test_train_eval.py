@@ -143,8 +143,8 @@ def test_the_verdict_compares_student_base_and_teacher_per_task():
                "base": {"geneval/geneval_mini_correct": 0.25, "ocr/ocr_exact": 0.55},
                "teacher_geneval": {"geneval/geneval_mini_correct": 0.6}}
     assert verdict(results, heads) == [
-        "GenEval: student 0.400 better than the base 0.250 by 0.150 (the base is outside its 95 % interval); "
-        "its teacher 0.600",
+        ("GenEval: student 0.400 better than the base 0.250 by 0.150 (the base is outside its 95 % interval); "
+         "its teacher 0.600"),
         "OCR: student 0.500 worse than the base 0.550 by 0.050 (within its 95 % interval)"]
     results["base_at_trained_cfg"] = {"ocr/ocr_exact": 0.23}
     assert verdict(results, heads)[1] == ("OCR: student 0.500 worse than the base 0.550 by 0.050 (within its 95 % "

@@ -19,12 +19,15 @@ def mini_backbone(path: str | None = None, image_size: int = 64, torch_dtype: st
 
 
 def sd3_backbone(path: str, use_t5: bool = True, torch_dtype: str = "bfloat16", max_sequence_length: int = 128,
-                 image_size: int = 512, gradient_checkpointing: bool = False) -> SD3Backbone:
+                 image_size: int = 512, gradient_checkpointing: bool = False, compile_blocks: bool = False,
+                 compile_backend: str = "inductor") -> SD3Backbone:
     """SD3.5 from a local diffusers folder or hub id; ``image_size`` is the training/eval resolution.
     T5 on at 128 tokens (the references' prompt encoding; ``use_t5=False`` saves its memory);
-    ``gradient_checkpointing``: recompute the MMDiT blocks in the backward pass (see :class:`SD3Backbone`)."""
+    ``gradient_checkpointing``: recompute the MMDiT blocks in the backward pass; ``compile_blocks``:
+    ``torch.compile`` each block (see :class:`SD3Backbone`)."""
     backbone = SD3Backbone.from_pretrained(path, use_t5=use_t5, torch_dtype=torch_dtype,
                                            max_sequence_length=max_sequence_length,
-                                           gradient_checkpointing=gradient_checkpointing)
+                                           gradient_checkpointing=gradient_checkpointing,
+                                           compile_blocks=compile_blocks, compile_backend=compile_backend)
     backbone.image_size = image_size
     return backbone

@@ -174,13 +174,16 @@ def random_sd3_backbone(transformer: Mapping[str, Any], vae: Mapping[str, Any], 
                         clip_g: Mapping[str, Any], t5: Mapping[str, Any] | None = None,
                         scheduler: Mapping[str, Any] | None = None, use_t5: bool = True, seed: int = 0,
                         image_size: int = 512, torch_dtype: str = "bfloat16", max_sequence_length: int = 128,
-                        gradient_checkpointing: bool = False) -> SD3Backbone:
+                        gradient_checkpointing: bool = False, compile_blocks: bool = False,
+                        compile_backend: str = "inductor") -> SD3Backbone:
     """:class:`SD3Backbone` around :func:`random_sd3_pipeline` (``model=sd35_medium_random``): the
     arguments of ``model=sd35_medium`` (``use_t5``, ``torch_dtype``, ``max_sequence_length``,
-    ``image_size``, ``gradient_checkpointing``) plus the networks' configs in place of ``path``."""
+    ``image_size``, ``gradient_checkpointing``, ``compile_blocks``, ``compile_backend``) plus the
+    networks' configs in place of ``path``."""
     pipe = random_sd3_pipeline(transformer, vae, clip_l, clip_g, t5 if use_t5 else None, scheduler, seed, torch_dtype)
     backbone = SD3Backbone(pipe, max_sequence_length=max_sequence_length,
-                           gradient_checkpointing=gradient_checkpointing)
+                           gradient_checkpointing=gradient_checkpointing, compile_blocks=compile_blocks,
+                           compile_backend=compile_backend)
     backbone.image_size = image_size
     return backbone
 
@@ -192,12 +195,14 @@ def tiny_sd3_pipeline(seed: int = 0, sample_size: int = 32) -> Any:
 
 
 def tiny_sd3_backbone(seed: int = 0, image_size: int = 32, max_sequence_length: int = 256,
-                      gradient_checkpointing: bool = False) -> SD3Backbone:
+                      gradient_checkpointing: bool = False, compile_blocks: bool = False,
+                      compile_backend: str = "inductor") -> SD3Backbone:
     """:class:`SD3Backbone` around :func:`tiny_sd3_pipeline` (float32, CPU; ``model=sd3_tiny_random``).
     No T5: ``max_sequence_length`` only sets how many zero T5 tokens the pipeline appends (256 is
     ``StableDiffusion3Pipeline``'s own default, so that the tests compare like with like)."""
     backbone = SD3Backbone(tiny_sd3_pipeline(seed, image_size), max_sequence_length=max_sequence_length,
-                           gradient_checkpointing=gradient_checkpointing)
+                           gradient_checkpointing=gradient_checkpointing, compile_blocks=compile_blocks,
+                           compile_backend=compile_backend)
     backbone.image_size = image_size
     return backbone
 

@@ -30,9 +30,11 @@ from opd.results.logs import MINUTES, column, training_log
 
 #: the settings that decide memory and speed, copied into the record
 SETTINGS = ("model.image_size", "model.torch_dtype", "model.use_t5", "model.max_sequence_length",
-            "model.gradient_checkpointing", "sampler.num_steps", "sampler.kernel", "sampler.guidance_scale",
+            "model.gradient_checkpointing", "model.compile_blocks", "sampler.num_steps", "sampler.kernel",
+            "sampler.guidance_scale",
             "module.prompts_per_teacher", "module.prompts_per_round", "module.target_chunk",
-            "module.train_chunk", "module.lora", "trainer.precision", "trainer.strategy")
+            "module.train_chunk", "module.merge_teacher_lora", "module.lora", "trainer.precision",
+            "trainer.strategy")
 
 
 def round_seconds(rows: list[dict[str, str]]) -> list[float]:
