@@ -99,33 +99,49 @@ $(RUNS)/%/eval/results.json: $(RUNS)/%/$(ADAPTER) | $(STAMP)
 	$(call evaluate,$(RUNS)/$*,$(@D))
 $(RUNS)/%/val/results.json: $(RUNS)/%/$(ADAPTER) | $(STAMP)
 	$(call evaluate,$(RUNS)/$*,$(@D),$(VAL))
-$(TEACHER_RUNS)/%/val/results.json: $(TEACHER_RUNS)/%/$(ADAPTER) | $(STAMP)
-	$(call evaluate,$(TEACHER_RUNS)/$*,$(@D),$(VAL))
 
-# -- make mini-teachers: the mini teachers' recipe (round 1 of docs/results/archive/mini_table1_v1) ------------
-# OCR by GRPO-Guard (CFG 4.5) and by DiffusionNFT (CFG-free): one multirun, runs named by task_name
-$(TEACHER_RUNS)/mini_teacher_ocr/$(ADAPTER) $(TEACHER_RUNS)/mini_teacher_ocr_nft/$(ADAPTER) &: $(BASE) | $(STAMP)
-	$(MULTIRUN) experiment=mini/teacher_ocr,mini/teacher_ocr_nft +reward.ocr.num_workers=$(OCR_WORKERS) trainer.max_time=00:00:05:30 \
-	  hydra.sweep.dir=$(TEACHER_RUNS) 'hydra.sweep.subdir=$${task_name}' $(TRAIN_ARGS)
-$(TEACHER_RUNS)/mini_teacher_aesthetic/$(ADAPTER): $(BASE) | $(STAMP)
-	$(TRAIN) experiment=mini/teacher_aesthetic module.optimizer.lr=1e-3 trainer.max_time=00:00:05:30 hydra.run.dir=$(RUN) $(TRAIN_ARGS)
-$(TEACHER_RUNS)/mini_teacher_geneval/$(ADAPTER): $(BASE) | $(STAMP)
-	$(TRAIN) experiment=mini/teacher_geneval trainer.max_time=00:00:07:30 hydra.run.dir=$(RUN) $(TRAIN_ARGS)
-$(TEACHER_RUNS)/geneval_more/$(ADAPTER): $(TEACHER_RUNS)/mini_teacher_geneval/$(ADAPTER) | $(STAMP)
-	$(TRAIN) experiment=mini/teacher_geneval ++module.init_adapter=$(<D) trainer.max_time=00:00:05:30 hydra.run.dir=$(RUN) $(TRAIN_ARGS)
-$(TEACHER_RUNS)/mini_teacher_ocr_nft/val/results.json $(TEACHER_RUNS)/geneval_more/val/results.json: GUIDANCE = 1.0
-# each skill's best candidate on its own headline metric → $(TEACHER_RUNS)/teachers/<skill>, picked.json
-$(TEACHER_RUNS)/picked.json: $(foreach r,mini_teacher_ocr mini_teacher_ocr_nft geneval_more mini_teacher_aesthetic,$(TEACHER_RUNS)/$(r)/val/results.json) | $(STAMP)
+# -- make mini-teachers: the v2 teachers' recipe (docs/results/mini_teachers_v2) ---------------------------
+# One DiffusionNFT run per skill (CFG-free; the recipe that learnt on val in rounds 1 and 2), each for a fixed
+# number of optimiser steps (not minutes: the same run on any GPU) with an EMA adapter snapshot every
+# SNAPSHOT_EVERY steps. Every snapshot and the final adapter are scored on the skill's val prompts, and the best
+# one is the teacher (early stopping on val; pick_teachers' RUN/*). A run stopped on the way resumes from its
+# last checkpoint (AdamW, EMA and step restored) when make runs again.
+TEACHER_SKILLS  := ocr geneval aesthetic
+TEACHER_EXP_ocr       := mini/teacher_ocr_nft
+TEACHER_EXP_geneval   := mini/teacher_geneval
+TEACHER_EXP_aesthetic := mini/teacher_aesthetic_nft
+TEACHER_ARGS_ocr      := +reward.ocr.num_workers=$(OCR_WORKERS)
+TEACHER_STEPS_ocr       ?= 100
+TEACHER_STEPS_geneval   ?= 500
+TEACHER_STEPS_aesthetic ?= 500
+SNAPSHOT_EVERY ?= 25
+# val scoring of the snapshots: 1 image per prompt, the swapped-prompt control on 16 pairs, no cover search
+SNAPSHOT_EVAL   = images_per_prompt=1 controls.cover=null controls.sensitivity_pairs=16
+TEACHER_ADAPTERS := $(foreach s,$(TEACHER_SKILLS),$(TEACHER_RUNS)/$(s)_nft/$(ADAPTER))
+TEACHER_VALS     := $(foreach s,$(TEACHER_SKILLS),$(TEACHER_RUNS)/$(s)_nft/val/results.json)
+# ckpt_path=last where the run folder holds a checkpoint (a stopped run goes on)
+resume = $(if $(wildcard $1/checkpoints/last.ckpt),ckpt_path=last)
+
+$(TEACHER_ADAPTERS): $(TEACHER_RUNS)/%_nft/$(ADAPTER): $(BASE) | $(STAMP)
+	$(TRAIN) experiment=$(TEACHER_EXP_$*) $(TEACHER_ARGS_$*) trainer.max_steps=$(TEACHER_STEPS_$*) trainer.max_time=null \
+	  callbacks.adapter_snapshots.every_n_steps=$(SNAPSHOT_EVERY) hydra.run.dir=$(RUN) $(call resume,$(RUN)) $(TRAIN_ARGS)
+# every snapshot (checkpoint step_NNNNNN) and the final adapter (checkpoint final) on its own task's val prompts
+$(TEACHER_VALS): $(TEACHER_RUNS)/%_nft/val/results.json: $(TEACHER_RUNS)/%_nft/$(ADAPTER) | $(STAMP)
+	$(EVAL) $(VAL) $(SNAPSHOT_EVAL) $(foreach t,$(filter-out $*,$(TEACHER_SKILLS)),'~eval_tasks.$(t)') \
+	  '+checkpoints.final={adapter:$(<D),guidance_scale:1.0}' \
+	  $$(for d in $(TEACHER_RUNS)/$*_nft/exports/step_*; do [ -d "$$d" ] && printf " +checkpoints.%s={adapter:%s,guidance_scale:1.0}" "$${d##*/}" "$$d"; done) \
+	  hydra.run.dir=$(@D) $(EVAL_ARGS)
+# each skill's best snapshot on its own headline metric → $(TEACHER_RUNS)/teachers/<skill>, picked.json
+$(TEACHER_RUNS)/picked.json: $(TEACHER_VALS) | $(STAMP)
 	$(PYM) opd.results.pick_teachers --root $(TEACHER_RUNS) --dest $(TEACHER_RUNS)/teachers \
-	  ocr=mini_teacher_ocr,mini_teacher_ocr_nft geneval=geneval_more aesthetic=mini_teacher_aesthetic
-# the picked teachers on the test prompts, each at its own CFG scale
+	  $(foreach s,$(TEACHER_SKILLS),'$(s)=$(s)_nft/*')
+# the picked teachers on the test prompts (every control, 4 images per prompt), each at its own CFG scale
 $(TEACHER_RUNS)/teacher_%/eval/results.json: $(TEACHER_RUNS)/picked.json | $(STAMP)
 	$(EVAL) "$$($(PYM) opd.results.pick_teachers --root $(TEACHER_RUNS) --checkpoint $*)" hydra.run.dir=$(@D) $(EVAL_ARGS)
-$(TEACHER_RUNS)/cards/results.md: $(foreach s,geneval ocr aesthetic,$(TEACHER_RUNS)/teacher_$(s)/eval/results.json) | $(STAMP)
-	$(PYM) opd.results.teacher_cards --runs $(TEACHER_RUNS) --teachers $(TEACHER_RUNS)/teachers --results $(@D) \
-	  --device "$(DEVICE)" --teacher-stages '{"geneval": ["mini_teacher_geneval"]}'
+$(TEACHER_RUNS)/cards/results.md: $(foreach s,$(TEACHER_SKILLS),$(TEACHER_RUNS)/teacher_$(s)/eval/results.json) | $(STAMP)
+	$(PYM) opd.results.teacher_cards --runs $(TEACHER_RUNS) --teachers $(TEACHER_RUNS)/teachers --results $(@D) --device "$(DEVICE)"
 
-mini-teachers: $(TEACHER_RUNS)/cards/results.md  ## train, pick and card the mini teachers (GPU; make -j4 mini-teachers): TEACHER_RUNS=runs/teachers
+mini-teachers: $(TEACHER_RUNS)/cards/results.md  ## train, pick on val and card the mini teachers (GPU; make -j3 mini-teachers): TEACHER_RUNS=runs/teachers
 	@echo "mini-teachers: adapters in $(TEACHER_RUNS)/teachers/, cards and results page in $(TEACHER_RUNS)/cards/ (and $(TEACHER_RUNS)/teachers/*/README.md)"
 
 # -- make mini-table1: the mini Table 1 (round 2 and its phase 2, docs/results/archive/mini_table1_v1) ---------

@@ -278,6 +278,30 @@ def test_teacher_cards_from_picked_candidates_logs_and_test_scores(tmp_path, con
     assert "- **Made by** (run `ocr_nft`):\n  `python -m opd.train x=1`\n" in one and "**Device**: not recorded" in one
 
 
+def test_teacher_card_of_a_snapshot_counts_its_run_up_to_that_step(tmp_path, conf):
+    """A winner ``run/step_N`` (pick_teachers' ``run/*``): the card names the run's command and the
+    snapshot, and its training time and curves stop at step N."""
+    base = write_eval(tmp_path / "base", {"base": scores(0.2, 0.6, 0.5, 0.4)})
+    runs = tmp_path / "runs"
+    picked = {"geneval": {"winner": "gen_nft/step_000050", "metric": G, "candidates": {
+        "gen_nft/step_000025": {"score": 0.3, "guidance_scale": 1.0},
+        "gen_nft/step_000050": {"score": 0.6, "guidance_scale": 1.0}, "gen_nft/final": {"score": 0.5}}}}
+    runs.mkdir()
+    (runs / "picked.json").write_text(json.dumps(picked))
+    write_log(runs / "gen_nft", [{"step": 25, "time/minutes": 2.0, "reward/geneval_mini": 0.3},
+                                 {"step": 50, "time/minutes": 4.0, "reward/geneval_mini": 0.4},
+                                 {"step": 75, "time/minutes": 6.0, "reward/geneval_mini": 0.5}])
+    write_overrides(runs / "gen_nft", ["experiment=mini/teacher_geneval"])
+    write_eval(runs / "teacher_geneval" / "eval", {"teacher_geneval": scores(0.45, 0.6, 0.5, 0.4)})
+    teacher_cards.main(["--runs", str(runs), "--teachers", str(tmp_path / "teachers"), "--results",
+                        str(tmp_path / "page"), "--base", str(base)])
+    card = (tmp_path / "teachers" / "geneval" / "README.md").read_text()
+    assert "(run `gen_nft`)" in card and "`python -m opd.train experiment=mini/teacher_geneval`" in card
+    assert "**training time**: 4.0 min wall-clock; the weights are its EMA snapshot at step 50" in card
+    assert "| gen_nft/step_000050 | DiffusionNFT | 0.600 |" in card and "held-out *val* prompts" in card
+    assert teacher_cards.snapshot_of("gen_nft/final") == ("gen_nft", None) == teacher_cards.snapshot_of("gen_nft")
+
+
 def test_algorithm_and_scores_table(tmp_path):
     assert teacher_cards.algorithm("gen_NFT_more") == "DiffusionNFT" and teacher_cards.algorithm("aes") == "GRPO-Guard"
     (tmp_path / "gen_more" / ".hydra").mkdir(parents=True)  # the run's config says it, whatever its name
@@ -398,6 +422,29 @@ def test_pick_teachers_by_the_skills_headline_installs_and_prints_overrides(tmp_
         pick_teachers.main(["--root", str(root), "--dest", str(dest), "drawbench=gen_a"])  # no such task
     with pytest.raises(SystemExit, match="no usable candidate"):
         pick_teachers.main(["--root", str(root), "--dest", str(dest), "ocr=ocr_broken"])
+
+
+def test_pick_teachers_among_a_runs_snapshots_early_stopping_on_val(tmp_path, conf):
+    """``RUN/*``: every EMA snapshot (``exports/step_*``) and the final adapter (row ``final``) of
+    ``RUN/val/results.json`` is a candidate; the winner's own folder is installed."""
+    root, dest = tmp_path / "runs", tmp_path / "teachers"
+    run = root / "gen_nft"
+    for folder in ("exports/step_000025", "exports/step_000050", "adapter"):
+        (run / folder).mkdir(parents=True)
+        (run / folder / "pytorch_lora_weights.safetensors").write_text(folder)
+    (run / "exports" / "step_000075").mkdir()  # a snapshot the evaluation did not score: not a candidate
+    write_eval(run / "val", {"step_000025": scores(0.3, 0.1, 0.1, 0.1), "step_000050": scores(0.6, 0.1, 0.1, 0.1),
+                             "final": scores(0.5, 0.1, 0.1, 0.1)},
+               guidance={"step_000025": 1.0, "step_000050": 1.0, "final": 1.0})
+    candidate(root, "gen_grpo", None, 4.5)
+    write_eval(root / "gen_grpo" / "val", {"gen_grpo": scores(0.55, 0.1, 0.1, 0.1)}, guidance={"gen_grpo": 4.5})
+    entry = pick_teachers.main(["--root", str(root), "--dest", str(dest), "geneval=gen_nft/*,gen_grpo"])["geneval"]
+    assert entry["winner"] == "gen_nft/step_000050" and entry["guidance_scale"] == 1.0
+    assert {n: c["score"] for n, c in entry["candidates"].items()} == {
+        "gen_nft/step_000025": 0.3, "gen_nft/step_000050": 0.6, "gen_nft/final": 0.5, "gen_grpo": 0.55}
+    assert (dest / "geneval" / "pytorch_lora_weights.safetensors").read_text() == "exports/step_000050"
+    with pytest.raises(SystemExit, match="no usable candidate"):
+        pick_teachers.main(["--root", str(root), "--dest", str(dest), "geneval=missing/*"])
 
 
 def test_winner_takes_the_first_of_a_tie_and_overrides_without_a_known_cfg():

@@ -4,9 +4,11 @@
         ocr=mini_teacher_ocr,mini_teacher_ocr_nft geneval=gen_more aesthetic=mini_teacher_aesthetic
 
 Each candidate is a run folder ``<root>/<name>`` holding ``adapter/`` and ``val/results.json``: the
-evaluation of that adapter under the checkpoint name ``<name>`` on *training* prompts (candidates
+evaluation of that adapter under the checkpoint name ``<name>`` on held-out *val* prompts (candidates
 are never compared on the test sets), whose ``.hydra/config.yaml`` gives the CFG scale it sampled
-at. A skill is a task of ``conf/eval_tasks/<suite>.yaml``; its metric is the task's headline. The
+at. ``<name>/*`` makes every snapshot of the run a candidate (early stopping on val): each row
+``step_NNNNNN`` of ``<root>/<name>/val/results.json`` is the EMA snapshot ``<name>/exports/step_NNNNNN``
+and the row ``final`` the run's ``adapter/``, as ``make mini-teachers`` evaluates them. A skill is a task of ``conf/eval_tasks/<suite>.yaml``; its metric is the task's headline. The
 winner's adapter is copied to ``<dest>/<skill>/``, and ``<root>/picked.json`` records every
 candidate's scores, the winner, its adapter and CFG scale (a later pick of other skills keeps the
 earlier ones). No config file is edited: the Hydra overrides that use the picked teachers are
@@ -28,19 +30,40 @@ from opd.results.metrics import evaluated_rows, guidance_scales, own_metrics
 RECORD = "picked.json"
 
 
+#: the row of a run's own final adapter among its snapshots' (``<name>/*``)
+FINAL = "final"
+
+
+def _candidates(root: Path, name: str) -> dict[str, tuple[Path, Path, str]]:
+    """``{candidate: (adapter folder, val results, row)}`` of one ``choices`` entry: a run, or with
+    ``/*`` every snapshot of it that its val evaluation has a row for."""
+    run = name.removesuffix("/*")
+    results = Path(root) / run / "val" / "results.json"
+    if run == name:
+        return {name: (Path(root) / name / "adapter", results, name)}
+    if not results.exists():
+        return {}
+    return {f"{run}/{row}": (Path(root) / run / ("adapter" if row == FINAL else f"exports/{row}"), results, row)
+            for row in evaluated_rows(results) if row == FINAL or row.startswith("step_")}
+
+
 def candidate_scores(root: Path, names: Sequence[str], metric: str) -> dict[str, dict]:
-    """``{name: {"score": its metric, "guidance_scale": CFG, **its validation row}}`` of the
-    candidates with an adapter and a validation; the others are named and left out."""
+    """``{name: {"score": its metric, "guidance_scale": CFG, "adapter_dir": its folder, **its validation
+    row}}`` of the candidates with an adapter and a validation; the others are named and left out."""
     scores = {}
-    for name in names:
-        results = Path(root) / name / "val" / "results.json"
-        if not results.exists() or not (Path(root) / name / "adapter").is_dir():
-            print(f"[pick] candidate {name} has no adapter or no val/results.json; skipped")
-            continue
-        row = evaluated_rows(results)[name]
-        if metric not in row:
-            raise KeyError(f"{results}: row {name!r} has no {metric!r} (keys: {sorted(row)})")
-        scores[name] = {"score": row[metric], "guidance_scale": guidance_scales(results).get(name), **row}
+    for entry in names:
+        found = _candidates(root, entry)
+        if not found:
+            print(f"[pick] candidate {entry} has no val/results.json; skipped")
+        for name, (adapter, results, row_name) in found.items():
+            if not results.exists() or not adapter.is_dir():
+                print(f"[pick] candidate {name} has no adapter or no val/results.json; skipped")
+                continue
+            row = evaluated_rows(results)[row_name]
+            if metric not in row:
+                raise KeyError(f"{results}: row {row_name!r} has no {metric!r} (keys: {sorted(row)})")
+            scores[name] = {"score": row[metric], "guidance_scale": guidance_scales(results).get(row_name),
+                            "adapter_dir": str(adapter), **row}
     return scores
 
 
@@ -60,7 +83,7 @@ def pick(root: Path, dest: Path, skill: str, names: Sequence[str], metric: str) 
     target = Path(dest) / skill
     if target.exists():
         shutil.rmtree(target)
-    shutil.copytree(Path(root) / best / "adapter", target)
+    shutil.copytree(scores[best]["adapter_dir"], target)
     return {"winner": best, "metric": metric, "adapter": str(target),
             "guidance_scale": scores[best]["guidance_scale"], "candidates": scores}
 

@@ -34,6 +34,20 @@ def algorithm(run: str, root: Path | None = None) -> str:
     return "DiffusionNFT" if "nft" in (target or run).lower() else "GRPO-Guard"
 
 
+def snapshot_of(winner: str) -> tuple[str, int | None]:
+    """``(run, step)`` of a picked candidate: ``run/step_NNNNNN`` is that EMA snapshot of ``run``
+    (``pick_teachers``' ``run/*`` candidates), ``run/final`` and ``run`` its final adapter (step None)."""
+    run, _, snapshot = winner.partition("/")
+    return run, int(snapshot.removeprefix("step_")) if snapshot.startswith("step_") else None
+
+
+def up_to_step(log: list[dict[str, str]], step: int) -> tuple[list[dict[str, str]], float]:
+    """The rows of one run's log up to ``step``, and the latest minutes logged by then."""
+    rows = [r for r in log if not r.get("step") or int(float(r["step"])) <= step]
+    minutes = [float(r[MINUTES]) for r in rows if r.get(MINUTES)]
+    return rows, max(minutes) if minutes else 0.0
+
+
 def scores_table(rows: Mapping[str, Mapping[str, float]], cols: Mapping[str, str]) -> str:
     """A markdown table: one line per row, one column per metric (``cols`` = title → results key)."""
     lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -49,19 +63,22 @@ def card(skill: str, pick: Mapping, stages: Sequence[str], commands: Sequence[st
     (under ``root``), each continuing the last, with their ``commands``; ``test``/``base``: test scores."""
     winner = pick["winner"]
     guidance = pick["candidates"][winner].get("guidance_scale")
+    run, step = snapshot_of(winner)
+    snapshot = f"; the weights are its EMA snapshot at step {step}, the best on val" if step is not None else ""
     scores = "\n".join(f"| {title} | {base[m]:.3f} | {test[m]:.3f} | {test[m] - base[m]:+.3f} |"
                        for title, m in cols.items() if m in base and m in test)
-    candidates = "\n".join(f"| {n} | {algorithm(n, root)} | {c['score']:.3f} |" for n, c in pick["candidates"].items())
+    candidates = "\n".join(f"| {n} | {algorithm(snapshot_of(n)[0], root)} | {c['score']:.3f} |"
+                           for n, c in pick["candidates"].items())
     made_by = "\n".join(f"  `{c}`" for c in commands if c)
     return f"""# mini {skill} teacher
 
-A LoRA on `models/mini_base`, trained with **{algorithm(winner, root)}** on the `{skill}` training prompts
+A LoRA on `models/mini_base`, trained with **{algorithm(run, root)}** on the `{skill}` training prompts
 of the mini world, rewarded by {', '.join(f'`{r}`' for r in rewards)}. Sample it at **CFG {guidance}**.
 Used as the `{skill}` teacher of the mini DiffusionOPD experiments (`conf/teacher/mini_{skill}.yaml`).
 
 - **Made by** (run{'s' if len(stages) > 1 else ''} {', '.join(f'`{x}`' for x in stages)}{', each continuing the last' if len(stages) > 1 else ''}):
 {made_by}
-- **Device**: {device or 'not recorded'}; **training time**: {minutes:.1f} min wall-clock
+- **Device**: {device or 'not recorded'}; **training time**: {minutes:.1f} min wall-clock{snapshot}
 - **Weights**: the EMA of the LoRA weights, diffusers format (`pytorch_lora_weights.safetensors`).
 
 ## Test scores (`python -m opd.evaluate`: all test prompts)
@@ -72,8 +89,9 @@ Used as the `{skill}` teacher of the mini DiffusionOPD experiments (`conf/teache
 
 ## How it was picked
 
-Each candidate was evaluated on *training* prompts and the best on the task's own metric
-(`{pick['metric']}`) won. The test sets were never used for the choice.
+Each candidate (a run's final adapter, or each of its EMA snapshots) was evaluated on the task's
+held-out *val* prompts and the best on the task's own metric (`{pick['metric']}`) won. The test
+sets were never used for the choice.
 
 | candidate | algorithm | validation {pick['metric']} |
 |---|---|---|
@@ -124,10 +142,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     args.results.mkdir(parents=True, exist_ok=True)
     table = {"base": base}
     for skill, pick in picked.items():
-        stages = [*json.loads(args.teacher_stages).get(skill, []), pick["winner"]]
+        run, step = snapshot_of(pick["winner"])
+        stages = [*json.loads(args.teacher_stages).get(skill, []), run]
         evaluation = args.runs / f"teacher_{skill}" / "eval"
         test = table[f"teacher_{skill}"] = evaluated_rows(evaluation / "results.json")[f"teacher_{skill}"]
         log, minutes = chained_log(args.runs, stages)
+        if step is not None:  # a snapshot's teacher: its last run up to that step
+            head, earlier = chained_log(args.runs, stages[:-1])
+            tail, until = up_to_step(log[len(head):], step)
+            log, minutes = head + tail, max(until, earlier)
         plot(log, skill, args.results / f"{skill}_curves.png")
         for png in sorted((evaluation / "grids").glob("*.png")):
             shutil.copy(png, args.results / png.name)
