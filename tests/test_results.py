@@ -288,9 +288,10 @@ def test_teacher_card_of_a_snapshot_counts_its_run_up_to_that_step(tmp_path, con
         "gen_nft/step_000050": {"score": 0.6, "guidance_scale": 1.0}, "gen_nft/final": {"score": 0.5}}}}
     runs.mkdir()
     (runs / "picked.json").write_text(json.dumps(picked))
-    write_log(runs / "gen_nft", [{"step": 25, "time/minutes": 2.0, "reward/geneval_mini": 0.3},
-                                 {"step": 50, "time/minutes": 4.0, "reward/geneval_mini": 0.4},
-                                 {"step": 75, "time/minutes": 6.0, "reward/geneval_mini": 0.5}])
+    # rounds 25, 50, 75 are logged at steps 24, 49, 74 (before each round's optimiser step)
+    write_log(runs / "gen_nft", [{"step": 24, "time/minutes": 2.0, "reward/geneval_mini": 0.3},
+                                 {"step": 49, "time/minutes": 4.0, "reward/geneval_mini": 0.4},
+                                 {"step": 74, "time/minutes": 6.0, "reward/geneval_mini": 0.5}])
     write_overrides(runs / "gen_nft", ["experiment=mini/teacher_geneval"])
     write_eval(runs / "teacher_geneval" / "eval", {"teacher_geneval": scores(0.45, 0.6, 0.5, 0.4)})
     teacher_cards.main(["--runs", str(runs), "--teachers", str(tmp_path / "teachers"), "--results",

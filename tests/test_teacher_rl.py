@@ -346,3 +346,28 @@ def test_skipping_equal_reward_groups_under_fp16_loss_scaling_stops_before_the_f
     OmegaConf.resolve(cfg)
     with pytest.raises(ValueError, match="skip_zero_variance_groups=true.*bf16-mixed"):
         train(cfg)
+
+
+def test_a_compute_budget_stops_the_run_after_the_round_that_reaches_it(cfg_factory, capsys):
+    """callbacks.compute_budget: 6 images a round and a budget of 12 → 2 rounds of max_steps 5; the
+    finished run's logged total is the budget read back by python -m opd.results.compute."""
+    from opd.callbacks.budget import ComputeBudget
+    from opd.results import compute
+
+    cfg = cfg_factory("train", ["experiment=mini/teacher_geneval", *NFT, "trainer.log_every_n_steps=1",
+                                "trainer.max_steps=5", "callbacks.compute_budget.max_images_sampled=12"])
+    OmegaConf.resolve(cfg)
+    metrics, objects = train(cfg)
+    assert objects["trainer"].global_step == 2 and objects["module"].compute.images_sampled == 12
+    assert metrics["compute/images_sampled"] == 12
+    run = Path(cfg.paths.output_dir)
+    assert compute.main([str(run), "--key", "compute/images_sampled"]) == 12
+    # a snapshot after 1 round (logged at step 0) and the whole run
+    assert compute.main([str(run), str(run / "step_000001"), "--key", "compute/images_sampled"]) == 12 + 6
+    assert compute.main([str(run)]) == pytest.approx(metrics["compute/model_tflop"])
+    with pytest.raises(SystemExit):
+        compute.main([str(run.parent / "no_such_run")])
+    assert "no logged values" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="must be > 0"):
+        ComputeBudget(max_model_tflop=0)
+    assert ComputeBudget().limits == {}

@@ -42,8 +42,9 @@ def snapshot_of(winner: str) -> tuple[str, int | None]:
 
 
 def up_to_step(log: list[dict[str, str]], step: int) -> tuple[list[dict[str, str]], float]:
-    """The rows of one run's log up to ``step``, and the latest minutes logged by then."""
-    rows = [r for r in log if not r.get("step") or int(float(r["step"])) <= step]
+    """The rows of one run's log up to the snapshot at global step ``step`` (its first ``step`` rounds,
+    logged at steps 0 … step - 1), and the latest minutes logged by then."""
+    rows = [r for r in log if not r.get("step") or int(float(r["step"])) < step]
     minutes = [float(r[MINUTES]) for r in rows if r.get(MINUTES)]
     return rows, max(minutes) if minutes else 0.0
 

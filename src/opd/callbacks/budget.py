@@ -1,0 +1,51 @@
+"""Stop a run once it has spent a compute budget, so that runs compare at equal compute.
+
+``callbacks.compute_budget.max_model_tflop=<T>`` (or ``max_images_sampled=<N>``) ends training after
+the first round at which the module's :class:`~opd.modules.compute.ComputeMeter` (what the log's
+``compute/...`` columns show, summed over all GPUs) reaches the budget; the round that crosses it is
+completed, so a run overshoots by less than one round. Both unset (the default): no budget.
+``python -m opd.results.compute`` reads the budget off finished runs (e.g. a MOPD student plus its
+teachers), for a baseline trained "at MOPD's compute".
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from lightning.pytorch import Callback
+
+log = logging.getLogger(__name__)
+
+#: budget argument → the ``compute/...`` metric it bounds
+LIMITS = {"max_model_tflop": "compute/model_tflop", "max_images_sampled": "compute/images_sampled"}
+
+
+class ComputeBudget(Callback):
+    def __init__(self, max_model_tflop: float | None = None, max_images_sampled: float | None = None) -> None:
+        self.limits = {LIMITS[k]: float(v) for k, v in
+                       (("max_model_tflop", max_model_tflop), ("max_images_sampled", max_images_sampled))
+                       if v is not None}
+        for key, value in self.limits.items():
+            if not value > 0:
+                raise ValueError(f"callbacks.compute_budget: the budget of {key} must be > 0, got {value}")
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if self.limits and getattr(pl_module, "compute", None) is None:
+            raise ValueError(f"callbacks.compute_budget needs a module that meters its compute "
+                             f"(a post-training module); {type(pl_module).__name__} does not")
+
+    def spent(self, trainer: Any, pl_module: Any) -> dict[str, float]:
+        """The run's totals so far over all GPUs (each rank meters its own passes)."""
+        world = max(1, int(getattr(trainer, "world_size", 1) or 1))
+        return {k: v * world for k, v in pl_module.compute.metrics().items()}
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self.limits:
+            return
+        spent = self.spent(trainer, pl_module)
+        reached = [k for k, limit in self.limits.items() if spent.get(k, 0.0) >= limit]
+        if reached:
+            if not trainer.should_stop:
+                log.info("compute budget reached at step %d: %s", trainer.global_step,
+                         ", ".join(f"{k} {spent[k]:.4g} >= {self.limits[k]:.4g}" for k in reached))
+            trainer.should_stop = True

@@ -1,0 +1,49 @@
+"""The compute finished runs spent, as a budget for another run (equal-compute baselines).
+
+    python -m opd.results.compute runs/table1/mopd_s0 [runs/teachers/geneval_nft ...] [--key compute/model_tflop]
+
+prints the sum over the runs of the last logged value of ``--key`` (``compute/model_tflop`` by
+default, or ``compute/images_sampled``) from their CSV logs (``logger=csv``), ready for
+``callbacks.compute_budget.max_model_tflop=...`` (:mod:`opd.callbacks.budget`). A teacher that was
+picked at an EMA snapshot is named ``RUN/step_NNNNNN``: its run's value at that step is used.
+"""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from opd.results.logs import logged
+
+KEYS = ("compute/model_tflop", "compute/images_sampled", "compute/transformer_passes")
+
+
+def spent(run: Path, key: str = KEYS[0]) -> float:
+    """The last logged ``key`` of ``run`` (``RUN/step_N``: after N rounds, which the log records at
+    step N - 1: a round's metrics are logged before its optimiser step advances the global step)."""
+    step = None
+    if run.name.startswith("step_") and not (run / "csv").exists():
+        step, run = int(run.name.removeprefix("step_")), run.parent
+    points = logged(run, key)
+    if step is not None:
+        points = [p for p in points if p[0] < step]
+        if not points:
+            raise ValueError(f"{run}: nothing logged in its first {step} rounds")
+    return points[-1][1]
+
+
+def main(argv: Sequence[str] | None = None) -> float:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders (RUN/step_N: that snapshot of RUN)")
+    parser.add_argument("--key", default=KEYS[0], choices=KEYS)
+    args = parser.parse_args(argv)
+    try:
+        total = sum(spent(run, args.key) for run in args.runs)
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
+    print(f"{total:.6g}")
+    return total
+
+
+if __name__ == "__main__":
+    main()
