@@ -300,7 +300,8 @@ def test_teacher_card_of_a_snapshot_counts_its_run_up_to_that_step(tmp_path, con
     assert "(run `gen_nft`)" in card and "`python -m opd.train experiment=mini/teacher_geneval`" in card
     assert "**training time**: 4.0 min wall-clock; the weights are its EMA snapshot at step 50" in card
     assert "| gen_nft/step_000050 | DiffusionNFT | 0.600 |" in card and "held-out *val* prompts" in card
-    assert teacher_cards.snapshot_of("gen_nft/final") == ("gen_nft", None) == teacher_cards.snapshot_of("gen_nft")
+    assert logs.snapshot_of("gen_nft/final") == ("gen_nft", None) == logs.snapshot_of("gen_nft")
+    assert logs.snapshot_of("a/b/step_000050") == ("a/b", 50) and logs.snapshot_of("a/step_x") == ("a/step_x", None)
 
 
 def test_algorithm_and_scores_table(tmp_path):

@@ -13,7 +13,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from opd.results.logs import logged
+from opd.results.logs import logged, snapshot_of
 
 KEYS = ("compute/model_tflop", "compute/images_sampled", "compute/transformer_passes")
 
@@ -21,9 +21,8 @@ KEYS = ("compute/model_tflop", "compute/images_sampled", "compute/transformer_pa
 def spent(run: Path, key: str = KEYS[0]) -> float:
     """The last logged ``key`` of ``run`` (``RUN/step_N``: after N rounds, which the log records at
     step N - 1: a round's metrics are logged before its optimiser step advances the global step)."""
-    step = None
-    if run.name.startswith("step_") and not (run / "csv").exists():
-        step, run = int(run.name.removeprefix("step_")), run.parent
+    name, step = snapshot_of(str(run))
+    run = Path(name)
     points = logged(run, key)
     if step is not None:
         points = [p for p in points if p[0] < step]

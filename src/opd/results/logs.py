@@ -26,12 +26,33 @@ def training_log(run: Path) -> tuple[list[dict[str, str]], float]:
     return rows, max(minutes, default=0.0)
 
 
+def snapshot_of(stage: str) -> tuple[str, int | None]:
+    """``(run, step)`` of a stage name: ``run/step_NNNNNN`` is the EMA snapshot of ``run`` after that
+    many rounds (``exports/step_NNNNNN``), ``run/final`` and ``run`` the whole run (step None)."""
+    head, _, tail = stage.rpartition("/")
+    if head and tail.startswith("step_") and tail[5:].isdigit():
+        return head, int(tail[5:])
+    return (head, None) if head and tail == "final" else (stage, None)
+
+
+def up_to_step(log: list[dict[str, str]], step: int) -> tuple[list[dict[str, str]], float]:
+    """The rows of one run's log up to its snapshot at global step ``step`` (its first ``step``
+    rounds, logged at steps 0 … step - 1: a round's metrics are logged before its optimiser step
+    advances the global step), and the latest minutes logged by then."""
+    rows = [r for r in log if not r.get("step") or int(float(r["step"])) < step]
+    return rows, max((float(r[MINUTES]) for r in rows if r.get(MINUTES)), default=0.0)
+
+
 def chained_log(root: Path, stages: Sequence[str]) -> tuple[list[dict[str, str]], float]:
     """The logs of ``<root>/<stage>`` runs that continued one another, as one log: each stage's
-    minutes shifted by the minutes of the stages before it; and the total minutes."""
+    minutes shifted by the minutes of the stages before it; and the total minutes. A stage
+    ``run/step_NNNNNN`` is that run up to its snapshot (:func:`snapshot_of`)."""
     rows, offset = [], 0.0
     for stage in stages:
-        log, minutes = training_log(Path(root) / stage)
+        run, step = snapshot_of(stage)
+        log, minutes = training_log(Path(root) / run)
+        if step is not None:
+            log, minutes = up_to_step(log, step)
         rows += [dict(r, **{MINUTES: str(float(r[MINUTES]) + offset)}) if r.get(MINUTES) else r for r in log]
         offset += minutes
     return rows, offset

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from opd.results.logs import MINUTES, chained_log, moving_average, run_command
+from opd.results.logs import MINUTES, chained_log, moving_average, run_command, snapshot_of
 from opd.results.metrics import columns, evaluated_rows, reward_names
 
 
@@ -32,21 +32,6 @@ def algorithm(run: str, root: Path | None = None) -> str:
     if root is not None and config.is_file():
         target = str(OmegaConf.select(OmegaConf.load(config), "module._target_", default="") or "")
     return "DiffusionNFT" if "nft" in (target or run).lower() else "GRPO-Guard"
-
-
-def snapshot_of(winner: str) -> tuple[str, int | None]:
-    """``(run, step)`` of a picked candidate: ``run/step_NNNNNN`` is that EMA snapshot of ``run``
-    (``pick_teachers``' ``run/*`` candidates), ``run/final`` and ``run`` its final adapter (step None)."""
-    run, _, snapshot = winner.partition("/")
-    return run, int(snapshot.removeprefix("step_")) if snapshot.startswith("step_") else None
-
-
-def up_to_step(log: list[dict[str, str]], step: int) -> tuple[list[dict[str, str]], float]:
-    """The rows of one run's log up to the snapshot at global step ``step`` (its first ``step`` rounds,
-    logged at steps 0 … step - 1), and the latest minutes logged by then."""
-    rows = [r for r in log if not r.get("step") or int(float(r["step"])) < step]
-    minutes = [float(r[MINUTES]) for r in rows if r.get(MINUTES)]
-    return rows, max(minutes) if minutes else 0.0
 
 
 def scores_table(rows: Mapping[str, Mapping[str, float]], cols: Mapping[str, str]) -> str:
@@ -143,19 +128,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     args.results.mkdir(parents=True, exist_ok=True)
     table = {"base": base}
     for skill, pick in picked.items():
-        run, step = snapshot_of(pick["winner"])
-        stages = [*json.loads(args.teacher_stages).get(skill, []), run]
+        stages = [*json.loads(args.teacher_stages).get(skill, []), pick["winner"]]
         evaluation = args.runs / f"teacher_{skill}" / "eval"
         test = table[f"teacher_{skill}"] = evaluated_rows(evaluation / "results.json")[f"teacher_{skill}"]
-        log, minutes = chained_log(args.runs, stages)
-        if step is not None:  # a snapshot's teacher: its last run up to that step
-            head, earlier = chained_log(args.runs, stages[:-1])
-            tail, until = up_to_step(log[len(head):], step)
-            log, minutes = head + tail, max(until, earlier)
+        log, minutes = chained_log(args.runs, stages)  # a snapshot's teacher: its run up to that step
         plot(log, skill, args.results / f"{skill}_curves.png")
         for png in sorted((evaluation / "grids").glob("*.png")):
             shutil.copy(png, args.results / png.name)
-        text = card(skill, pick, stages, [run_command(args.runs / s) for s in stages], minutes, base, test, cols,
+        runs = [snapshot_of(s)[0] for s in stages]
+        text = card(skill, pick, runs, [run_command(args.runs / r) for r in runs], minutes, base, test, cols,
                     rewards.get(skill, []), args.device, str(args.results / f"{skill}_curves.png"), args.runs)
         (args.teachers / skill).mkdir(parents=True, exist_ok=True)
         (args.teachers / skill / "README.md").write_text(text)
