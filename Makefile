@@ -56,23 +56,16 @@ prompts: $(STAMP)  ## fetch the SD3.5 prompt sets (Flow-GRPO's PickScore, OCR, G
 	$(BIN)/python -m opd.data.fetch_prompts --data-dir "$(or $(OPD_ROOT),$(CURDIR))/data" $(ARGS)
 
 # ---- result chains: ordered runs as file targets (the adapter each run exports, then its evaluation).
-# Independent runs train side by side under `make -j`, or as one Hydra multirun (`opd.train -m`)
-# through the launcher conf/hydra/launcher/$(LAUNCHER).yaml. TRAIN_ARGS / EVAL_ARGS come last in every
-# command, so they override a rule's own values (a dry run: TRAIN_ARGS="trainer.max_time=00:00:01:00").
-# A run that died leaves its folder behind: resume it with TRAIN_ARGS="ckpt_path=last", or start
-# over with TRAIN_ARGS="overwrite=true".
-# The grouped targets (`&:`) need GNU make >= 4.3.
-RUNS         ?= runs/table1
-TEACHER_RUNS ?= runs/teachers
-# the teachers the students distil, and the base model every run starts from
-TEACHERS     ?= models/mini_teachers
+# Independent runs train side by side under `make -j`. TRAIN_ARGS / EVAL_ARGS come last in every
+# command, so they override a rule's own values (a dry run: TRAIN_ARGS="trainer.max_steps=2").
+# A run that stopped (a machine's time limit, a crash) leaves its folder behind with its checkpoints:
+# running make again resumes it (ckpt_path=last); TRAIN_ARGS="overwrite=true" starts it over.
+# the teachers' runs and the table's in one folder: the table's rows read the teachers' logs and compute
+RUNS         ?= runs/mini
+TEACHER_RUNS ?= $(RUNS)
+# the base model every run starts from
 BASE         ?= models/mini_base/config.json
-# the earlier table whose rows make mini-table1 does not run again (teachers' training, SOPD)
-PREVIOUS     ?= docs/results/archive/mini_table1_v1/round1
 TRAINER      ?= trainer=gpu
-# the multiruns' launcher: conf/hydra/launcher/local.yaml (runs side by side) when its joblib plugin is
-# installed, else Hydra's basic one (one run after another)
-LAUNCHER     ?= $(shell $(BIN)/python -c 'import hydra_plugins.hydra_joblib_launcher' 2>/dev/null && test -f conf/hydra/launcher/local.yaml && echo local)
 OCR_WORKERS  ?= 4
 # where the runs trained, written into runs.json and the cards
 DEVICE       ?=
@@ -83,7 +76,6 @@ ADAPTER      := adapter/pytorch_lora_weights.safetensors
 # eval=null: the chains below evaluate every adapter in a folder of its own (val/ or eval/), with shared settings
 RUN_ARGS      = $(TRAINER) logger=csv trainer.enable_progress_bar=false trainer.max_steps=1000000 eval=null
 TRAIN         = $(PYM) opd.train $(RUN_ARGS)
-MULTIRUN      = $(PYM) opd.train -m $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER)) $(RUN_ARGS)
 EVAL          = $(PYM) opd.evaluate '~checkpoints' batch_size=160 +eval_tasks.ocr.rewards.ocr.num_workers=$(OCR_WORKERS)
 # candidates are compared on the val prompts of every task (held out from training, never the test sets)
 VAL           = eval_tasks.geneval.prompts.split=val eval_tasks.ocr.prompts.split=val eval_tasks.aesthetic.prompts.split=val
@@ -91,7 +83,6 @@ VAL           = eval_tasks.geneval.prompts.split=val eval_tasks.ocr.prompts.spli
 RUN           = $(patsubst %/$(ADAPTER),%,$@)
 # the CFG scale an evaluation samples at (set per target below: DiffusionNFT-trained runs are CFG-free)
 GUIDANCE      = 4.5
-SHIPPED      := $(foreach s,aesthetic ocr geneval,$(TEACHERS)/$(s)/pytorch_lora_weights.safetensors)
 # $(call evaluate,<run folder>,<evaluation folder>[,<overrides>]): the run's adapter as checkpoint <run name>
 evaluate      = $(EVAL) +checkpoints.$(notdir $1)=$1/adapter guidance_scale=$(GUIDANCE) $3 hydra.run.dir=$2 $(EVAL_ARGS)
 
@@ -141,58 +132,94 @@ $(TEACHER_RUNS)/teacher_%/eval/results.json: $(TEACHER_RUNS)/picked.json | $(STA
 $(TEACHER_RUNS)/cards/results.md: $(foreach s,$(TEACHER_SKILLS),$(TEACHER_RUNS)/teacher_$(s)/eval/results.json) | $(STAMP)
 	$(PYM) opd.results.teacher_cards --runs $(TEACHER_RUNS) --teachers $(TEACHER_RUNS)/teachers --results $(@D) --device "$(DEVICE)"
 
-mini-teachers: $(TEACHER_RUNS)/cards/results.md  ## train, pick on val and card the mini teachers (GPU; make -j3 mini-teachers): TEACHER_RUNS=runs/teachers
+mini-teachers: $(TEACHER_RUNS)/cards/results.md  ## train, pick on val and card the mini teachers (GPU; make -j3 mini-teachers): RUNS=runs/mini DEVICE="..."
 	@echo "mini-teachers: adapters in $(TEACHER_RUNS)/teachers/, cards and results page in $(TEACHER_RUNS)/cards/ (and $(TEACHER_RUNS)/teachers/*/README.md)"
 
-# -- make mini-table1: the mini Table 1 (round 2 and its phase 2, docs/results/archive/mini_table1_v1) ---------
-# the OCR teacher: shipped, or continued for 8 min; the better on training prompts is evaluated on test
-$(RUNS)/ocr_shipped/$(ADAPTER): $(TEACHERS)/ocr/pytorch_lora_weights.safetensors
-	mkdir -p $(@D) && cp $< $@
-$(RUNS)/ocr_nft_more/$(ADAPTER): $(TEACHERS)/ocr/pytorch_lora_weights.safetensors | $(STAMP)
-	$(TRAIN) experiment=mini/teacher_ocr_nft +reward.ocr.num_workers=$(OCR_WORKERS) ++module.init_adapter=$(TEACHERS)/ocr \
-	  trainer.max_time=00:00:08:00 hydra.run.dir=$(RUN) $(TRAIN_ARGS)
-$(RUNS)/picked.json: $(RUNS)/ocr_shipped/val/results.json $(RUNS)/ocr_nft_more/val/results.json | $(STAMP)
-	$(PYM) opd.results.pick_teachers --root $(RUNS) --dest $(RUNS)/teachers ocr=ocr_shipped,ocr_nft_more
-$(RUNS)/teacher_ocr/eval/results.json: $(RUNS)/picked.json | $(STAMP)
-	$(EVAL) "$$($(PYM) opd.results.pick_teachers --root $(RUNS) --checkpoint ocr)" hydra.run.dir=$(@D) $(EVAL_ARGS)
-# MOPD from the shipped teachers, 16 min each: rank 16 with balanced vs summed KLs (one multirun,
-# $(RUNS)/mopd_{balanced,sum}), and the experiment's defaults (rank 64, balanced)
-$(RUNS)/mopd_balanced/$(ADAPTER) $(RUNS)/mopd_sum/$(ADAPTER) &: $(SHIPPED) $(BASE) | $(STAMP)
-	$(MULTIRUN) experiment=mini/mopd_aesthetic_ocr_geneval module.teacher_weighting=balanced,sum module.lora.rank=16 module.lora.alpha=32 \
-	  hydra.sweep.dir=$(RUNS) 'hydra.sweep.subdir=mopd_$${module.teacher_weighting}' $(TRAIN_ARGS)
-$(RUNS)/mopd_balanced_r64/$(ADAPTER): $(SHIPPED) $(BASE) | $(STAMP)
-	$(TRAIN) experiment=mini/mopd_aesthetic_ocr_geneval hydra.run.dir=$(RUN) $(TRAIN_ARGS)
-# multi-reward RL for the same 16 min, and cascade RL, all DiffusionNFT (aesthetic → OCR → GenEval)
-$(RUNS)/multi_reward_nft/$(ADAPTER): $(BASE) | $(STAMP)
-	$(TRAIN) experiment=mini/multi_reward_nft +reward.ocr.num_workers=$(OCR_WORKERS) trainer.max_time=00:00:16:00 hydra.run.dir=$(RUN) $(TRAIN_ARGS)
-$(RUNS)/cascade_aesthetic/$(ADAPTER): $(BASE) | $(STAMP)
-	$(TRAIN) experiment=mini/cascade_aesthetic trainer.max_time=00:00:04:30 hydra.run.dir=$(RUN) $(TRAIN_ARGS)
-$(RUNS)/cascade_ocr/$(ADAPTER): $(RUNS)/cascade_aesthetic/$(ADAPTER) | $(STAMP)
-	$(TRAIN) experiment=mini/cascade_ocr +reward.ocr.num_workers=$(OCR_WORKERS) module.init_adapter=$(<D) trainer.max_time=00:00:04:30 hydra.run.dir=$(RUN) $(TRAIN_ARGS)
-$(RUNS)/cascade_geneval/$(ADAPTER): $(RUNS)/cascade_ocr/$(ADAPTER) | $(STAMP)
-	$(TRAIN) experiment=mini/cascade_geneval module.init_adapter=$(<D) trainer.max_time=00:00:04:30 hydra.run.dir=$(RUN) $(TRAIN_ARGS)
-# phase 2: the two balanced MOPD students and multi-reward RL continued 4.5 min at a third of their lr
-$(RUNS)/mopd_r64_p2/$(ADAPTER): $(RUNS)/mopd_balanced_r64/$(ADAPTER) | $(STAMP)
-	$(TRAIN) experiment=mini/mopd_phase2 module.init_adapter=$(<D) hydra.run.dir=$(RUN) $(TRAIN_ARGS)
-$(RUNS)/mopd_r16_p2/$(ADAPTER): $(RUNS)/mopd_balanced/$(ADAPTER) | $(STAMP)
-	$(TRAIN) experiment=mini/mopd_phase2 module.lora.rank=16 module.lora.alpha=32 module.init_adapter=$(<D) hydra.run.dir=$(RUN) $(TRAIN_ARGS)
-$(RUNS)/multi_p2/$(ADAPTER): $(RUNS)/multi_reward_nft/$(ADAPTER) | $(STAMP)
-	$(TRAIN) experiment=mini/multi_reward_nft +reward.ocr.num_workers=$(OCR_WORKERS) ++module.init_adapter=$(<D) \
-	  module.optimizer.lr=3e-4 trainer.max_time=00:00:04:30 hydra.run.dir=$(RUN) $(TRAIN_ARGS)
-$(foreach r,ocr_shipped ocr_nft_more,$(RUNS)/$(r)/val/results.json) $(foreach r,multi_reward_nft multi_p2 cascade_geneval,$(RUNS)/$(r)/eval/results.json): GUIDANCE = 1.0
-TABLE1_EVALS := $(foreach r,teacher_ocr mopd_balanced mopd_sum mopd_balanced_r64 mopd_r16_p2 mopd_r64_p2 multi_reward_nft multi_p2 cascade_geneval,$(RUNS)/$(r)/eval/results.json)
-TABLE1_STAGES := {"mopd": ["mopd_balanced_r64", "mopd_r64_p2"], "multi_reward_rl": ["multi_reward_nft", "multi_p2"]}
-TABLE1_EXTRA := {"mopd_r16": {"label": "MOPD student, rank 16", "stages": ["mopd_balanced", "mopd_r16_p2"]}, \
-  "mopd_r16_16min": {"label": "MOPD student, rank 16, after 16 min", "stages": ["mopd_balanced"]}, \
-  "mopd_r64_16min": {"label": "MOPD student after 16 min (before the lr-1e-4 phase)", "stages": ["mopd_balanced_r64"]}, \
-  "mopd_sum": {"label": "MOPD, summed KLs (the paper rule), rank 16, 16 min", "stages": ["mopd_sum"]}, \
-  "multi_reward_16min": {"label": "multi-reward RL after 16 min", "stages": ["multi_reward_nft"], "teachers": []}}
+# -- make mini-table1: the mini Table 1 v2 (docs/results/mini_table1) --------------------------------------
+# Distils the teachers of make mini-teachers (same folder: their runs' compute counts in the baseline "at
+# MOPD's total compute"). Every student is CFG-free like its teachers (mini/mopd_cfg_free; one CFG 4.5 student
+# is a comparison row) and trains MOPD_STEPS rounds. Equal tuning budget: the MOPD student and multi-reward RL
+# (DiffusionNFT, the student's LoRA rank) each try TUNE_LRS with seed 0, scored on val (mean of the three
+# headlines); every later run of the method uses its pick. MOPD (summed and balanced KLs, each with our sum
+# over steps and the authors' mean) and multi-reward RL run SEEDS seeds each; multi-reward RL stops at the
+# compute of the MOPD run of the same seed (multi_own) and of that run plus its three teachers (multi_total).
+# Cascade RL (aesthetic → OCR → GenEval) spends a third of MOPD's compute per stage. All on test at their CFG.
+SEEDS        ?= 0 1 2
+TUNE_LRS     ?= 3e-4 1e-3
+MOPD_STEPS   ?= 300
+PICKED        = $(TEACHER_RUNS)/picked.json
+MOPD_VARIANTS := sum sum_mean balanced balanced_mean
+# $(call teachers_of,<skills>): the picked teachers as opd.train overrides
+teachers_of   = $$($(PYM) opd.results.pick_teachers --root $(TEACHER_RUNS) --overrides $1)
+# $(call budget,<runs>[,<options>]): the model TFLOP those runs spent (opd.results.compute)
+budget        = callbacks.compute_budget.max_model_tflop=$$($(PYM) opd.results.compute $1 $2)
+STUDENT       = $(TRAIN) trainer.max_steps=$(MOPD_STEPS) trainer.max_time=null
+MULTI         = $(TRAIN) experiment=mini/multi_reward_nft +reward.ocr.num_workers=$(OCR_WORKERS) trainer.max_time=null \
+                module.lora.rank=64 module.lora.alpha=128
+ALL_SKILLS    = geneval ocr aesthetic
+seed_of       = $(lastword $(subst _seed, ,$1))
+TUNE_MOPD    := $(foreach lr,$(TUNE_LRS),$(RUNS)/tune_mopd_lr$(lr))
+TUNE_MULTI   := $(foreach lr,$(TUNE_LRS),$(RUNS)/tune_multi_lr$(lr))
+MOPD_RUNS    := $(foreach v,$(MOPD_VARIANTS),$(foreach n,$(SEEDS),$(RUNS)/mopd_$(v)_seed$(n)))
+MULTI_RUNS   := $(foreach b,own total,$(foreach n,$(SEEDS),$(RUNS)/multi_$(b)_seed$(n)))
+SOPD_RUNS    := $(foreach s,$(ALL_SKILLS),$(RUNS)/sopd_$(s))
+CASCADE_RUNS := $(foreach s,aesthetic ocr geneval,$(RUNS)/cascade_$(s))
+
+$(TUNE_MOPD:%=%/$(ADAPTER)): $(RUNS)/tune_mopd_lr%/$(ADAPTER): $(PICKED) | $(STAMP)
+	$(STUDENT) experiment=mini/mopd_cfg_free $(call teachers_of,$(ALL_SKILLS)) module.optimizer.lr=$* seed=0 \
+	  hydra.run.dir=$(RUN) $(call resume,$(RUN)) $(TRAIN_ARGS)
+$(TUNE_MULTI:%=%/$(ADAPTER)): $(RUNS)/tune_multi_lr%/$(ADAPTER): $(RUNS)/tune_mopd_lr%/$(ADAPTER) | $(STAMP)
+	$(MULTI) module.optimizer.lr=$* seed=0 $(call budget,$(RUNS)/tune_mopd_lr$*) hydra.run.dir=$(RUN) $(call resume,$(RUN)) $(TRAIN_ARGS)
+$(RUNS)/mopd_lr.txt: $(TUNE_MOPD:%=%/val/results.json) | $(STAMP)
+	$(PYM) opd.results.pick_setting --out $@ $(foreach lr,$(TUNE_LRS),$(RUNS)/tune_mopd_lr$(lr)=$(lr))
+$(RUNS)/multi_lr.txt: $(TUNE_MULTI:%=%/val/results.json) | $(STAMP)
+	$(PYM) opd.results.pick_setting --out $@ $(foreach lr,$(TUNE_LRS),$(RUNS)/tune_multi_lr$(lr)=$(lr))
+# mopd_<weighting>[_mean]_seed<N>: teacher_weighting sum or balanced; _mean: the authors' mean over steps and teachers
+$(MOPD_RUNS:%=%/$(ADAPTER)): $(RUNS)/mopd_%/$(ADAPTER): $(RUNS)/mopd_lr.txt | $(STAMP)
+	$(STUDENT) experiment=mini/mopd_cfg_free $(call teachers_of,$(ALL_SKILLS)) module.optimizer.lr=$$(cat $<) \
+	  module.teacher_weighting=$(firstword $(subst _, ,$*)) objective.step_reduction=$(if $(findstring _mean_,$*),mean,sum) \
+	  seed=$(call seed_of,$*) hydra.run.dir=$(RUN) $(call resume,$(RUN)) $(TRAIN_ARGS)
+# the same student with CFG 4.5 (the teachers stay CFG-free), summed KLs
+$(RUNS)/mopd_cfg_seed0/$(ADAPTER): $(RUNS)/mopd_lr.txt | $(STAMP)
+	$(STUDENT) experiment=mini/mopd_aesthetic_ocr_geneval $(call teachers_of,$(ALL_SKILLS)) module.optimizer.lr=$$(cat $<) \
+	  module.teacher_weighting=sum seed=0 hydra.run.dir=$(RUN) $(call resume,$(RUN)) $(TRAIN_ARGS)
+$(SOPD_RUNS:%=%/$(ADAPTER)): $(RUNS)/sopd_%/$(ADAPTER): $(RUNS)/mopd_lr.txt | $(STAMP)
+	$(STUDENT) experiment=mini/sopd_$* sampler.guidance_scale=1.0 $(call teachers_of,$*) module.optimizer.lr=$$(cat $<) seed=0 \
+	  hydra.run.dir=$(RUN) $(call resume,$(RUN)) $(TRAIN_ARGS)
+# multi-reward RL at the compute of the MOPD run of its seed (own) or of that run and the teachers (total)
+$(MULTI_RUNS:%=%/$(ADAPTER)): $(RUNS)/multi_%/$(ADAPTER): $(RUNS)/multi_lr.txt $(foreach n,$(SEEDS),$(RUNS)/mopd_sum_seed$(n)/$(ADAPTER)) | $(STAMP)
+	$(MULTI) module.optimizer.lr=$$(cat $<) seed=$(call seed_of,$*) \
+	  $(call budget,$(RUNS)/mopd_sum_seed$(call seed_of,$*),$(if $(findstring total,$*),--picked $(PICKED))) \
+	  hydra.run.dir=$(RUN) $(call resume,$(RUN)) $(TRAIN_ARGS)
+# cascade RL: each stage a third of MOPD's compute (seed 0), continuing the last; groups of equal rewards skipped
+$(RUNS)/cascade_aesthetic/$(ADAPTER): $(RUNS)/multi_lr.txt $(RUNS)/mopd_sum_seed0/$(ADAPTER) | $(STAMP)
+	$(TRAIN) experiment=mini/cascade_aesthetic trainer.max_time=null module.lora.rank=64 module.lora.alpha=128 module.optimizer.lr=$$(cat $<) \
+	  $(call budget,$(RUNS)/mopd_sum_seed0,--scale 0.33333) hydra.run.dir=$(RUN) $(call resume,$(RUN)) $(TRAIN_ARGS)
+$(RUNS)/cascade_ocr/$(ADAPTER): $(RUNS)/cascade_aesthetic/$(ADAPTER) $(RUNS)/multi_lr.txt | $(STAMP)
+	$(TRAIN) experiment=mini/cascade_ocr +reward.ocr.num_workers=$(OCR_WORKERS) trainer.max_time=null module.lora.rank=64 module.lora.alpha=128 \
+	  module.optimizer.lr=$$(cat $(RUNS)/multi_lr.txt) module.init_adapter=$(<D) $(call budget,$(RUNS)/mopd_sum_seed0,--scale 0.33333) \
+	  hydra.run.dir=$(RUN) $(call resume,$(RUN)) $(TRAIN_ARGS)
+$(RUNS)/cascade_geneval/$(ADAPTER): $(RUNS)/cascade_ocr/$(ADAPTER) $(RUNS)/multi_lr.txt | $(STAMP)
+	$(TRAIN) experiment=mini/cascade_geneval trainer.max_time=null module.lora.rank=64 module.lora.alpha=128 \
+	  module.optimizer.lr=$$(cat $(RUNS)/multi_lr.txt) module.init_adapter=$(<D) $(call budget,$(RUNS)/mopd_sum_seed0,--scale 0.33333) \
+	  hydra.run.dir=$(RUN) $(call resume,$(RUN)) $(TRAIN_ARGS)
+# every row's evaluation on test (and the tuning runs' on val) at its own CFG: 1, except the CFG student
+$(foreach r,$(TUNE_MOPD) $(TUNE_MULTI),$(r)/val/results.json) $(foreach r,$(MOPD_RUNS) $(MULTI_RUNS) $(SOPD_RUNS) $(CASCADE_RUNS),$(r)/eval/results.json): GUIDANCE = 1.0
+TABLE1_EVALS := $(foreach r,$(MOPD_RUNS) $(MULTI_RUNS) $(SOPD_RUNS) $(RUNS)/cascade_geneval $(RUNS)/mopd_cfg_seed0,$(r)/eval/results.json) \
+                $(foreach s,$(ALL_SKILLS),$(TEACHER_RUNS)/teacher_$(s)/eval/results.json)
+TABLE1_STAGES := {"mopd": ["mopd_sum"], "multi_reward_rl": ["multi_own"]}
+TABLE1_EXTRA := {"mopd_sum_mean": {"label": "MOPD, summed KLs, the authors' mean over steps and teachers"}, \
+  "mopd_balanced": {"label": "MOPD, balanced KLs"}, \
+  "mopd_balanced_mean": {"label": "MOPD, balanced KLs, the authors' mean over steps and teachers"}, \
+  "mopd_cfg": {"label": "MOPD, CFG 4.5 student (summed KLs)"}, \
+  "multi_total": {"label": "multi-reward RL at MOPD's compute plus its teachers'", "teachers": []}}
 $(RUNS)/table/results.md: $(TABLE1_EVALS) | $(STAMP)
-	$(PYM) opd.results.table1 --runs $(RUNS) --out $(@D) --previous $(PREVIOUS) --device "$(DEVICE)" \
+	$(PYM) opd.results.table1 --runs $(RUNS) --out $(@D) --device "$(DEVICE)" \
 	  --stages '$(TABLE1_STAGES)' --extra '$(TABLE1_EXTRA)' --also geneval/geneval_mini ocr/ocr
 
-mini-table1: $(RUNS)/table/results.md  ## the mini Table 1 from the shipped teachers (GPU; make -j8 mini-table1): RUNS=runs/table1 DEVICE="..."
-	@echo "mini-table1: $(RUNS)/table/results.md (runs.json, curves.png beside it); ship the student with python -m opd.results.ship_adapter $(RUNS)/mopd_r64_p2/adapter <dest>"
+mini-table1: $(RUNS)/table/results.md  ## the mini Table 1 v2 from make mini-teachers' teachers (GPU; make -j4 mini-table1): RUNS=runs/mini DEVICE="..."
+	@echo "mini-table1: $(RUNS)/table/results.md (runs.json, curves.png beside it); ship the student with python -m opd.results.ship_adapter $(RUNS)/mopd_sum_seed0/adapter <dest>"
+
 
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check src tests

@@ -570,3 +570,23 @@ def test_a_row_of_three_seeds_is_their_mean_with_compute_totals(tmp_path):
     assert record["minutes"] == pytest.approx(4.0) and record["rounds"] == 2 and record["images_sampled"] == 20
     assert record["model_tflop"] == pytest.approx(4.0)  # (3 + 4 + 5) / 3
     assert [r["time/minutes"] for r in curves["mopd"]] == ["1.5", "3.0"]  # the curve: the first seed's log
+
+
+# ---- pick_setting --------------------------------------------------------------------------------
+
+def test_pick_setting_takes_the_best_mean_of_the_headlines_on_val(tmp_path, conf, capsys):
+    from opd.results import pick_setting
+
+    a, b = tmp_path / "tune_lr3e-4", tmp_path / "tune_lr1e-3"
+    write_eval(a / "val", {a.name: scores(0.30, 0.6, 0.5, 0.30)})  # headlines G, O, A: mean 0.4
+    write_eval(b / "val", {b.name: scores(0.20, 0.8, 0.5, 0.35)})  # mean 0.45
+    out = tmp_path / "lr.txt"
+    assert pick_setting.main(["--out", str(out), f"{a}=3e-4", f"{b}=1e-3"]) == "1e-3"
+    assert out.read_text() == "1e-3\n"
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["candidates"]["3e-4"]["score"] == pytest.approx(0.4)
+    assert record["candidates"]["1e-3"]["score"] == pytest.approx((0.20 + 0.8 + 0.35) / 3)
+    assert "1e-3: 0.4500" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        pick_setting.main(["--out", str(out), f"{tmp_path / 'missing'}=1"])
+    assert "no such results.json" in capsys.readouterr().err

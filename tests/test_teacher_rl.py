@@ -1,5 +1,6 @@
 """Teacher RL end to end on a toy mini model (CPU): what trains, what stays frozen, exact resume."""
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -365,6 +366,9 @@ def test_a_compute_budget_stops_the_run_after_the_round_that_reaches_it(cfg_fact
     # a snapshot after 1 round (logged at step 0) and the whole run
     assert compute.main([str(run), str(run / "step_000001"), "--key", "compute/images_sampled"]) == 12 + 6
     assert compute.main([str(run)]) == pytest.approx(metrics["compute/model_tflop"])
+    (run.parent / "picked.json").write_text(json.dumps({"geneval": {"winner": f"{run.name}/step_000001"}}))
+    assert compute.main([str(run), "--picked", str(run.parent / "picked.json"), "--scale", "0.5",
+                         "--key", "compute/images_sampled"]) == (12 + 6) / 2
     with pytest.raises(SystemExit):
         compute.main([str(run.parent / "no_such_run")])
     assert "no logged values" in capsys.readouterr().err

@@ -3,13 +3,15 @@
     python -m opd.results.compute runs/table1/mopd_s0 [runs/teachers/geneval_nft ...] [--key compute/model_tflop]
 
 prints the sum over the runs of the last logged value of ``--key`` (``compute/model_tflop`` by
-default, or ``compute/images_sampled``) from their CSV logs (``logger=csv``), ready for
-``callbacks.compute_budget.max_model_tflop=...`` (:mod:`opd.callbacks.budget`). A teacher that was
-picked at an EMA snapshot is named ``RUN/step_NNNNNN``: its run's value at that step is used.
+default, or ``compute/images_sampled``) from their CSV logs (``logger=csv``), times ``--scale``,
+ready for ``callbacks.compute_budget.max_model_tflop=...`` (:mod:`opd.callbacks.budget`). A teacher
+that was picked at an EMA snapshot is named ``RUN/step_NNNNNN``: its run's value at that step is
+used. ``--picked <root>/picked.json`` adds every picked teacher's run (``pick_teachers``' record).
 """
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,11 +35,20 @@ def spent(run: Path, key: str = KEYS[0]) -> float:
 
 def main(argv: Sequence[str] | None = None) -> float:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="run folders (RUN/step_N: that snapshot of RUN)")
+    parser.add_argument("runs", nargs="*", type=Path, help="run folders (RUN/step_N: that snapshot of RUN)")
     parser.add_argument("--key", default=KEYS[0], choices=KEYS)
+    parser.add_argument("--picked", type=Path, help="pick_teachers' picked.json: add every picked teacher's run")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply the total (e.g. 0.3333 for a third)")
     args = parser.parse_args(argv)
+    runs = list(args.runs)
+    if args.picked is not None:
+        if not args.picked.is_file():
+            parser.error(f"no picked teachers at {args.picked} (run make mini-teachers first)")
+        runs += [args.picked.parent / entry["winner"] for entry in json.loads(args.picked.read_text()).values()]
+    if not runs:
+        parser.error("name at least one run (or --picked)")
     try:
-        total = sum(spent(run, args.key) for run in args.runs)
+        total = args.scale * sum(spent(run, args.key) for run in runs)
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     print(f"{total:.6g}")
