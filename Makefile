@@ -154,8 +154,12 @@ teachers_of   = $$($(PYM) opd.results.pick_teachers --root $(TEACHER_RUNS) --ove
 # $(call budget,<runs>[,<options>]): the model TFLOP those runs spent (opd.results.compute)
 budget        = callbacks.compute_budget.max_model_tflop=$$($(PYM) opd.results.compute $1 $2)
 STUDENT       = $(TRAIN) trainer.max_steps=$(MOPD_STEPS) trainer.max_time=null
-MULTI         = $(TRAIN) experiment=mini/multi_reward_nft +reward.ocr.num_workers=$(OCR_WORKERS) trainer.max_time=null \
-                module.lora.rank=64 module.lora.alpha=128
+# the baselines train a LoRA of the student's rank
+LORA64        = module.lora.rank=64 module.lora.alpha=128
+MULTI         = $(TRAIN) experiment=mini/multi_reward_nft +reward.ocr.num_workers=$(OCR_WORKERS) trainer.max_time=null $(LORA64)
+# a cascade stage: multi-reward RL's learning rate, a third of MOPD's compute (seed 0)
+CASCADE       = $(TRAIN) trainer.max_time=null $(LORA64) module.optimizer.lr=$$(cat $(RUNS)/multi_lr.txt) \
+                $(call budget,$(RUNS)/mopd_sum_seed0,--scale 0.33333)
 ALL_SKILLS    = geneval ocr aesthetic
 seed_of       = $(lastword $(subst _seed, ,$1))
 TUNE_MOPD    := $(foreach lr,$(TUNE_LRS),$(RUNS)/tune_mopd_lr$(lr))
@@ -193,16 +197,12 @@ $(MULTI_RUNS:%=%/$(ADAPTER)): $(RUNS)/multi_%/$(ADAPTER): $(RUNS)/multi_lr.txt $
 	  hydra.run.dir=$(RUN) $(call resume,$(RUN)) $(TRAIN_ARGS)
 # cascade RL: each stage a third of MOPD's compute (seed 0), continuing the last; groups of equal rewards skipped
 $(RUNS)/cascade_aesthetic/$(ADAPTER): $(RUNS)/multi_lr.txt $(RUNS)/mopd_sum_seed0/$(ADAPTER) | $(STAMP)
-	$(TRAIN) experiment=mini/cascade_aesthetic trainer.max_time=null module.lora.rank=64 module.lora.alpha=128 module.optimizer.lr=$$(cat $<) \
-	  $(call budget,$(RUNS)/mopd_sum_seed0,--scale 0.33333) hydra.run.dir=$(RUN) $(call resume,$(RUN)) $(TRAIN_ARGS)
-$(RUNS)/cascade_ocr/$(ADAPTER): $(RUNS)/cascade_aesthetic/$(ADAPTER) $(RUNS)/multi_lr.txt | $(STAMP)
-	$(TRAIN) experiment=mini/cascade_ocr +reward.ocr.num_workers=$(OCR_WORKERS) trainer.max_time=null module.lora.rank=64 module.lora.alpha=128 \
-	  module.optimizer.lr=$$(cat $(RUNS)/multi_lr.txt) module.init_adapter=$(<D) $(call budget,$(RUNS)/mopd_sum_seed0,--scale 0.33333) \
+	$(CASCADE) experiment=mini/cascade_aesthetic hydra.run.dir=$(RUN) $(call resume,$(RUN)) $(TRAIN_ARGS)
+$(RUNS)/cascade_ocr/$(ADAPTER): $(RUNS)/cascade_aesthetic/$(ADAPTER) | $(STAMP)
+	$(CASCADE) experiment=mini/cascade_ocr +reward.ocr.num_workers=$(OCR_WORKERS) module.init_adapter=$(<D) \
 	  hydra.run.dir=$(RUN) $(call resume,$(RUN)) $(TRAIN_ARGS)
-$(RUNS)/cascade_geneval/$(ADAPTER): $(RUNS)/cascade_ocr/$(ADAPTER) $(RUNS)/multi_lr.txt | $(STAMP)
-	$(TRAIN) experiment=mini/cascade_geneval trainer.max_time=null module.lora.rank=64 module.lora.alpha=128 \
-	  module.optimizer.lr=$$(cat $(RUNS)/multi_lr.txt) module.init_adapter=$(<D) $(call budget,$(RUNS)/mopd_sum_seed0,--scale 0.33333) \
-	  hydra.run.dir=$(RUN) $(call resume,$(RUN)) $(TRAIN_ARGS)
+$(RUNS)/cascade_geneval/$(ADAPTER): $(RUNS)/cascade_ocr/$(ADAPTER) | $(STAMP)
+	$(CASCADE) experiment=mini/cascade_geneval module.init_adapter=$(<D) hydra.run.dir=$(RUN) $(call resume,$(RUN)) $(TRAIN_ARGS)
 # every row's evaluation on test (and the tuning runs' on val) at its own CFG: 1, except the CFG student
 $(foreach r,$(TUNE_MOPD) $(TUNE_MULTI),$(r)/val/results.json) $(foreach r,$(MOPD_RUNS) $(MULTI_RUNS) $(SOPD_RUNS) $(CASCADE_RUNS),$(r)/eval/results.json): GUIDANCE = 1.0
 TABLE1_EVALS := $(foreach r,$(MOPD_RUNS) $(MULTI_RUNS) $(SOPD_RUNS) $(RUNS)/cascade_geneval $(RUNS)/mopd_cfg_seed0,$(r)/eval/results.json) \

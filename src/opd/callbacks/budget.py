@@ -34,15 +34,10 @@ class ComputeBudget(Callback):
             raise ValueError(f"callbacks.compute_budget needs a module that meters its compute "
                              f"(a post-training module); {type(pl_module).__name__} does not")
 
-    def spent(self, trainer: Any, pl_module: Any) -> dict[str, float]:
-        """The run's totals so far over all GPUs (each rank meters its own passes)."""
-        world = max(1, int(getattr(trainer, "world_size", 1) or 1))
-        return {k: v * world for k, v in pl_module.compute.metrics().items()}
-
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self.limits:
             return
-        spent = self.spent(trainer, pl_module)
+        spent = pl_module.compute.metrics(trainer.world_size)  # what the log shows: totals over all ranks
         reached = [k for k, limit in self.limits.items() if spent.get(k, 0.0) >= limit]
         if reached:
             if not trainer.should_stop:

@@ -86,11 +86,12 @@ class ComputeMeter:
     def model_flops(self) -> float:
         return self.nograd_passes * self.forward_flops + self.train_passes * self.train_flops
 
-    def metrics(self) -> dict[str, float]:
-        """The totals to log (``compute/...``); FLOPs in TFLOP."""
-        return {"compute/images_sampled": float(self.images_sampled),
-                "compute/transformer_passes": float(self.train_passes + self.nograd_passes),
-                "compute/model_tflop": self.model_flops / 1e12}
+    def metrics(self, world_size: int = 1) -> dict[str, float]:
+        """The totals to log (``compute/...``; FLOPs in TFLOP) over ``world_size`` ranks, each of which
+        does the same work as this one."""
+        return {"compute/images_sampled": float(self.images_sampled) * world_size,
+                "compute/transformer_passes": float(self.train_passes + self.nograd_passes) * world_size,
+                "compute/model_tflop": self.model_flops / 1e12 * world_size}
 
     def state_dict(self) -> dict[str, float]:
         return {"images_sampled": self.images_sampled, "train_passes": self.train_passes,

@@ -211,8 +211,7 @@ class AdapterPolicy(BackboneModule):
         self.elapsed_minutes = (time.monotonic() - self._clock) / 60
         self.log("train/round", float(self.round), on_step=True)
         self.log("time/minutes", self.elapsed_minutes, on_step=True)  # training wall-clock, for curves
-        world = self.trainer.world_size  # every rank does the same work: totals over all ranks
-        self.log_dict({k: v * world for k, v in self.compute.metrics().items()}, on_step=True)
+        self.log_dict(self.compute.metrics(self.trainer.world_size), on_step=True)  # totals over all ranks
         if self.device.type == "cuda":  # what the run's tensors have needed so far, for scale records
             self.log("memory/peak_allocated_gib", torch.cuda.max_memory_allocated(self.device) / 2**30, on_step=True)
             self.log("memory/peak_reserved_gib", torch.cuda.max_memory_reserved(self.device) / 2**30, on_step=True)

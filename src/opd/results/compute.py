@@ -15,22 +15,18 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from opd.results.logs import logged, snapshot_of
+from opd.results.logs import chained_log, column
 
 KEYS = ("compute/model_tflop", "compute/images_sampled", "compute/transformer_passes")
 
 
 def spent(run: Path, key: str = KEYS[0]) -> float:
-    """The last logged ``key`` of ``run`` (``RUN/step_N``: after N rounds, which the log records at
-    step N - 1: a round's metrics are logged before its optimiser step advances the global step)."""
-    name, step = snapshot_of(str(run))
-    run = Path(name)
-    points = logged(run, key)
-    if step is not None:
-        points = [p for p in points if p[0] < step]
-        if not points:
-            raise ValueError(f"{run}: nothing logged in its first {step} rounds")
-    return points[-1][1]
+    """The last logged ``key`` of ``run`` (``RUN/step_N``: of its run up to that snapshot, as
+    :func:`opd.results.logs.chained_log` reads a snapshot stage)."""
+    values = column(chained_log(Path(), [str(run)])[0], key)
+    if not values:
+        raise ValueError(f"{run}: no logged values of {key!r} in csv/version_*/metrics.csv (was logger=csv set?)")
+    return values[-1]
 
 
 def main(argv: Sequence[str] | None = None) -> float:

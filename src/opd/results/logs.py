@@ -26,13 +26,17 @@ def training_log(run: Path) -> tuple[list[dict[str, str]], float]:
     return rows, max(minutes, default=0.0)
 
 
+#: the name of a run's final adapter among its snapshots (``run/final``, as ``run``)
+FINAL = "final"
+
+
 def snapshot_of(stage: str) -> tuple[str, int | None]:
     """``(run, step)`` of a stage name: ``run/step_NNNNNN`` is the EMA snapshot of ``run`` after that
     many rounds (``exports/step_NNNNNN``), ``run/final`` and ``run`` the whole run (step None)."""
     head, _, tail = stage.rpartition("/")
     if head and tail.startswith("step_") and tail[5:].isdigit():
         return head, int(tail[5:])
-    return (head, None) if head and tail == "final" else (stage, None)
+    return (head, None) if head and tail == FINAL else (stage, None)
 
 
 def up_to_step(log: list[dict[str, str]], step: int) -> tuple[list[dict[str, str]], float]:

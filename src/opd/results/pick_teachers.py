@@ -8,8 +8,8 @@ evaluation of that adapter under the checkpoint name ``<name>`` on held-out *val
 are never compared on the test sets), whose ``.hydra/config.yaml`` gives the CFG scale it sampled
 at. ``<name>/*`` makes every snapshot of the run a candidate (early stopping on val): each row
 ``step_NNNNNN`` of ``<root>/<name>/val/results.json`` is the EMA snapshot ``<name>/exports/step_NNNNNN``
-and the row ``final`` the run's ``adapter/``, as ``make mini-teachers`` evaluates them. A skill is a task of ``conf/eval_tasks/<suite>.yaml``; its metric is the task's headline. The
-winner's adapter is copied to ``<dest>/<skill>/``, and ``<root>/picked.json`` records every
+and the row ``final`` the run's ``adapter/``, as ``make mini-teachers`` evaluates them. A skill is
+a task of ``conf/eval_tasks/<suite>.yaml``; its metric is the task's headline. The winner's adapter is copied to ``<dest>/<skill>/``, and ``<root>/picked.json`` records every
 candidate's scores, the winner, its adapter and CFG scale (a later pick of other skills keeps the
 earlier ones). No config file is edited: the Hydra overrides that use the picked teachers are
 printed, and printed again later by
@@ -25,13 +25,10 @@ import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from opd.results.logs import FINAL
 from opd.results.metrics import evaluated_rows, guidance_scales, own_metrics
 
 RECORD = "picked.json"
-
-
-#: the row of a run's own final adapter among its snapshots' (``<name>/*``)
-FINAL = "final"
 
 
 def _candidates(root: Path, name: str) -> dict[str, tuple[Path, Path, str]]:
