@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -161,3 +162,33 @@ def test_mopd_killed_and_resumed_continues_exactly_and_checks_its_teachers(toy_w
     with caplog.at_level(logging.WARNING, logger="opd.modules.distill"):
         fit([*swapped, *FAST], tmp_path / "killed", 3, ("ckpt_path=last", "allow_teacher_change=true"))
     assert "allow_teacher_change=true: continuing" in caplog.text
+
+
+
+class SigtermAtStep(pl.Callback):
+    """Sends this process SIGTERM at the end of optimiser step ``step`` (as ``timeout`` would)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_saves_last_at_the_step_it_stops_and_resumes_exactly(tmp_path):
+    """SIGTERM (a scheduler's limit, ``timeout``) between checkpoints: the run stops after the step
+    under way, saves ``last.ckpt`` there, and the resume ends where a straight run ends."""
+    overrides = ["experiment=mini/teacher_geneval", *NFT, *FAST, "callbacks.model_checkpoint.every_n_train_steps=1000"]
+    stopped, straight = tmp_path / "stopped", tmp_path / "straight"
+    with pytest.raises(SystemExit):
+        fit(overrides, stopped, 4, ("+callbacks.sigterm={_target_:test_kill_resume.SigtermAtStep,step:2}",))
+    last = stopped / "checkpoints" / "last.ckpt"
+    assert int(torch.load(last, map_location="cpu", weights_only=False)["global_step"]) == 2
+    assert not (stopped / "run.lock").exists()  # released on the way out
+    resumed = fit(overrides, stopped, 4, ("ckpt_path=last",))["module"]
+    reference = fit(overrides, straight, 4)["module"]
+    wa, wb = trainable(reference), trainable(resumed)
+    assert wa and set(wa) == set(wb)
+    for n in wa:
+        torch.testing.assert_close(wb[n], wa[n], rtol=1e-5, atol=1e-7)
