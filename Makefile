@@ -94,7 +94,7 @@ $(RUNS)/%/val/results.json: $(RUNS)/%/$(ADAPTER) | $(STAMP)
 # -- make mini-teachers: the v2 teachers' recipe (docs/results/mini_teachers_v2) ---------------------------
 # One DiffusionNFT run per skill (CFG-free; the recipe that learnt on val in rounds 1 and 2), each for a fixed
 # number of optimiser steps (not minutes: the same run on any GPU) with an EMA adapter snapshot every
-# SNAPSHOT_EVERY steps. Every snapshot and the final adapter are scored on the skill's val prompts, and the best
+# SNAPSHOT_EVERY_<skill> steps. Every snapshot and the final adapter are scored on the skill's val prompts, and the best
 # one is the teacher (early stopping on val; pick_teachers' RUN/*). A run stopped on the way resumes from its
 # last checkpoint (AdamW, EMA and step restored) when make runs again.
 TEACHER_SKILLS  := ocr geneval aesthetic
@@ -105,7 +105,10 @@ TEACHER_ARGS_ocr      := +reward.ocr.num_workers=$(OCR_WORKERS)
 TEACHER_STEPS_ocr       ?= 100
 TEACHER_STEPS_geneval   ?= 500
 TEACHER_STEPS_aesthetic ?= 500
-SNAPSHOT_EVERY ?= 25
+# every 10 % of the GenEval and aesthetic runs (10 val evaluations each), every quarter of OCR's short one
+SNAPSHOT_EVERY_ocr       ?= 25
+SNAPSHOT_EVERY_geneval   ?= 50
+SNAPSHOT_EVERY_aesthetic ?= 50
 # val scoring of the snapshots: 1 image per prompt, the swapped-prompt control on 16 pairs, no cover search
 SNAPSHOT_EVAL   = images_per_prompt=1 controls.cover=null controls.sensitivity_pairs=16
 TEACHER_ADAPTERS := $(foreach s,$(TEACHER_SKILLS),$(TEACHER_RUNS)/$(s)_nft/$(ADAPTER))
@@ -115,7 +118,7 @@ resume = $(if $(wildcard $1/checkpoints/last.ckpt),ckpt_path=last)
 
 $(TEACHER_ADAPTERS): $(TEACHER_RUNS)/%_nft/$(ADAPTER): $(BASE) | $(STAMP)
 	$(TRAIN) experiment=$(TEACHER_EXP_$*) $(TEACHER_ARGS_$*) trainer.max_steps=$(TEACHER_STEPS_$*) trainer.max_time=null \
-	  callbacks.adapter_snapshots.every_n_steps=$(SNAPSHOT_EVERY) hydra.run.dir=$(RUN) $(call resume,$(RUN)) $(TRAIN_ARGS)
+	  callbacks.adapter_snapshots.every_n_steps=$(SNAPSHOT_EVERY_$*) hydra.run.dir=$(RUN) $(call resume,$(RUN)) $(TRAIN_ARGS)
 # every snapshot (checkpoint step_NNNNNN) and the final adapter (checkpoint final) on its own task's val prompts
 $(TEACHER_VALS): $(TEACHER_RUNS)/%_nft/val/results.json: $(TEACHER_RUNS)/%_nft/$(ADAPTER) | $(STAMP)
 	$(EVAL) $(VAL) $(SNAPSHOT_EVAL) $(foreach t,$(filter-out $*,$(TEACHER_SKILLS)),'~eval_tasks.$(t)') \
