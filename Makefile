@@ -73,8 +73,9 @@ TRAIN_ARGS   ?=
 EVAL_ARGS    ?=
 PYM          := $(BIN)/python -m
 ADAPTER      := adapter/pytorch_lora_weights.safetensors
-# eval=null: the chains below evaluate every adapter in a folder of its own (val/ or eval/), with shared settings
-RUN_ARGS      = $(TRAINER) logger=csv trainer.enable_progress_bar=false trainer.max_steps=1000000 eval=null
+# eval=null: the chains below evaluate every adapter in a folder of its own (val/ or eval/), with shared settings;
+# a log row every step: compute budgets (opd.results.compute) read a run's compute at its last step or at a snapshot
+RUN_ARGS      = $(TRAINER) logger=csv trainer.log_every_n_steps=1 trainer.enable_progress_bar=false trainer.max_steps=1000000 eval=null
 TRAIN         = $(PYM) opd.train $(RUN_ARGS)
 EVAL          = $(PYM) opd.evaluate '~checkpoints' batch_size=160 +eval_tasks.ocr.rewards.ocr.num_workers=$(OCR_WORKERS)
 # candidates are compared on the val prompts of every task (held out from training, never the test sets)
