@@ -212,11 +212,12 @@ $(foreach r,$(TUNE_MOPD) $(TUNE_MULTI),$(r)/val/results.json) $(foreach r,$(MOPD
 TABLE1_EVALS := $(foreach r,$(MOPD_RUNS) $(MULTI_RUNS) $(SOPD_RUNS) $(RUNS)/cascade_geneval $(RUNS)/mopd_cfg_seed0,$(r)/eval/results.json) \
                 $(foreach s,$(ALL_SKILLS),$(TEACHER_RUNS)/teacher_$(s)/eval/results.json)
 TABLE1_STAGES := {"mopd": ["mopd_sum"], "multi_reward_rl": ["multi_own"]}
-TABLE1_EXTRA := {"mopd_sum_mean": {"label": "MOPD, summed KLs, the authors' mean over steps and teachers"}, \
+# (single-quoted in the recipe: no apostrophes in these labels)
+TABLE1_EXTRA := {"mopd_sum_mean": {"label": "MOPD, summed KLs, mean over steps and teachers (as the reference script)"}, \
   "mopd_balanced": {"label": "MOPD, balanced KLs"}, \
-  "mopd_balanced_mean": {"label": "MOPD, balanced KLs, the authors' mean over steps and teachers"}, \
+  "mopd_balanced_mean": {"label": "MOPD, balanced KLs, mean over steps and teachers (as the reference script)"}, \
   "mopd_cfg": {"label": "MOPD, CFG 4.5 student (summed KLs)"}, \
-  "multi_total": {"label": "multi-reward RL at MOPD's compute plus its teachers'", "teachers": []}}
+  "multi_total": {"label": "multi-reward RL at the compute of MOPD and its teachers", "teachers": []}}
 $(RUNS)/table/results.md: $(TABLE1_EVALS) | $(STAMP)
 	$(PYM) opd.results.table1 --runs $(RUNS) --out $(@D) --device "$(DEVICE)" \
 	  --stages '$(TABLE1_STAGES)' --extra '$(TABLE1_EXTRA)' --also geneval/geneval_mini ocr/ocr

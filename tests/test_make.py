@@ -3,6 +3,7 @@ commands: their dry runs list every step, and every training and evaluation step
 unknown key, group or experiment) without running anything."""
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
@@ -75,6 +76,12 @@ def test_the_mini_table_chains_compose(target, tmp_path):
     if target == "mini-teachers":  # every snapshot of each run scored on its own task's val prompts only
         evals = [o for name, o in steps if name == "eval" and "images_per_prompt=1" in o]
         assert len(evals) == 3 and all(sum(o.startswith("~eval_tasks.") for o in e) == 2 for e in evals)
-    else:  # the multi-reward baselines stop at a compute budget; the students run a fixed number of rounds
+    else:
+        # the table's row settings reach opd.results.table1 as JSON through the shell's quoting
+        table = [shlex.split(line) for line in lines if "opd.results.table1" in line]
+        assert len(table) == 1
+        for option in ("--stages", "--extra"):
+            assert isinstance(json.loads(table[0][table[0].index(option) + 1]), dict), option
+        # the multi-reward baselines stop at a compute budget; the students run a fixed number of rounds
         budgets = [o for o in trains if "callbacks.compute_budget.max_model_tflop=1.5" in o]
         assert len(budgets) >= 2 * 3 + 3 + 2  # multi own/total × 3 seeds, cascade, tuning
