@@ -168,7 +168,7 @@ def test_gain_share_by_hand():
     rows = {"base": {"label": "base"}, "s": {"label": "student", "teachers": ["geneval", "ocr"]}}
     records = {k: {"label": r["label"], "cfg": 4.5, "minutes": 1.0, "cumulative_minutes": 2.0} for k, r in rows.items()}
     md = table1.markdown(rows, results, records, {"GenEval": G}, own)
-    assert "| student | 4.5 | – | 0.500 | 1.0 | 2.0 |" in md
+    assert "| student | 4.5 | – | 0.500 | – | – | – | – | 1.0 | 2.0 |" in md
     assert "- student: geneval 75%, ocr – (its teacher gained nothing)" in md
 
 
@@ -189,12 +189,12 @@ def table_runs(tmp_path, conf):
     runs.mkdir()
     (runs / "picked.json").write_text(json.dumps({"ocr": {"winner": "ocr_shipped"}}))
     write_eval(runs / "teacher_ocr" / "eval", {"teacher_ocr": scores(0.0, 0.84, 0.3, 0.1)}, guidance={"teacher_ocr": 1.0})
-    write_log(runs / "mopd_a", [{"step": 0, "time/minutes": 1.0, "teacher/ocr/ocr": 0.5},
-                                {"step": 1, "time/minutes": 2.0, "teacher/ocr/ocr": 0.6}])
+    write_log(runs / "mopd_a", [{"step": 0, "time/minutes": 1.0, "teacher/ocr/ocr": 0.5, "compute/model_tflop": 1.0},
+                                {"step": 1, "time/minutes": 2.0, "teacher/ocr/ocr": 0.6, "compute/model_tflop": 2.0}])
     write_overrides(runs / "mopd_a", ["experiment=mini/mopd_aesthetic_ocr_geneval", "hydra.run.dir=x"])
     write_eval(runs / "mopd_a" / "eval", {"mopd_a": scores(0.3, 0.7, 0.4, 0.5)})
-    write_log(runs / "mopd_a2", [{"step": 0, "time/minutes": 0.5, "teacher/ocr/ocr": 0.7},
-                                 {"step": 1, "time/minutes": 1.5, "teacher/ocr/ocr": 0.8}])
+    write_log(runs / "mopd_a2", [{"step": 0, "time/minutes": 0.5, "teacher/ocr/ocr": 0.7, "compute/model_tflop": 0.5},
+                                 {"step": 1, "time/minutes": 1.5, "teacher/ocr/ocr": 0.8, "compute/model_tflop": 1.5}])
     write_overrides(runs / "mopd_a2", ["experiment=mini/mopd_phase2"])
     write_eval(runs / "mopd_a2" / "eval", {"mopd_a2": scores(0.5, 0.78, 0.2, 0.65)})
     return base, previous, runs
@@ -216,6 +216,10 @@ def test_collect_chains_stages_carries_earlier_rows_and_training_records(table_r
     assert records["mopd"]["command"] == ("python -m opd.train experiment=mini/mopd_aesthetic_ocr_geneval ; "
                                           "python -m opd.train experiment=mini/mopd_phase2")
     assert records["mopd_first"]["minutes"] == 2.0 and records["mopd_first"]["cumulative_minutes"] == 21.0
+    # compute: each stage counts from 0, so a chain's is the sum of its stages' last values (2.0 + 1.5);
+    # the teachers here logged none (trained in the earlier table), so "incl. teachers" adds nothing
+    assert records["mopd"]["model_tflop"] == 3.5 and records["mopd"]["cumulative_model_tflop"] == 3.5
+    assert records["mopd_first"]["model_tflop"] == 2.0 and "rounds" not in records["mopd"]
     assert "sopd_ocr" not in results and "multi_reward_rl" not in results  # no evaluation anywhere
     assert list(curves) == ["mopd"]  # stage 1 is the first part of the MOPD curve
     assert [float(r["time/minutes"]) for r in curves["mopd"]] == [1.0, 2.0, 2.5, 3.5]
@@ -227,11 +231,13 @@ def test_the_table_command_writes_the_table_with_the_suites_columns(table_runs):
     md = table1.main(["--runs", str(runs), "--out", str(out), "--base", str(base), "--previous", str(previous),
                       "--stages", json.dumps({"mopd": ["mopd_a", "mopd_a2"]}), "--also", X])
     assert md == (out / "results.md").read_text()
-    assert "| model | CFG | seeds | GenEval | OCR | Aesthetic | ocr/ocr_exact | GPU min (own) | GPU min (incl. teachers) |" in md
-    assert "| base (mini_base) | 4.5 | – | 0.200 | 0.600 | 0.400 | 0.500 | 0.0 | 0.0 |" in md
-    assert "| old teacher_geneval ¹ | 1.0 | – | 0.600 | 0.000 | 0.300 | 0.000 | 10.0 | 10.0 |" in md
-    assert "| ocr teacher (ocr_shipped) | 1.0 | – | 0.000 | 0.840 | 0.100 | 0.300 | 5.0 | 5.0 |" in md
-    assert "| **MOPD student** (3 teachers) | 4.5 | 1 | 0.500 | 0.780 | 0.650 | 0.200 | 3.5 | 22.5 |" in md
+    assert ("| model | CFG | seeds | GenEval | OCR | Aesthetic | ocr/ocr_exact | rounds | images | TFLOP (own) | "
+            "TFLOP (incl. teachers) | GPU min (own) | GPU min (incl. teachers) |") in md
+    assert "| base (mini_base) | 4.5 | – | 0.200 | 0.600 | 0.400 | 0.500 | – | – | – | – | 0.0 | 0.0 |" in md
+    assert "| old teacher_geneval ¹ | 1.0 | – | 0.600 | 0.000 | 0.300 | 0.000 | – | – | – | – | 10.0 | 10.0 |" in md
+    assert "| ocr teacher (ocr_shipped) | 1.0 | – | 0.000 | 0.840 | 0.100 | 0.300 | – | – | – | – | 5.0 | 5.0 |" in md
+    assert ("| **MOPD student** (3 teachers) | 4.5 | 1 | 0.500 | 0.780 | 0.650 | 0.200 | – | – | 3.5 | 3.5 | 3.5 | "
+            "22.5 |") in md
     # shares on the suite's own metrics: geneval (0.5-0.2)/(0.6-0.2), ocr (0.78-0.6)/(0.84-0.6) on ocr/ocr
     # (ocr_exact would be negative), aesthetic (0.65-0.4)/(0.9-0.4)
     assert "- **MOPD student** (3 teachers): geneval 75%, ocr 75%, aesthetic 50%" in md

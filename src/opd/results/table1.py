@@ -15,7 +15,8 @@ training record of a row whose runs left no log (a teacher re-evaluated as shipp
 
 The columns are the headline metrics of ``conf/eval_tasks/<suite>.yaml`` (``--also`` adds more
 ``results.json`` keys). Writes ``results.json``, ``runs.json`` (per row: stages, commands, minutes,
-minutes including its teachers', label, CFG), ``results.md`` (the table, then each student's share
+minutes including its teachers', rounds, images sampled, model TFLOP (summed over the stages) and TFLOP
+including its teachers', label, CFG), ``results.md`` (the table, then each student's share
 of each teacher's gain on the teacher's own metric) and ``curves.png``.
 """
 from __future__ import annotations
@@ -133,6 +134,13 @@ def last_logged(log: Sequence[Mapping[str, str]], key: str) -> float | None:
     return (column(log, key) or [None])[-1]
 
 
+def stages_total(root: Path, stages: Sequence[str], suffix: str, key: str) -> float | None:
+    """The sum over a chain's stages (``<stage><suffix>``) of each stage's last logged ``key`` (a
+    count each run starts from 0: rounds, images, FLOPs); ``None`` when no stage logged it."""
+    values = [last_logged(chained_log(root, [stage + suffix])[0], key) for stage in stages]
+    return sum(v for v in values if v is not None) if any(v is not None for v in values) else None
+
+
 def collect(root: Path, rows: Mapping[str, dict], base: Mapping[str, float], base_cfg: float | str = "",
             previous: Path | None = None, device: str = "") -> tuple[dict, dict, dict]:
     """``(results, runs, curves)``: each row's metrics, its record for runs.json, its training log.
@@ -168,12 +176,17 @@ def collect(root: Path, rows: Mapping[str, dict], base: Mapping[str, float], bas
             record = {k: v for k, v in earlier["runs"][key].items() if k not in ("label", "cfg", "run", "table")}
             runs[key] = {"run": row["run"], "label": row["label"], "cfg": cfg, **record, "training_from": str(previous)}
             continue
-        cumulative = own + sum(runs.get(f"teacher_{t}", {}).get("minutes", 0.0) for t in row.get("teachers", []))
+        teachers = [runs.get(f"teacher_{t}", {}) for t in row.get("teachers", [])]
+        cumulative = own + sum(t.get("minutes", 0.0) for t in teachers)
         compute = {}
-        for name, logged_key in COMPUTE.items():  # each seed's total, averaged over the seeds that logged it
-            totals = [v for v in (last_logged(seed_log, logged_key) for seed_log, _ in logs) if v is not None]
+        for name, logged_key in COMPUTE.items():  # each seed's total over its stages, averaged over the seeds
+            totals = [v for v in (stages_total(root, row["stages"], suffix, logged_key) for suffix in suffixes)
+                      if v is not None]
             if totals:
                 compute[name] = round(sum(totals) / len(totals), 3)
+        if "model_tflop" in compute:
+            compute["cumulative_model_tflop"] = round(
+                compute["model_tflop"] + sum(t.get("model_tflop", 0.0) for t in teachers), 3)
         runs[key] = {"run": row["run"], "stages": row["stages"], "minutes": round(own, 2),
                      "cumulative_minutes": round(cumulative, 2), "label": row["label"], "cfg": cfg,
                      "num_seeds": len(seeds), "seeds": seeds, **compute,
@@ -195,17 +208,24 @@ def _cell(metrics: Mapping[str, float], key: str) -> str:
     return f"{metrics[key]:.3f}" + (f" [{low:.2f}, {high:.2f}]" if low is not None and high is not None else "")
 
 
+def _count(value: float | None) -> str:
+    """A compute figure for the table: ``–`` where a row has none, 3 significant digits otherwise."""
+    return "–" if value is None else f"{value:.3g}"
+
+
 def markdown(rows: Mapping[str, dict], results: Mapping[str, dict], runs: Mapping[str, dict],
              cols: Mapping[str, str], own: Mapping[str, str], device: str = "", suite: str = "mini") -> str:
     """results.md: the table (rows with results, in order; ``cols`` = title → results key), then each
     student's share of its teachers' gains."""
-    head = ["model", "CFG", "seeds", *cols, "GPU min (own)", "GPU min (incl. teachers)"]
+    head = ["model", "CFG", "seeds", *cols, "rounds", "images", "TFLOP (own)", "TFLOP (incl. teachers)",
+            "GPU min (own)", "GPU min (incl. teachers)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key in (k for k in rows if k in results):
         record = runs[key]
         cells = [record["label"] + (" ¹" if "table" in record else ""), str(record.get("cfg", "")),
                  str(record.get("num_seeds", "–")),
                  *(_cell(results[key], m) for m in cols.values()),
+                 *(_count(record.get(k)) for k in ("rounds", "images_sampled", "model_tflop", "cumulative_model_tflop")),
                  f"{record['minutes']:.1f}", f"{record['cumulative_minutes']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     shares = []
@@ -219,7 +239,9 @@ def markdown(rows: Mapping[str, dict], results: Mapping[str, dict], runs: Mappin
              f"`conf/eval_tasks/{suite}.yaml`, at the CFG scale in the table (the DiffusionNFT-trained "
              "models are CFG-free: 1.0). In brackets: 95 % intervals, over the training seeds for rows "
              "with several (t-interval of the mean), else over the prompts (the evaluation's bootstrap). "
-             "GPU minutes are training wall-clock (the seeds' mean)"
+             "Compute is the training's, summed over a row's stages and averaged over its seeds: rounds, images "
+             "sampled and model TFLOP (every transformer pass of the training rounds: rollouts, targets, training; all GPUs); \"incl. "
+             "teachers\" adds the runs that trained the row's teachers. GPU minutes are training wall-clock (the seeds' mean)"
              + (f" on {device}." if device else "."))
     carried = sorted({record["table"] for record in runs.values() if "table" in record})
     if carried:
