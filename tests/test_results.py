@@ -116,6 +116,14 @@ def test_training_logs_read_every_version_in_order_and_chain_stages(tmp_path):
     assert logs.training_log(tmp_path / "nothing") == ([], 0.0)
     chained, total = logs.chained_log(tmp_path, ["a", "b"])  # b's minutes start where a's end (2.0)
     assert [float(r["time/minutes"]) for r in chained] == [1.0, 2.0, 2.5, 3.25, 3.5] and total == 3.5
+    # compute totals (each run counts from 0) add up along a chain; other columns are left as logged
+    write_log(tmp_path / "c", [{"step": 0, "compute/model_tflop": 2.0, "train/round": 1, "r": 0.5},
+                               {"step": 1, "compute/model_tflop": 4.0, "train/round": 2}])
+    write_log(tmp_path / "d", [{"step": 0, "compute/model_tflop": 1.5, "train/round": 1, "r": 0.6}])
+    chained, _ = logs.chained_log(tmp_path, ["c", "d"])
+    assert [float(r["compute/model_tflop"]) for r in chained] == [2.0, 4.0, 5.5]
+    assert [float(r["train/round"]) for r in chained] == [1, 2, 3] and [r["r"] for r in chained] == ["0.5", "", "0.6"]
+    assert [float(r["compute/model_tflop"]) for r in logs.chained_log(tmp_path, ["c/step_000001", "d"])[0]] == [2.0, 3.5]
 
 
 def test_logged_values_by_step_a_resumed_runs_later_value_winning(tmp_path):

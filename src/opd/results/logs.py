@@ -13,6 +13,8 @@ from pathlib import Path
 import yaml
 
 MINUTES = "time/minutes"  # training wall-clock, logged every step (opd.modules.policy)
+#: running totals each run counts from 0 (rounds; opd.modules.compute): a chain of runs adds them up
+COUNTERS = ("train/round", "compute/images_sampled", "compute/transformer_passes", "compute/model_tflop")
 
 
 def training_log(run: Path) -> tuple[list[dict[str, str]], float]:
@@ -49,16 +51,20 @@ def up_to_step(log: list[dict[str, str]], step: int) -> tuple[list[dict[str, str
 
 def chained_log(root: Path, stages: Sequence[str]) -> tuple[list[dict[str, str]], float]:
     """The logs of ``<root>/<stage>`` runs that continued one another, as one log: each stage's
-    minutes shifted by the minutes of the stages before it; and the total minutes. A stage
-    ``run/step_NNNNNN`` is that run up to its snapshot (:func:`snapshot_of`)."""
+    minutes and compute totals (:data:`COUNTERS`) shifted by those of the stages before it; and the
+    total minutes. A stage ``run/step_NNNNNN`` is that run up to its snapshot (:func:`snapshot_of`)."""
     rows, offset = [], 0.0
+    spent = dict.fromkeys(COUNTERS, 0.0)
     for stage in stages:
         run, step = snapshot_of(stage)
         log, minutes = training_log(Path(root) / run)
         if step is not None:
             log, minutes = up_to_step(log, step)
-        rows += [dict(r, **{MINUTES: str(float(r[MINUTES]) + offset)}) if r.get(MINUTES) else r for r in log]
+        shifts = {MINUTES: offset, **spent}
+        rows += [{k: str(float(v) + shifts[k]) if k in shifts and v else v for k, v in r.items()} for r in log]
         offset += minutes
+        for key in COUNTERS:
+            spent[key] += max((float(r[key]) for r in log if r.get(key)), default=0.0)
     return rows, offset
 
 

@@ -17,7 +17,7 @@ The columns are the headline metrics of ``conf/eval_tasks/<suite>.yaml`` (``--al
 ``results.json`` keys). Writes ``results.json``, ``runs.json`` (per row: stages, commands, minutes,
 minutes including its teachers', rounds, images sampled, model TFLOP (summed over the stages) and TFLOP
 including its teachers', label, CFG), ``results.md`` (the table, then each student's share
-of each teacher's gain on the teacher's own metric) and ``curves.png``.
+of each teacher's gain on the teacher's own metric) and ``curves.png`` (rewards against TFLOP).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from opd.results.logs import MINUTES, chained_log, column, moving_average, run_command
+from opd.results.logs import chained_log, column, moving_average, run_command
 from opd.results.metrics import columns, evaluated_rows, guidance_scales, own_metrics, reward_names
 
 #: the table's rows after the base and the teachers: key → label, the teachers it distils (a row's
@@ -87,7 +87,8 @@ SEED = "_seed"
 #: expansion around the normal quantile, within 0.001 of the exact value)
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 #: training totals each row reports from its log (the last value), for comparisons at equal compute
-COMPUTE = {"rounds": "train/round", "images_sampled": "compute/images_sampled", "model_tflop": "compute/model_tflop"}
+TFLOP = "compute/model_tflop"
+COMPUTE = {"rounds": "train/round", "images_sampled": "compute/images_sampled", "model_tflop": TFLOP}
 
 
 def t_quantile(df: int) -> float:
@@ -134,13 +135,6 @@ def last_logged(log: Sequence[Mapping[str, str]], key: str) -> float | None:
     return (column(log, key) or [None])[-1]
 
 
-def stages_total(root: Path, stages: Sequence[str], suffix: str, key: str) -> float | None:
-    """The sum over a chain's stages (``<stage><suffix>``) of each stage's last logged ``key`` (a
-    count each run starts from 0: rounds, images, FLOPs); ``None`` when no stage logged it."""
-    values = [last_logged(chained_log(root, [stage + suffix])[0], key) for stage in stages]
-    return sum(v for v in values if v is not None) if any(v is not None for v in values) else None
-
-
 def collect(root: Path, rows: Mapping[str, dict], base: Mapping[str, float], base_cfg: float | str = "",
             previous: Path | None = None, device: str = "") -> tuple[dict, dict, dict]:
     """``(results, runs, curves)``: each row's metrics, its record for runs.json, its training log.
@@ -180,8 +174,7 @@ def collect(root: Path, rows: Mapping[str, dict], base: Mapping[str, float], bas
         cumulative = own + sum(t.get("minutes", 0.0) for t in teachers)
         compute = {}
         for name, logged_key in COMPUTE.items():  # each seed's total over its stages, averaged over the seeds
-            totals = [v for v in (stages_total(root, row["stages"], suffix, logged_key) for suffix in suffixes)
-                      if v is not None]
+            totals = [v for v in (last_logged(seed_log, logged_key) for seed_log, _ in logs) if v is not None]
             if totals:
                 compute[name] = round(sum(totals) / len(totals), 3)
         if "model_tflop" in compute:
@@ -253,7 +246,8 @@ def markdown(rows: Mapping[str, dict], results: Mapping[str, dict], runs: Mappin
 
 def plot_curves(path: Path, curves: Mapping[str, list[dict[str, str]]], rewards: Mapping[str, list[str]]) -> None:
     """One panel per task: the training reward (``reward/<name>``, RL runs) and the teacher-slot
-    monitor reward (``teacher/<task>/<name>``, OPD runs) of each row against its minutes."""
+    monitor reward (``teacher/<task>/<name>``, OPD runs) of each row against the model TFLOP it has
+    spent (rows compared at equal compute; a row that logged no compute is left out)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -264,13 +258,13 @@ def plot_curves(path: Path, curves: Mapping[str, list[dict[str, str]]], rewards:
         wanted = {f"reward/{n}" for n in names} | {f"teacher/{task}/{n}" for n in names}
         for key, log in curves.items():
             for col in sorted({k for r in log for k in r} & wanted):  # chained stages log different keys
-                pts = [(float(r[MINUTES]), float(r[col])) for r in log if r.get(col) and r.get(MINUTES)]
+                pts = [(float(r[TFLOP]), float(r[col])) for r in log if r.get(col) and r.get(TFLOP)]
                 if len(pts) < 2:
                     continue
                 xs, ys = zip(*pts)
                 ax.plot(xs, moving_average(ys, max(1, len(ys) // 25)), label=key)  # over ~4 % of the run
         ax.set_title(f"{task}: reward during training")
-        ax.set_xlabel("wall-clock minutes (training)")
+        ax.set_xlabel("model TFLOP (training)")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
