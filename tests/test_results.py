@@ -176,7 +176,7 @@ def test_gain_share_by_hand():
     rows = {"base": {"label": "base"}, "s": {"label": "student", "teachers": ["geneval", "ocr"]}}
     records = {k: {"label": r["label"], "cfg": 4.5, "minutes": 1.0, "cumulative_minutes": 2.0} for k, r in rows.items()}
     md = table1.markdown(rows, results, records, {"GenEval": G}, own)
-    assert "| student | 4.5 | – | 0.500 | – | – | – | – | 1.0 | 2.0 |" in md
+    assert "| student | 4.5 | – | 0.500 | – | – | – | – | – | 1.0 | 2.0 |" in md  # no normalised gain given
     assert "- student: geneval 75%, ocr – (its teacher gained nothing)" in md
 
 
@@ -239,13 +239,17 @@ def test_the_table_command_writes_the_table_with_the_suites_columns(table_runs):
     md = table1.main(["--runs", str(runs), "--out", str(out), "--base", str(base), "--previous", str(previous),
                       "--stages", json.dumps({"mopd": ["mopd_a", "mopd_a2"]}), "--also", X])
     assert md == (out / "results.md").read_text()
-    assert ("| model | CFG | seeds | GenEval | OCR | Aesthetic | ocr/ocr_exact | rounds | images | TFLOP (own) | "
-            "TFLOP (incl. teachers) | GPU min (own) | GPU min (incl. teachers) |") in md
-    assert "| base (mini_base) | 4.5 | – | 0.200 | 0.600 | 0.400 | 0.500 | – | – | – | – | 0.0 | 0.0 |" in md
-    assert "| old teacher_geneval ¹ | 1.0 | – | 0.600 | 0.000 | 0.300 | 0.000 | – | – | – | – | 10.0 | 10.0 |" in md
-    assert "| ocr teacher (ocr_shipped) | 1.0 | – | 0.000 | 0.840 | 0.100 | 0.300 | – | – | – | – | 5.0 | 5.0 |" in md
-    assert ("| **MOPD student** (3 teachers) | 4.5 | 1 | 0.500 | 0.780 | 0.650 | 0.200 | – | – | 3.5 | 3.5 | 3.5 | "
-            "22.5 |") in md
+    assert ("| model | CFG | seeds | GenEval | OCR | Aesthetic | ocr/ocr_exact | avg. share of teachers' gains | "
+            "rounds | images | TFLOP (own) | TFLOP (incl. teachers) | GPU min (own) | GPU min (incl. teachers) |") in md
+    assert "| base (mini_base) | 4.5 | – | 0.200 | 0.600 | 0.400 | 0.500 | – | – | – | – | – | 0.0 | 0.0 |" in md
+    # the average share of the teachers' gains, by hand (own metrics G, O = ocr/ocr, A; base 0.2, 0.6, 0.4;
+    # teachers 0.6, 0.84, 0.9): the geneval teacher (0.6-0.2)/0.4 = 1, (0.0-0.6)/0.24 = -2.5, (0.3-0.4)/0.5 = -0.2
+    assert "| old teacher_geneval ¹ | 1.0 | – | 0.600 | 0.000 | 0.300 | 0.000 | -0.567 | – | – | – | – | 10.0 | 10.0 |" in md
+    # the OCR teacher: -0.5, 1, (0.1-0.4)/0.5 = -0.6
+    assert "| ocr teacher (ocr_shipped) | 1.0 | – | 0.000 | 0.840 | 0.100 | 0.300 | -0.033 | – | – | – | – | 5.0 | 5.0 |" in md
+    # MOPD: 0.75, 0.75, 0.5
+    assert ("| **MOPD student** (3 teachers) | 4.5 | 1 | 0.500 | 0.780 | 0.650 | 0.200 | 0.667 | – | – | 3.5 | 3.5 | "
+            "3.5 | 22.5 |") in md
     # shares on the suite's own metrics: geneval (0.5-0.2)/(0.6-0.2), ocr (0.78-0.6)/(0.84-0.6) on ocr/ocr
     # (ocr_exact would be negative), aesthetic (0.65-0.4)/(0.9-0.4)
     assert "- **MOPD student** (3 teachers): geneval 75%, ocr 75%, aesthetic 50%" in md
@@ -604,3 +608,20 @@ def test_pick_setting_takes_the_best_mean_of_the_headlines_on_val(tmp_path, conf
     with pytest.raises(SystemExit):
         pick_setting.main(["--out", str(out), f"{tmp_path / 'missing'}=1"])
     assert "no such results.json" in capsys.readouterr().err
+
+
+def test_the_average_share_of_the_teachers_gains_per_seed_with_its_interval(tmp_path):
+    """Base 0.2, a GenEval teacher at 0.6, a student of three seeds at 0.3 / 0.4 / 0.5: shares 0.25,
+    0.5, 0.75, mean 0.5 ± t(2)·0.25/√3; the teacher's own share is 1."""
+    write_eval(tmp_path / "teacher_geneval" / "eval", {"teacher_geneval": {G: 0.6}})
+    for n, value in enumerate([0.3, 0.4, 0.5]):
+        write_eval(tmp_path / f"s_seed{n}" / "eval", {f"s_seed{n}": {G: value}})
+    rows = {"base": {"label": "base", "run": None, "stages": []},
+            "teacher_geneval": {"label": "t", "run": "teacher_geneval", "stages": ["teacher_geneval"]},
+            "s": {"label": "s", "run": "s", "stages": ["s"], "teachers": ["geneval"]}}
+    results, _, _ = table1.collect(tmp_path, rows, base={G: 0.2}, teacher_metrics={"geneval": G})
+    gain = results["s"]
+    assert gain[table1.NORM_GAIN] == pytest.approx(0.5) and gain["num_seeds"] == 3
+    assert gain[f"{table1.NORM_GAIN}/ci_high"] == pytest.approx(0.5 + 4.303 * 0.25 / math.sqrt(3))
+    assert results["teacher_geneval"][table1.NORM_GAIN] == pytest.approx(1.0)
+    assert table1.NORM_GAIN not in results["base"]

@@ -16,7 +16,7 @@ training record of a row whose runs left no log (a teacher re-evaluated as shipp
 The columns are the headline metrics of ``conf/eval_tasks/<suite>.yaml`` (``--also`` adds more
 ``results.json`` keys). Writes ``results.json``, ``runs.json`` (per row: stages, commands, minutes,
 minutes including its teachers', rounds, images sampled, model TFLOP (summed over the stages) and TFLOP
-including its teachers', label, CFG), ``results.md`` (the table, then each student's share
+including its teachers', label, CFG), ``results.md`` (the table, with every row's average share of the teachers' gains, then each student's share
 of each teacher's gain on the teacher's own metric) and ``curves.png`` (rewards against TFLOP).
 """
 from __future__ import annotations
@@ -80,6 +80,23 @@ def gain_share(results: Mapping[str, Mapping[str, float]], student: str, teacher
     return out
 
 
+#: the average over tasks of each row's share of the teachers' gains (:func:`normalised_gain`)
+NORM_GAIN = "normalised_gain"
+
+
+def normalised_gain(row: Mapping[str, float], results: Mapping[str, Mapping[str, float]],
+                    own: Mapping[str, str]) -> float:
+    """The mean over the tasks whose teacher gained over the base of ``(row - base) / (teacher - base)``
+    on the teacher's own metric: 1 for a model level with every teacher on its task, 0 for the base
+    (NaN with no such teacher). The same normalisation for every row, so students and baselines compare."""
+    base, shares = results["base"], []
+    for task, metric in own.items():
+        teacher = results.get(f"teacher_{task}")
+        if teacher is not None and metric in row and teacher[metric] > base[metric]:
+            shares.append((row[metric] - base[metric]) / (teacher[metric] - base[metric]))
+    return sum(shares) / len(shares) if shares else math.nan
+
+
 #: a row trained with several seeds: its runs are ``<run>_seed<N>`` (every stage likewise), each
 #: evaluated as its own row ``<run>_seed<N>`` of ``<run>_seed<N>/eval/results.json``
 SEED = "_seed"
@@ -136,14 +153,18 @@ def last_logged(log: Sequence[Mapping[str, str]], key: str) -> float | None:
 
 
 def collect(root: Path, rows: Mapping[str, dict], base: Mapping[str, float], base_cfg: float | str = "",
-            previous: Path | None = None, device: str = "") -> tuple[dict, dict, dict]:
+            previous: Path | None = None, device: str = "", teacher_metrics: Mapping[str, str] | None = None
+            ) -> tuple[dict, dict, dict]:
     """``(results, runs, curves)``: each row's metrics, its record for runs.json, its training log.
-    Rows are read in order, so a student's minutes including its teachers' see the teacher rows."""
+    Rows are read in order, so a student's minutes including its teachers' see the teacher rows.
+    With ``teacher_metrics`` (task → the teacher's own metric) every row also gets :data:`NORM_GAIN`, computed per
+    seed and then averaged like the other metrics (with its t-interval over the seeds)."""
     earlier = ({name: json.loads((Path(previous) / f"{name}.json").read_text()) for name in ("results", "runs")}
                if previous else {"results": {}, "runs": {}})
     results: dict[str, dict] = {}
     runs: dict[str, dict] = {}
     curves: dict[str, list] = {}
+    per_seed: dict[str, list[Mapping[str, float]]] = {}
     for key, row in rows.items():
         if row["run"] is None:
             results[key] = dict(base)
@@ -162,7 +183,8 @@ def collect(root: Path, rows: Mapping[str, dict], base: Mapping[str, float], bas
             continue
         seeds = [row["run"] + suffix for suffix in suffixes]
         evals = [Path(root) / run / "eval" / "results.json" for run in seeds]
-        results[key] = mean_over_seeds([evaluated_rows(file)[run] for run, file in zip(seeds, evals)])
+        per_seed[key] = [evaluated_rows(file)[run] for run, file in zip(seeds, evals)]
+        results[key] = mean_over_seeds(per_seed[key])
         cfg = guidance_scales(evals[0]).get(seeds[0], "")
         logs = [chained_log(root, [stage + suffix for stage in row["stages"]]) for suffix in suffixes]
         log, own = logs[0][0], sum(minutes for _, minutes in logs) / len(logs)  # minutes: the seeds' mean
@@ -186,6 +208,11 @@ def collect(root: Path, rows: Mapping[str, dict], base: Mapping[str, float], bas
                      "command": " ; ".join(run_command(Path(root) / (s + suffixes[0])) for s in row["stages"]),
                      "device": device}
         curves[key] = log
+    for key in (k for k in results if teacher_metrics and k != "base"):  # after the loop: all teachers read
+        gains = [normalised_gain(r, results, teacher_metrics) for r in per_seed.get(key, [results[key]])]
+        if all(math.isfinite(g) for g in gains):
+            results[key].update({k: v for k, v in mean_over_seeds([{NORM_GAIN: g} for g in gains]).items()
+                                 if k != "num_seeds"})
     for key in list(curves):  # a row that another row continues is part of that row's curve
         mine = rows[key]["stages"]
         if any(len(r["stages"]) > len(mine) and r["stages"][:len(mine)] == mine for r in rows.values()):
@@ -210,14 +237,14 @@ def markdown(rows: Mapping[str, dict], results: Mapping[str, dict], runs: Mappin
              cols: Mapping[str, str], own: Mapping[str, str], device: str = "", suite: str = "mini") -> str:
     """results.md: the table (rows with results, in order; ``cols`` = title → results key), then each
     student's share of its teachers' gains."""
-    head = ["model", "CFG", "seeds", *cols, "rounds", "images", "TFLOP (own)", "TFLOP (incl. teachers)",
+    head = ["model", "CFG", "seeds", *cols, "avg. share of teachers' gains", "rounds", "images", "TFLOP (own)", "TFLOP (incl. teachers)",
             "GPU min (own)", "GPU min (incl. teachers)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key in (k for k in rows if k in results):
         record = runs[key]
         cells = [record["label"] + (" ¹" if "table" in record else ""), str(record.get("cfg", "")),
                  str(record.get("num_seeds", "–")),
-                 *(_cell(results[key], m) for m in cols.values()),
+                 *(_cell(results[key], m) for m in cols.values()), _cell(results[key], NORM_GAIN),
                  *(_count(record.get(k)) for k in ("rounds", "images_sampled", "model_tflop", "cumulative_model_tflop")),
                  f"{record['minutes']:.1f}", f"{record['cumulative_minutes']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -232,6 +259,8 @@ def markdown(rows: Mapping[str, dict], results: Mapping[str, dict], runs: Mappin
              f"`conf/eval_tasks/{suite}.yaml`, at the CFG scale in the table (the DiffusionNFT-trained "
              "models are CFG-free: 1.0). In brackets: 95 % intervals, over the training seeds for rows "
              "with several (t-interval of the mean), else over the prompts (the evaluation's bootstrap). "
+             "\"Avg. share of teachers' gains\": the mean over the tasks of (row − base) / (teacher − base) "
+             "on each teacher's own metric, per seed (1: level with every teacher on its task; 0: the base). "
              "Compute is the training's, summed over a row's stages and averaged over its seeds: rounds, images "
              "sampled and model TFLOP (every transformer pass of the training rounds: rollouts, targets, training; all GPUs); \"incl. "
              "teachers\" adds the runs that trained the row's teachers. GPU minutes are training wall-clock (the seeds' mean)"
@@ -300,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     rows = table_rows(picked, list(own), json.loads(args.stages), json.loads(args.extra))
     base_cfg = args.base_cfg if args.base_cfg is not None else guidance_scales(args.base).get("base", 4.5)
     results, runs, curves = collect(args.runs, rows, evaluated_rows(args.base)["base"], base_cfg,
-                                    args.previous, args.device)
+                                    args.previous, args.device, own)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
     (args.out / "runs.json").write_text(json.dumps(runs, indent=1))
