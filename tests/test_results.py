@@ -625,3 +625,18 @@ def test_the_average_share_of_the_teachers_gains_per_seed_with_its_interval(tmp_
     assert gain[f"{table1.NORM_GAIN}/ci_high"] == pytest.approx(0.5 + 4.303 * 0.25 / math.sqrt(3))
     assert results["teacher_geneval"][table1.NORM_GAIN] == pytest.approx(1.0)
     assert table1.NORM_GAIN not in results["base"]
+
+
+def test_the_prompt_blind_controls_follow_the_base_with_their_share_of_the_gains():
+    """The base's cover row and its swapped-prompt scores become rows after the base: GenEval 0.1 and
+    0.05 against base 0.2 and teacher 0.6 are shares of (0.1-0.2)/0.4 = -0.25 and -0.375."""
+    base_eval = {"base": {G: 0.2, f"{G}/swapped": 0.05, f"{G}/swapped/ci_low": 0.01}, "cover": {G: 0.1}}
+    rows = {"base": {"label": "base"}, "teacher_geneval": {"label": "t"}}
+    results = {"base": {G: 0.2}, "teacher_geneval": {G: 0.6}}
+    runs = {"base": {"label": "base", "cfg": 4.5}, "teacher_geneval": {"label": "t", "cfg": 1.0}}
+    rows, results, runs = table1.with_controls(rows, results, runs, base_eval, {"geneval": G})
+    assert list(rows) == ["base", "cover", "swapped", "teacher_geneval"]
+    assert results["swapped"] == {G: 0.05, f"{G}/ci_low": 0.01, table1.NORM_GAIN: pytest.approx(-0.375)}
+    assert results["cover"][table1.NORM_GAIN] == pytest.approx(-0.25)
+    assert runs["cover"]["cfg"] == "–" and runs["swapped"]["cfg"] == 4.5
+    assert table1.with_controls(rows, results, runs, {"base": {G: 0.2}}, {"geneval": G})[0].keys() == rows.keys()

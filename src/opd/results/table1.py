@@ -220,6 +220,33 @@ def collect(root: Path, rows: Mapping[str, dict], base: Mapping[str, float], bas
     return results, runs, curves
 
 
+#: prompt-blind controls from the base's evaluation, shown under the base
+CONTROLS = {"cover": "control: one constant image for every prompt (the best of the cover search)",
+            "swapped": "control: the base's images scored against other prompts of their tag"}
+
+
+def with_controls(rows: Mapping[str, dict], results: Mapping[str, dict], runs: Mapping[str, dict],
+                  base_eval: Mapping[str, Mapping[str, float]], own: Mapping[str, str]) -> tuple[dict, dict, dict]:
+    """The table with the control rows of the base's evaluation (``cover``: its cover row;
+    ``swapped``: its ``<metric>/swapped`` scores) after the base, each with its average share of the
+    teachers' gains: what a model earns that ignores the prompt."""
+    controls = {"cover": dict(base_eval.get("cover", {})),
+                "swapped": {k.replace("/swapped", "", 1): v for k, v in base_eval.get("base", {}).items()
+                            if "/swapped" in k}}
+    ordered, results, runs = {k: v for k, v in rows.items() if k == "base"}, dict(results), dict(runs)
+    for key, metrics in controls.items():
+        if not metrics:
+            continue
+        ordered[key] = {"label": CONTROLS[key], "run": None, "stages": []}
+        gain = normalised_gain(metrics, results, own)
+        results[key] = {**metrics, **({NORM_GAIN: gain} if math.isfinite(gain) else {})}
+        cfg = "–" if key == "cover" else runs.get("base", {}).get("cfg", "")  # the cover is drawn, not sampled
+        runs[key] = {"label": CONTROLS[key], "cfg": cfg, "minutes": 0.0,
+                     "cumulative_minutes": 0.0, "command": "the base's evaluation (--base)"}
+    ordered.update({k: v for k, v in rows.items() if k != "base"})
+    return ordered, results, runs
+
+
 def _cell(metrics: Mapping[str, float], key: str) -> str:
     """``0.183 [0.15, 0.21]``: the value and, where the row has it, its 95 % interval."""
     if key not in metrics:
@@ -330,6 +357,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     base_cfg = args.base_cfg if args.base_cfg is not None else guidance_scales(args.base).get("base", 4.5)
     results, runs, curves = collect(args.runs, rows, evaluated_rows(args.base)["base"], base_cfg,
                                     args.previous, args.device, own)
+    rows, results, runs = with_controls(rows, results, runs, json.loads(args.base.read_text()), own)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
     (args.out / "runs.json").write_text(json.dumps(runs, indent=1))
