@@ -89,11 +89,8 @@ def normalised_gain(row: Mapping[str, float], results: Mapping[str, Mapping[str,
     """The mean over the tasks whose teacher gained over the base of ``(row - base) / (teacher - base)``
     on the teacher's own metric: 1 for a model level with every teacher on its task, 0 for the base
     (NaN with no such teacher). The same normalisation for every row, so students and baselines compare."""
-    base, shares = results["base"], []
-    for task, metric in own.items():
-        teacher = results.get(f"teacher_{task}")
-        if teacher is not None and metric in row and teacher[metric] > base[metric]:
-            shares.append((row[metric] - base[metric]) / (teacher[metric] - base[metric]))
+    scored = [task for task, metric in own.items() if metric in row]
+    shares = [v for v in gain_share({**results, NORM_GAIN: row}, NORM_GAIN, scored, own).values() if math.isfinite(v)]
     return sum(shares) / len(shares) if shares else math.nan
 
 
@@ -208,7 +205,7 @@ def collect(root: Path, rows: Mapping[str, dict], base: Mapping[str, float], bas
                      "command": " ; ".join(run_command(Path(root) / (s + suffixes[0])) for s in row["stages"]),
                      "device": device}
         curves[key] = log
-    for key in (k for k in results if teacher_metrics and k != "base"):  # after the loop: all teachers read
+    for key in [k for k in results if k != "base"] if teacher_metrics else []:  # after the loop: all teachers read
         gains = [normalised_gain(r, results, teacher_metrics) for r in per_seed.get(key, [results[key]])]
         if all(math.isfinite(g) for g in gains):
             results[key].update({k: v for k, v in mean_over_seeds([{NORM_GAIN: g} for g in gains]).items()
