@@ -53,19 +53,16 @@ def chained_log(root: Path, stages: Sequence[str]) -> tuple[list[dict[str, str]]
     """The logs of ``<root>/<stage>`` runs that continued one another, as one log: each stage's
     minutes and compute totals (:data:`COUNTERS`) shifted by those of the stages before it; and the
     total minutes. A stage ``run/step_NNNNNN`` is that run up to its snapshot (:func:`snapshot_of`)."""
-    rows, offset = [], 0.0
-    spent = dict.fromkeys(COUNTERS, 0.0)
+    rows, before = [], dict.fromkeys((MINUTES, *COUNTERS), 0.0)  # what the stages so far added up to
     for stage in stages:
         run, step = snapshot_of(stage)
-        log, minutes = training_log(Path(root) / run)
+        log = training_log(Path(root) / run)[0]
         if step is not None:
-            log, minutes = up_to_step(log, step)
-        shifts = {MINUTES: offset, **spent}
-        rows += [{k: str(float(v) + shifts[k]) if k in shifts and v else v for k, v in r.items()} for r in log]
-        offset += minutes
-        for key in COUNTERS:
-            spent[key] += max((float(r[key]) for r in log if r.get(key)), default=0.0)
-    return rows, offset
+            log = up_to_step(log, step)[0]
+        rows += [{k: str(float(v) + before[k]) if k in before and v else v for k, v in r.items()} for r in log]
+        for key in before:  # each stage's total: its largest value (minutes and counters only grow)
+            before[key] += max((float(r[key]) for r in log if r.get(key)), default=0.0)
+    return rows, before[MINUTES]
 
 
 def column(rows: Sequence[dict[str, str]], key: str) -> list[float]:
