@@ -192,3 +192,29 @@ def test_sigterm_saves_last_at_the_step_it_stops_and_resumes_exactly(tmp_path):
     assert wa and set(wa) == set(wb)
     for n in wa:
         torch.testing.assert_close(wb[n], wa[n], rtol=1e-5, atol=1e-7)
+
+
+def test_time_slice_stops_resumably_with_status_75_and_the_resume_finishes(tmp_path):
+    """``callbacks.time_slice.minutes``: the run stops after the first step past its slice as on SIGTERM
+    (``last.ckpt`` there, no adapter), ``python -m opd.train`` exits 75 (not 0: make and schedulers must
+    see an unfinished run), and ``ckpt_path=last`` trains on to ``max_steps`` and exports the adapter."""
+    overrides = ["experiment=mini/teacher_geneval", *NFT, *FAST, "callbacks.model_checkpoint.every_n_train_steps=1000"]
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "opd.train", *overrides, f"hydra.run.dir={out}", "trainer.max_steps=3",
+           "trainer.max_time=null", "callbacks.time_slice.minutes=1e-6"]  # used up by the end of step 1
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+    assert proc.returncode == 75, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "ckpt_path=last" in proc.stdout + proc.stderr
+    last = out / "checkpoints" / "last.ckpt"
+    assert int(torch.load(last, map_location="cpu", weights_only=False)["global_step"]) == 1
+    assert not (out / "adapter").exists() and not (out / "run.lock").exists()
+    resumed = fit(overrides, out, 3, ("ckpt_path=last",))
+    assert resumed["trainer"].global_step == 3
+    assert (out / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_time_slice_rejects_a_non_positive_slice():
+    from opd.callbacks.time_slice import TimeSlice
+
+    with pytest.raises(ValueError, match="callbacks.time_slice.minutes"):
+        TimeSlice(minutes=0)

@@ -40,6 +40,7 @@ from typing import Any
 import hydra
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 import opd.config  # registers the structured-config schemas; validate_train_config
@@ -47,6 +48,9 @@ from opd.evaluation.run import check_run_eval, evaluate_run
 from opd.validate import check_ckpt_path
 
 log = logging.getLogger(__name__)
+#: the exit status of a run stopped before its end by SIGTERM or its time slice (sysexits' EX_TEMPFAIL:
+#: "try again"): ``last.ckpt`` holds the step it stopped at and ``ckpt_path=last`` continues it
+STOPPED_EXIT_CODE = 75
 CONFIG_DIR = str(opd.config.config_dir())  # the checkout's conf/, or the copy inside an installed wheel
 
 
@@ -421,7 +425,15 @@ def quiet_known_noise() -> None:
 def main(cfg: DictConfig) -> float | None:
     quiet_known_noise()
     OmegaConf.resolve(cfg)
-    metrics, _ = train(cfg)
+    try:
+        metrics, _ = train(cfg)
+    except SIGTERMException:
+        # Lightning's SIGTERMException is a SystemExit without a code: the process would exit 0 and a
+        # scheduler or make would take the stopped run for a finished one
+        log.warning("stopped before the end (SIGTERM or callbacks.time_slice): exit status %d; the same command "
+                    "with ckpt_path=last continues from %s", STOPPED_EXIT_CODE,
+                    Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
+        sys.exit(STOPPED_EXIT_CODE)
     return optimized_value(cfg, metrics)
 
 
