@@ -1,6 +1,7 @@
 """The evaluation's trust machinery: per-image noise seeds, prompt-clustered bootstrap intervals,
 the controls (swapped prompts, cover image, prompt sensitivity) and the metric-name scheme."""
 import hashlib
+import json
 import math
 import random
 import struct
@@ -380,3 +381,39 @@ def test_the_base_row_can_be_dropped_and_a_lone_adapter_scored(cfg_factory):
     assert rows(["checkpoints.base=null"]) == [("base", None, 4.5)]
     assert rows(["~checkpoints.base", "+checkpoints.ocr={adapter: /t/ocr, guidance_scale: 1.0}"]) == [
         ("ocr", "/t/ocr", 1.0)]
+
+
+# --------------------------------------------------------------------------- the file make waits for
+
+
+def test_results_json_is_written_last_and_whole(tmp_path, monkeypatch):
+    """``results.json`` is what the Makefile's chains take for a finished evaluation: an evaluation that
+    breaks while writing its grids leaves none (make runs it again), and the file is never half-written."""
+    from opd.utils.files import write_atomic
+
+    model = toy(seed=3)
+    task = EvalTask("t", [{"prompt": f"a photo of {n} circles", "tag": "t"} for n in range(3)], {"plen": PromptLength()})
+    report = Report(tmp_path / "eval")
+    score_task(report, model, "base", task, num_steps=2, guidance_scale=4.5, shift=3.0, seed=0,
+               images_per_prompt=1, batch_size=3)
+    report.merge(report.samples, {"t": task}, ["base"], {})
+
+    def broken() -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report, "write_grids", broken)
+    with pytest.raises(OSError, match="disk full"):
+        report.write({}, {"t": task}, {"base": 4.5})
+    assert (tmp_path / "eval" / "results.md").exists() and not (tmp_path / "eval" / "results.json").exists()
+    monkeypatch.undo()
+    report.write({}, {"t": task}, {"base": 4.5})
+    assert json.loads((tmp_path / "eval" / "results.json").read_text()) == json.loads(json.dumps(report.results))
+    assert list((tmp_path / "eval" / "grids").glob("base_t.png"))
+    # a write that fails on the way leaves the old file as it was and no partial file
+    target = tmp_path / "picked.json"
+    target.write_text("old")
+    with pytest.raises(TypeError):
+        write_atomic(target, 123)  # not text: fails after the partial file was opened
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["eval", "picked.json"]
+    write_atomic(target, "new")
+    assert target.read_text() == "new" and not list(tmp_path.glob("*.partial"))

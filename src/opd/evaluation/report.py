@@ -43,6 +43,7 @@ from opd.evaluation.distributed import Ranks
 from opd.evaluation.seeds import image_seed
 from opd.evaluation.tasks import SENSITIVITY, EvalTask
 from opd.sampling import generate
+from opd.utils.files import write_atomic
 from opd.utils.grid import caption_grid, to_pil
 
 __all__ = ["COVER", "EvalTask", "Report", "main_table", "metric_kind", "normalised_average", "score_task",
@@ -135,10 +136,10 @@ class Report:
 
     def write(self, config: dict[str, Any], tasks: dict[str, EvalTask], guidance: dict[str, float],
               notes: list[str] = ()) -> None:
-        """results.json, samples.jsonl, results.md, scores.png, one grid per checkpoint × task and
-        ``grids/cover_<task>.png``."""
+        """samples.jsonl, results.md, scores.png, one grid per checkpoint × task,
+        ``grids/cover_<task>.png``, and last results.json (atomically: what ``make`` waits for,
+        :mod:`opd.utils.files`)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "results.json").write_text(json.dumps(self.results, indent=2, sort_keys=True))
         with open(self.out_dir / "samples.jsonl", "w") as f:
             f.writelines(json.dumps(_rounded(s)) + "\n" for s in self.samples)
         columns = table_columns(self.results, tasks)
@@ -146,6 +147,7 @@ class Report:
             markdown_report(self.results, columns, guidance, config, notes, tasks, self.covers, self.bootstrap))
         bar_chart(checkpoint_rows(self.results), list(columns.values()), self.out_dir / "scores.png", list(columns))
         self.write_grids()
+        write_atomic(self.out_dir / "results.json", json.dumps(self.results, indent=2, sort_keys=True))
         print(f"\nresults: {self.out_dir / 'results.md'}\n{notes_block(notes)}"
               f"{main_table(self.results, columns, guidance)[0]}"
               f"\nimages: {self.out_dir / 'grids'} (grids), {self.out_dir / 'images'} (every image), "

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from opd.results.metrics import evaluated_rows, own_metrics
+from opd.utils.files import write_atomic
 
 
 def score(run: Path, metrics: Sequence[str]) -> float:
@@ -51,9 +52,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     for value, (run, s) in scores.items():
         print(f"[pick_setting] {value}: {s:.4f} (mean of {', '.join(metrics)}; {run}){'  <- chosen' if value == best else ''}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(best + "\n")
     (args.out.with_suffix(".json")).write_text(json.dumps({"chosen": best, "metrics": metrics, "candidates": {
         v: {"run": r, "score": s} for v, (r, s) in scores.items()}}, indent=1))
+    write_atomic(args.out, best + "\n")  # last: the file make waits for
     return best
 
 

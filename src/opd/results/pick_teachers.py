@@ -27,6 +27,7 @@ from pathlib import Path
 
 from opd.results.logs import FINAL
 from opd.results.metrics import evaluated_rows, guidance_scales, own_metrics
+from opd.utils.files import write_atomic
 
 RECORD = "picked.json"
 
@@ -147,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
               f"{entry['candidates'][entry['winner']]['score']:.3f}) → {entry['adapter']}; "
               + ", ".join(f"{n} {s['score']:.3f}" for n, s in entry["candidates"].items()))
     record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(picked, indent=1))
+    write_atomic(record, json.dumps(picked, indent=1))  # last: the file make waits for
     print("[pick] train with:", " ".join(train_overrides(picked, [c.partition("=")[0] for c in args.choices])))
     return picked
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from opd.results.logs import chained_log, column, moving_average, run_command
 from opd.results.metrics import columns, evaluated_rows, guidance_scales, own_metrics, reward_names
+from opd.utils.files import write_atomic
 
 #: the table's rows after the base and the teachers: key → label, the teachers it distils (a row's
 #: run is its key, unless ``--stages`` names its runs)
@@ -359,8 +360,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     (args.out / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
     (args.out / "runs.json").write_text(json.dumps(runs, indent=1))
     md = markdown(rows, results, runs, cols, own, args.device, args.suite)
-    (args.out / "results.md").write_text(md)
     plot_curves(args.out / "curves.png", curves, {t: reward_names(args.suite).get(t, []) for t in own})
+    write_atomic(args.out / "results.md", md)  # last: the file make waits for
     print(md)
     return md
 

@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 
 from opd.results.logs import MINUTES, chained_log, moving_average, run_command, snapshot_of
 from opd.results.metrics import columns, evaluated_rows, reward_names
+from opd.utils.files import write_atomic
 
 
 def algorithm(run: str, root: Path | None = None) -> str:
@@ -142,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         (args.teachers / skill / "README.md").write_text(text)
     (args.results / "results.json").write_text(json.dumps(table, indent=1, sort_keys=True))
     page = "# Mini teachers vs the base (test prompts)\n\n" + scores_table(table, cols)
-    (args.results / "results.md").write_text(page)
+    write_atomic(args.results / "results.md", page)  # last: the file make waits for
     print(page)
     return table
 
