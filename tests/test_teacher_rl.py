@@ -375,3 +375,36 @@ def test_a_compute_budget_stops_the_run_after_the_round_that_reaches_it(cfg_fact
     with pytest.raises(ValueError, match="must be > 0"):
         ComputeBudget(max_model_tflop=0)
     assert ComputeBudget().limits == {}
+
+
+def test_an_export_stopped_midway_leaves_the_previous_adapter_whole(cfg_factory, tmp_path, monkeypatch):
+    """The adapter file is what the Makefile's chains wait for: an export that breaks while writing
+    leaves the previous adapter as it was (and no partial folder where globs look), and the next
+    export replaces it whole."""
+    from safetensors.torch import load_file
+
+    from opd.models.lora_files import WEIGHT_NAME
+    from opd.modules import policy
+
+    module = run(cfg_factory, 1)["module"]
+    out = tmp_path / "exported" / "adapter"
+    module.export_adapter(out, "the adapter")
+    before = (out / WEIGHT_NAME).read_bytes()
+    weights = load_file(out / WEIGHT_NAME)
+    real = policy.save_lora
+
+    def broken(transformer, name, folder):
+        real(transformer, name, folder)
+        (Path(folder) / WEIGHT_NAME).write_bytes(b"trunc")  # a file cut off on the way...
+        raise OSError("disk full")  # ...and the export stops
+
+    monkeypatch.setattr(policy, "save_lora", broken)
+    with pytest.raises(OSError, match="disk full"):
+        module.export_adapter(out, "the adapter")
+    assert (out / WEIGHT_NAME).read_bytes() == before
+    assert [p.name for p in out.parent.glob("[!.]*")] == ["adapter"]  # the partial folder is hidden from globs
+    monkeypatch.undo()
+    module.export_adapter(out, "the adapter")
+    again = load_file(out / WEIGHT_NAME)  # whole: it loads, with the same weights
+    assert again.keys() == weights.keys() and all(torch.equal(again[k], weights[k]) for k in weights)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["adapter"]

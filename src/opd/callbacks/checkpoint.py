@@ -15,15 +15,14 @@ step half done.
 """
 from __future__ import annotations
 
-import os
-import shutil
-from pathlib import Path
 from weakref import proxy
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from opd.utils.files import replace_path
 
 
 class AtomicModelCheckpoint(ModelCheckpoint):
@@ -52,7 +51,7 @@ class AtomicModelCheckpoint(ModelCheckpoint):
         partial = f"{filepath}.partial"
         trainer.save_checkpoint(partial, self.save_weights_only)
         if trainer.is_global_zero:
-            _replace(Path(partial), Path(filepath))
+            replace_path(partial, filepath)
         trainer.strategy.barrier("atomic_checkpoint")
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
@@ -60,14 +59,3 @@ class AtomicModelCheckpoint(ModelCheckpoint):
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
 
-
-def _replace(new: Path, final: Path) -> None:
-    """Move ``new`` (a file, or a sharded checkpoint's folder) onto ``final`` atomically where the OS can."""
-    if new.is_dir() and final.is_dir():  # a folder cannot replace a non-empty one: swap through a side name
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(new, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, final)

@@ -9,6 +9,7 @@ take low-precision matmul inputs; an fp32 backbone runs as it always did.
 """
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -21,6 +22,7 @@ from opd.callbacks.ema import ema_weights
 from opd.models.backbone import Backbone
 from opd.modules.guards import GuardedModule
 from opd.sampling import generate
+from opd.utils.files import replace_path
 
 
 class BackboneModule(GuardedModule):
@@ -72,5 +74,11 @@ class BackboneModule(GuardedModule):
             return
         with ema_weights(self.trainer, self):
             self.check_export(tensors, f"{what} to {out}")
-            save(out)
+            # beside it first (a hidden name: globs such as exports/step_* skip it), then moved into place:
+            # a run stopped while writing leaves no truncated file that make (whose chains wait for the
+            # adapter file) would take for a finished run
+            partial = out.with_name(f".{out.name}.partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            save(partial)
+            replace_path(partial, out)
         self.print(f"exported {what} (EMA) to {out}{hint}")
