@@ -56,9 +56,12 @@ def build(cfg_factory, root, extra=()):
     return module
 
 
-@pytest.mark.parametrize("sampler", ["ode", "flow_sde"])
-def test_batched_loss_and_gradient_equal_the_step_by_step_loop(cfg_factory, toy_world, sampler):
-    module = build(cfg_factory, toy_world, [f"sampler={sampler}", "sampler.num_steps=3"])
+@pytest.mark.parametrize(("sampler", "chunks"), [("ode", (5, 4)), ("flow_sde", (5, 4)), ("ode", (3, 1))])
+def test_batched_loss_and_gradient_equal_the_step_by_step_loop(cfg_factory, toy_world, sampler, chunks):
+    """2 prompts × 2 trained steps = 4 states: in one teacher chunk and one training chunk, or in
+    chunks of 3 + 1 teacher states and 4 training chunks of one state (the chunks cross steps)."""
+    module = build(cfg_factory, toy_world, [f"sampler={sampler}", "sampler.num_steps=3",
+                                            f"module.target_chunk={chunks[0]}", f"module.train_chunk={chunks[1]}"])
     with torch.no_grad():  # give the student a non-zero B so it differs from the base
         for p in module.policy_parameters():
             p.add_(0.1 * torch.randn_like(p))

@@ -84,10 +84,61 @@ def test_nft_round_trains_student_and_soft_updates_old(cfg_factory):
 
 
 def run_nft_objects(cfg_factory, steps, extra=()):
+    return train(_nft_cfg(cfg_factory, steps, extra))[1]
+
+
+def test_nft_batched_passes_give_the_same_round_as_one_forward_per_noised_time(cfg_factory, monkeypatch):
+    """One NFT round (6 images of two prompts, 3 noised times each; λ > 0, so the reference runs too)
+    with the old-policy and reference velocities computed first in no-grad forwards of 5 states (the
+    chunks cross samples and times: 5 + 5 + 5 + 3) and the student's noised times two per forward (groups
+    of 2 and 1), against one forward per noised time: the same losses and the same SGD step. The student starts away from the
+    old policy and the base (a seeded perturbation after set-up), so that the gradient is not ~0."""
+    from opd.modules.teacher_nft import NFTTeacher
+
+    setup = NFTTeacher.on_fit_start
+
+    def perturbed(self):
+        setup(self)
+        gen = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for p in self.policy_parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+
+    monkeypatch.setattr(NFTTeacher, "on_fit_start", perturbed)
+    sgd = ["~module.optimizer.betas", "~module.optimizer.eps", "module.optimizer._target_=torch.optim.SGD",
+           "module.optimizer.lr=1.0", "module.grad_clip=null"]
+
+    def run_with(steps, *extra):
+        metrics, objects = train(_nft_cfg(cfg_factory, steps, ["overwrite=true", *sgd, *extra]))
+        return metrics, lora_state(objects["module"])
+
+    start = run_with(0)[1]
+    m_one, one = run_with(1, "module.num_train_steps=3", "module.nograd_chunk=null", "module.terms_per_forward=1")
+    m_batched, batched = run_with(1, "module.num_train_steps=3", "module.nograd_chunk=5", "module.terms_per_forward=2")
+    assert m_one["train/grad_norm"] > 1e-3 and m_one["train/kl_ref_velocity_mse"] > 1e-6
+    for key in ("train/policy_loss", "train/loss_pos", "train/loss_neg", "train/kl_ref_velocity_mse",
+                "train/old_deviate", "train/grad_norm"):
+        assert m_batched[key] == pytest.approx(m_one[key], rel=1e-4), key
+    students = [k for k in one if ".student." in k]
+    step = torch.cat([(one[k] - start[k]).flatten() for k in students])
+    diff = torch.cat([(batched[k] - one[k]).flatten() for k in students])
+    assert float(step.norm()) > 1e-3
+    assert float(diff.norm()) < 1e-4 * float(step.norm())  # float32 sums in another order
+
+
+def test_nft_terms_per_forward_must_be_positive(cfg_factory):
+    from opd.validate import ConfigError, validate_train_config
+
+    cfg = cfg_factory("train", ["experiment=mini/teacher_geneval", *NFT, "module.terms_per_forward=0"])
+    with pytest.raises(ConfigError, match=r"module.terms_per_forward=0: must be an integer ≥ 1"):
+        validate_train_config(cfg)
+
+
+def _nft_cfg(cfg_factory, steps, extra=()):
     cfg = cfg_factory("train", ["experiment=mini/teacher_geneval", *NFT, "trainer.log_every_n_steps=1",
                                 f"trainer.max_steps={steps}", *extra])
     OmegaConf.resolve(cfg)
-    return train(cfg)[1]
+    return cfg
 
 
 def run_nft(cfg_factory, steps):
@@ -207,7 +258,9 @@ def saved_tensors_are_finite(folder):
     return len(files)
 
 
-@pytest.mark.parametrize(("algorithm", "calls_per_round"), [("grpo_guard", 4), ("nft", 2)])
+# loss calls per round: GRPO-Guard one per trained step; NFT one, its 2 noised times in one forward
+# (mini/teacher_geneval trains up to 3 per forward)
+@pytest.mark.parametrize(("algorithm", "calls_per_round"), [("grpo_guard", 4), ("nft", 1)])
 def test_a_nan_loss_stops_before_the_optimiser_step_and_is_never_saved(tmp_path, monkeypatch, algorithm,
                                                                          calls_per_round):
     """Round 1's loss turns NaN: the run stops naming the loss term; round 0's checkpoint is all that

@@ -18,6 +18,7 @@ gradients are unscaled before clipping, and a step whose gradients overflowed is
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -62,13 +63,13 @@ class AdapterPolicy(BackboneModule):
 
     def __init__(self, backbone: Callable[[], Backbone], sampler: Any,
                  optimizer: Callable[..., torch.optim.Optimizer], lora: dict[str, Any] | None = None,
-                 grad_clip: float = 1.0, seed: int = 0, preview_prompts: Sequence[str] = (),
+                 grad_clip: float | None = 1.0, seed: int = 0, preview_prompts: Sequence[str] = (),
                  init_adapter: str | None = None) -> None:
         super().__init__(backbone, sampler, optimizer, preview_prompts)
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the adapters only, not the frozen backbone
         self.lora = {"rank": 32, "alpha": 64, "target_modules": list(DEFAULT_TARGETS), **(lora or {})}
-        self.grad_clip = grad_clip
+        self.grad_clip = math.inf if grad_clip is None else grad_clip  # null: no clipping (the norm is still logged)
         self.seed = seed
         self.init_adapter = init_adapter
         if init_adapter is not None:

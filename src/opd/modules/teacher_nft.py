@@ -30,13 +30,30 @@ class NFTTeacher(OnlineRL):
     round, and θ ≠ θ_old), which Adam scales up to full-size steps. A round in which every group of
     every rank is such a group makes no optimiser step and no old-policy update
     (``train/skipped_round`` = 1). Every rank still runs its passes, so DDP stays in step.
+
+    How the passes are batched (the same loss and gradients, in fewer and larger forwards; a small
+    model such as the mini world's is bound by the number of calls on a GPU, not by their size):
+    ``nograd_chunk`` — the old policy's and the reference's velocities at every (sample, noised
+    time) of the round are computed before the updates, in no-grad forwards of this many states
+    (``None``: one forward per noised time over all the round's samples); neither adapter changes
+    during a round's updates, so computing them first changes nothing;
+    ``terms_per_forward`` — the student's forward + backward covers up to this many noised times at
+    once (the last group may be smaller; activation memory grows with it).
     """
 
     OLD = "old"
 
     def __init__(self, *args: Any, objective: Any, num_train_steps: int = 9, num_updates_per_round: int = 1,
-                 decay_schedule: str = "linear", skip_zero_variance_groups: bool = False, **kwargs: Any) -> None:
+                 decay_schedule: str = "linear", skip_zero_variance_groups: bool = False,
+                 nograd_chunk: int | None = None, terms_per_forward: int = 1, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if terms_per_forward < 1:
+            raise ValueError(f"module.terms_per_forward={terms_per_forward} must be ≥ 1 (noised times per student "
+                             "forward+backward)")
+        if nograd_chunk is not None and nograd_chunk < 1:
+            raise ValueError(f"module.nograd_chunk={nograd_chunk} must be ≥ 1 (states per no-grad forward), or null")
+        self.nograd_chunk = nograd_chunk
+        self.terms_per_forward = terms_per_forward
         self.skip_zero_variance_groups = skip_zero_variance_groups
         self.objective = objective
         self.num_train_steps = num_train_steps
@@ -69,6 +86,19 @@ class NFTTeacher(OnlineRL):
         """CFG-free velocity under ``adapter`` (the student carries grad, the others do not)."""
         return self.velocity_under(adapter, x, t, cond, 1.0)
 
+    def nograd_velocities(self, x_t: Tensor, t: Tensor, cond: Any, adapter: str | None) -> Tensor:
+        """``adapter``'s velocity (``None``: the reference) at every state of ``x_t [B, S, ...]``
+        (times ``t [B, S]``), ``[B, S, ...]``, in no-grad forwards of ``nograd_chunk`` states."""
+        b, s = t.shape
+        if self.nograd_chunk is None:  # one forward per noised time, over all samples
+            return torch.stack([self.velocity(x_t[:, k], t[:, k], cond, adapter) for k in range(s)], dim=1)
+        chunk = self.nograd_chunk
+        flat_x, flat_t = x_t.flatten(0, 1), t.flatten()
+        sample = torch.arange(b, device=t.device).repeat_interleave(s)  # the prompt of each flat state
+        parts = [self.velocity(flat_x[sl], flat_t[sl], cond[sample[sl]], adapter)
+                 for sl in torch.arange(b * s, device=t.device).split(chunk)]
+        return torch.cat(parts).reshape(b, s, *x_t.shape[2:])
+
     def run_round(self) -> dict[str, Tensor]:
         rows, group_ids = self.draw_round()
         with active_adapter(self.backbone.transformer, self.OLD, trainable=self.STUDENT):
@@ -93,16 +123,32 @@ class NFTTeacher(OnlineRL):
                 return metrics
             weights = keep * (total / kept)  # the loss stays a mean over the kept samples of all ranks
 
-        def term_loss(idx: Tensor, s: int) -> tuple[Tensor, dict[str, Tensor]]:
-            xs, ts, c = x_t[idx, s], t[idx, s], cond[idx]
-            v_ref = self.velocity(xs, ts, c, None) if getattr(self.objective, "kl_weight", 0) > 0 else None
-            return self.objective(self.velocity(xs, ts, c, self.STUDENT).float(),
-                                  self.velocity(xs, ts, c, self.OLD).float(), xs, x0[idx], ts, r[idx],
-                                  v_ref=None if v_ref is None else v_ref.float(),
-                                  **({} if weights is None else {"weights": weights[idx]}))
+        v_old = self.nograd_velocities(x_t, t, cond, self.OLD)
+        v_ref = self.nograd_velocities(x_t, t, cond, None) if getattr(self.objective, "kl_weight", 0) > 0 else None
+        num_times = x_t.shape[1]
+        groups = [range(i, min(i + self.terms_per_forward, num_times))
+                  for i in range(0, num_times, self.terms_per_forward)]
 
-        metrics.update(self.update_round(x0.shape[0], x_t.shape[1], self.num_updates_per_round, term_loss,
-                                         f"the {type(self.objective).__name__} loss at noised time"))
+        def term_loss(idx: Tensor, g: int) -> tuple[Tensor, dict[str, Tensor]]:
+            # the noised times of group g for the samples idx, as one batch (time-major): the loss's means
+            # over it are the mean over its n times of each time's mean; scaled by n·G/S, the mean over the
+            # G groups that update_round takes is the mean over all S times, whatever the groups' sizes
+            times = groups[g]
+            n, scale = len(times), len(times) * len(groups) / num_times
+
+            def batch(a: Tensor) -> Tensor:
+                return a[idx][:, times.start:times.stop].transpose(0, 1).flatten(0, 1)
+
+            xs, ts = batch(x_t), batch(t)
+            loss, terms = self.objective(
+                self.velocity(xs, ts, cond[idx.repeat(n)], self.STUDENT).float(), batch(v_old).float(), xs,
+                x0[idx].repeat(n, *([1] * (x0.ndim - 1))), ts, r[idx].repeat(n),
+                v_ref=None if v_ref is None else batch(v_ref).float(),
+                **({} if weights is None else {"weights": weights[idx].repeat(n)}))
+            return loss * scale, {key: value * scale for key, value in terms.items()}
+
+        metrics.update(self.update_round(x0.shape[0], len(groups), self.num_updates_per_round, term_loss,
+                                         f"the {type(self.objective).__name__} loss at noised-time group"))
         self.num_updates += self.num_updates_per_round
         eta = old_policy_decay(self.num_updates, self.decay_schedule)
         soft_update_(self.old_parameters(), self.policy_parameters(), eta)

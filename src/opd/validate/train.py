@@ -175,6 +175,9 @@ def check_module(p: _Problems, cfg: Any) -> None:
                 p.add(f"{m}.num_train_steps", nts, f"must be an integer in [1, sampler.num_steps = {high}]: the noised "
                       "times are drawn from the sampling grid")
             _check_choice(p, cfg, f"{m}.decay_schedule", ["linear", "delayed"])
+            _check_int(p, cfg, f"{m}.nograd_chunk", 1, "old-policy and reference states per no-grad forward",
+                       optional=True)
+            _check_int(p, cfg, f"{m}.terms_per_forward", 1, "noised times per student forward+backward")
 
     if _has(cfg, f"{m}.cond_dropout"):  # pre-training
         _check_range(p, cfg, f"{m}.cond_dropout", 0, 1, fix="the share of prompts replaced by '' (CFG training)")
