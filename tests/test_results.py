@@ -506,15 +506,17 @@ def test_shipped_fp16_adapter_keeps_keys_and_metadata_and_the_velocity(tmp_path)
     assert (tmp_path / "main" / "pytorch_lora_weights.safetensors").is_file() and shipped["fp16_vs_fp32"] > 0
 
 
-def _scale_run(tmp_path: Path, minutes: list[float], reserved: list[float]) -> Path:
+DISTILL_RUN = ("task_name: mopd_aesthetic_ocr_geneval\n"
+               "model: {_target_: opd.models.random_sd3.random_sd3_backbone, image_size: 512, use_t5: true}\n"
+               "module: {prompts_per_teacher: 3, train_chunk: 8}\n"
+               "teacher: {ocr: {}, aesthetic: {}, geneval: {}}\n")
+
+
+def _scale_run(tmp_path: Path, minutes: list[float], reserved: list[float], config: str = DISTILL_RUN) -> Path:
     """A run folder as `opd.train logger=csv` writes it: a composed config and one metrics.csv."""
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)
-    (run / ".hydra" / "config.yaml").write_text(
-        "task_name: mopd_aesthetic_ocr_geneval\n"
-        "model: {_target_: opd.models.random_sd3.random_sd3_backbone, image_size: 512, use_t5: true}\n"
-        "module: {prompts_per_teacher: 3, train_chunk: 8}\n"
-        "teacher: {ocr: {}, aesthetic: {}, geneval: {}}\n")
+    (run / ".hydra" / "config.yaml").write_text(config)
     csv_dir = run / "csv" / "version_0"
     csv_dir.mkdir(parents=True)
     lines = ["step,time/minutes,memory/peak_reserved_gib,memory/peak_allocated_gib"]
@@ -544,6 +546,19 @@ def test_scale_record_times_rounds_after_the_first_and_takes_the_largest_memory(
     assert written["peak_memory_gib"] == pytest.approx(69.0)
     assert written["peak_memory_source"].startswith("nvidia-smi")
     assert written["trajectories_per_second"] == pytest.approx(72 / 30.0)
+
+
+def test_scale_record_of_a_teacher_rl_run_counts_its_groups(tmp_path: Path) -> None:
+    from opd.results.scale_record import scale_record
+
+    config = ("task_name: mini_teacher_geneval\nmodel: {_target_: opd.models.build.mini_backbone}\n"
+              "module: {num_groups_per_round: 16, group_size: 8, nograd_chunk: 1152, terms_per_forward: 3}\n")
+    run = _scale_run(tmp_path, [0.5, 0.55, 0.6, 0.65], [9.0, 11.0, 11.0, 11.0], config)
+    record = scale_record(run, gpus=2)
+    assert record["seconds_per_round"] == pytest.approx(3.0)
+    assert record["trajectories_per_second"] == pytest.approx(128 / 3.0)  # 16 groups × 8 images, all GPUs
+    assert record["settings"]["trajectories_per_round"] == 128
+    assert record["settings"]["module.terms_per_forward"] == 3
 
 
 def test_scale_record_refuses_a_run_with_too_few_rounds(tmp_path: Path) -> None:

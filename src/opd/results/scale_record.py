@@ -6,8 +6,8 @@ Reads the run's composed config (``<run>/.hydra/config.yaml``) and its CSV log (
 ``seconds_per_round`` is the median of the differences of the logged ``time/minutes`` (logged at the
 end of each round, so the differences time rounds 2, 3, ...; round 2 is left out too, as the first two
 rounds warm up kernels, allocators and caches), ``trajectories_per_second`` is one round's rollouts
-over all GPUs (``module.prompts_per_teacher`` × teachers × GPUs, or ``module.prompts_per_round`` × GPUs
-for a teacher's RL run) divided by it. Memory comes from two places: the peak of PyTorch's allocator
+over all GPUs (``module.prompts_per_teacher`` × teachers × GPUs for distillation; for a teacher's RL run
+``module.num_groups_per_round`` × ``module.group_size``, which already counts every GPU) divided by it. Memory comes from two places: the peak of PyTorch's allocator
 that the training module logs every round on a GPU (``memory/peak_allocated_gib``,
 ``memory/peak_reserved_gib``, rank 0), and, with ``--smi``, the largest ``memory.used`` of
 ``nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 200`` on any GPU: what
@@ -32,9 +32,10 @@ from opd.results.logs import MINUTES, column, training_log
 SETTINGS = ("model.image_size", "model.torch_dtype", "model.use_t5", "model.max_sequence_length",
             "model.gradient_checkpointing", "model.compile_blocks", "sampler.num_steps", "sampler.kernel",
             "sampler.guidance_scale",
-            "module.prompts_per_teacher", "module.prompts_per_round", "module.target_chunk",
-            "module.train_chunk", "module.merge_teacher_lora", "module.lora", "trainer.precision",
-            "trainer.strategy")
+            "module.prompts_per_teacher", "module.target_chunk", "module.train_chunk",
+            "module.merge_teacher_lora", "module.merge_rollout_lora", "module.num_groups_per_round",
+            "module.group_size", "module.num_train_steps", "module.nograd_chunk", "module.terms_per_forward",
+            "module.rollout_chunks", "module.lora", "trainer.precision", "trainer.strategy")
 
 
 def round_seconds(rows: list[dict[str, str]]) -> list[float]:
@@ -81,9 +82,13 @@ def scale_record(run: Path, gpus: int = 1, smi: Path | None = None, device: str 
         raise ValueError(f"{run}: {len(rounds) + 1} logged round(s); a record needs at least 3 "
                          "(train with logger=csv trainer.log_every_n_steps=1)")
     teachers = sorted(cfg.get("teacher") or {})
-    per_gpu = (get("module.prompts_per_teacher") or 0) * len(teachers) if teachers else get("module.prompts_per_round")
-    if not per_gpu:
-        raise ValueError(f"{run}: neither module.prompts_per_teacher with teachers nor module.prompts_per_round is set")
+    if teachers:  # distillation: prompts per GPU, per teacher
+        per_round = (get("module.prompts_per_teacher") or 0) * len(teachers) * gpus
+    else:  # teacher RL: the round's groups are split over the GPUs
+        per_round = (get("module.num_groups_per_round") or 0) * (get("module.group_size") or 0)
+    if not per_round:
+        raise ValueError(f"{run}: cannot count its trajectories per round: neither module.prompts_per_teacher with "
+                         "teachers (distillation) nor module.num_groups_per_round and module.group_size (RL) is set")
     seconds = statistics.median(rounds)
     reserved = logged_peak(rows, "memory/peak_reserved_gib")
     smi_peak = smi_peak_gib(smi) if smi is not None else None
@@ -95,11 +100,11 @@ def scale_record(run: Path, gpus: int = 1, smi: Path | None = None, device: str 
         "torch_peak_allocated_gib": logged_peak(rows, "memory/peak_allocated_gib"),
         "torch_peak_reserved_gib": reserved,
         "seconds_per_round": round(seconds, 3),
-        "trajectories_per_second": round(per_gpu * gpus / seconds, 4),
+        "trajectories_per_second": round(per_round / seconds, 4),
         "rounds_timed": len(rounds),
         "round_seconds": [round(s, 3) for s in rounds],
         "settings": {"model": str(get("model._target_")).rsplit(".", 1)[-1], "num_gpus": gpus,
-                     "teachers": teachers, "trajectories_per_round": per_gpu * gpus,
+                     "teachers": teachers, "trajectories_per_round": per_round,
                      **{key: get(key) for key in SETTINGS if get(key) is not None}},
     }
     if notes:
