@@ -47,11 +47,6 @@ class NFTTeacher(OnlineRL):
                  decay_schedule: str = "linear", skip_zero_variance_groups: bool = False,
                  nograd_chunk: int | None = None, terms_per_forward: int = 1, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if terms_per_forward < 1:
-            raise ValueError(f"module.terms_per_forward={terms_per_forward} must be ≥ 1 (noised times per student "
-                             "forward+backward)")
-        if nograd_chunk is not None and nograd_chunk < 1:
-            raise ValueError(f"module.nograd_chunk={nograd_chunk} must be ≥ 1 (states per no-grad forward), or null")
         self.nograd_chunk = nograd_chunk
         self.terms_per_forward = terms_per_forward
         self.skip_zero_variance_groups = skip_zero_variance_groups
@@ -126,7 +121,7 @@ class NFTTeacher(OnlineRL):
         v_old = self.nograd_velocities(x_t, t, cond, self.OLD)
         v_ref = self.nograd_velocities(x_t, t, cond, None) if getattr(self.objective, "kl_weight", 0) > 0 else None
         num_times = x_t.shape[1]
-        groups = [range(i, min(i + self.terms_per_forward, num_times))
+        groups = [slice(i, min(i + self.terms_per_forward, num_times))
                   for i in range(0, num_times, self.terms_per_forward)]
 
         def term_loss(idx: Tensor, g: int) -> tuple[Tensor, dict[str, Tensor]]:
@@ -134,10 +129,11 @@ class NFTTeacher(OnlineRL):
             # over it are the mean over its n times of each time's mean; scaled by n·G/S, the mean over the
             # G groups that update_round takes is the mean over all S times, whatever the groups' sizes
             times = groups[g]
-            n, scale = len(times), len(times) * len(groups) / num_times
+            n = times.stop - times.start
+            scale = n * len(groups) / num_times
 
-            def batch(a: Tensor) -> Tensor:
-                return a[idx][:, times.start:times.stop].transpose(0, 1).flatten(0, 1)
+            def batch(a: Tensor) -> Tensor:  # only the group's times of the samples idx are copied
+                return a[idx, times].transpose(0, 1).flatten(0, 1)
 
             xs, ts = batch(x_t), batch(t)
             loss, terms = self.objective(
