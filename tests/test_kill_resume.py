@@ -25,6 +25,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import ROOT, compose_cfg
+from opd.callbacks.curves import CurvePlot
 from opd.train import train
 from test_distill import overrides as mopd_overrides
 from test_distill import (
@@ -178,15 +179,24 @@ class SigtermAtStep(pl.Callback):
 
 def test_sigterm_saves_last_at_the_step_it_stops_and_resumes_exactly(tmp_path):
     """SIGTERM (a scheduler's limit, ``timeout``) between checkpoints: the run stops after the step
-    under way, saves ``last.ckpt`` there, and the resume ends where a straight run ends."""
-    overrides = ["experiment=mini/teacher_geneval", *NFT, *FAST, "callbacks.model_checkpoint.every_n_train_steps=1000"]
+    under way, saves ``last.ckpt`` there, and the resume ends where a straight run ends. The curves
+    are drawn on the way out, and the resumed run's curves start at step 1, not at the resume."""
+    overrides = ["experiment=mini/teacher_geneval", *NFT, "callbacks.image_grid=null",
+                 "callbacks.curves.every_n_steps=1000", "callbacks.model_checkpoint.every_n_train_steps=1000"]
     stopped, straight = tmp_path / "stopped", tmp_path / "straight"
     with pytest.raises(SystemExit):
         fit(overrides, stopped, 4, ("+callbacks.sigterm={_target_:test_kill_resume.SigtermAtStep,step:2}",))
     last = stopped / "checkpoints" / "last.ckpt"
     assert int(torch.load(last, map_location="cpu", weights_only=False)["global_step"]) == 2
     assert not (stopped / "run.lock").exists()  # released on the way out
-    resumed = fit(overrides, stopped, 4, ("ckpt_path=last",))["module"]
+    assert (stopped / "curves.png").is_file()  # drawn when the run stopped (every_n_steps not reached)
+    run = fit(overrides, stopped, 4, ("ckpt_path=last",))
+    resumed = run["module"]
+    (plot,) = [c for c in run["trainer"].callbacks if isinstance(c, CurvePlot)]
+    assert [step for step, _ in plot.history["train/grad_norm"]] == [1, 2, 3, 4]
+    logged = logged_last_version(stopped, "train/grad_norm")
+    # the resumed process logged steps 3 and 4 (the CSV counts steps from 0): the same values
+    assert [v for s, v in plot.history["train/grad_norm"] if s > 2] == pytest.approx([logged[s] for s in sorted(logged)])
     reference = fit(overrides, straight, 4)["module"]
     wa, wb = trainable(reference), trainable(resumed)
     assert wa and set(wa) == set(wb)

@@ -2,7 +2,9 @@
 
 Whatever logger is configured, a PNG beside the checkpoints shows at a glance whether the KL falls
 and the rewards rise. Values are collected after each step and redrawn every ``every_n_steps`` and
-at the end. Modules that keep their last step's metrics in ``last_metrics`` (every
+at the end (also when a run stops early: SIGTERM, a time slice, an error). The history is part of
+the run's checkpoints, so a resumed run (``ckpt_path=last``) draws its curves from step 1, not from
+the resume. Modules that keep their last step's metrics in ``last_metrics`` (every
 :class:`~opd.modules.policy.AdapterPolicy`) give exactly what each step logged; otherwise
 ``trainer.callback_metrics`` is used (the learning rate of ``LearningRateMonitor``, ``lr-*``, always
 comes from there).
@@ -147,6 +149,18 @@ class CurvePlot(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.draw(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.draw(trainer)  # a stopped run (SIGTERM, time slice, crash) shows how far it got
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": {key: [list(point) for point in points] for key, points in self.history.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The history up to the checkpoint's step; points logged after it (by the run that was
+        stopped before its next checkpoint) are not in it, so a resume never draws a step twice."""
+        self.history = defaultdict(list, {key: [(int(step), float(value)) for step, value in points]
+                                          for key, points in state_dict.get("history", {}).items()})
 
     def grouped(self) -> dict[str, tuple[Panel, str, dict[str, str]]]:
         """``{panel title: (kind, keys line, {series label: key})}`` of the recorded keys, in
