@@ -30,6 +30,15 @@ def test_ratios_are_taken_within_each_run():
     assert "| b.json | configuration: --compile --merge-teacher (batch 12) | 2.400 | – | 4.80 |" in text
 
 
+def test_a_run_cut_short_shows_what_it_measured_and_no_ratio_from_another_run():
+    cut = {"ours": fig(2.4, levers=["--compile", "--cfg-free"], mfu=None)}  # cut before its reference loop
+    table = rows({"a.json": LEVERS_RUN, "cut.json": cut, "none.json": {"matmul_peak_tflops": 790.0}})
+    mine = [r for r in table if r["run"] == "cut.json"]
+    assert len(mine) == 1 and mine[0]["speedup_vs_reference"] is None and mine[0]["trajectories_per_second"] == 2.4
+    assert not [r for r in table if r["run"] == "none.json"]
+    assert "| cut.json | configuration: --compile --cfg-free (batch 12) | 2.400 | – | – |" in markdown(table)
+
+
 def test_cli_writes_the_plot_and_names_a_missing_file(tmp_path, capsys):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps(LEVERS_RUN))

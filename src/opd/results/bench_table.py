@@ -28,16 +28,17 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def row(run: str, what: str, fig: dict[str, Any], plain: dict[str, Any] | None,
-        reference: dict[str, Any]) -> dict[str, Any]:
+        reference: dict[str, Any] | None) -> dict[str, Any]:
     """One table row: ``fig``'s rates and its speed-ups over ``plain`` (None: it is the plain module,
-    or a configuration run without one) and over the same run's ``reference``."""
+    or a configuration run without one) and over the same run's ``reference`` (None: the run was
+    cut short before it; no speed-up, since ratios are only taken within one run)."""
     if "error" in fig or "skipped" in fig:
         return {"run": run, "what": what, "note": fig.get("error") or fig.get("skipped")}
     tps = fig["trajectories_per_second"]
     return {
         "run": run, "what": what, "trajectories_per_second": tps,
         "speedup_vs_plain": tps / plain["trajectories_per_second"] if plain else None,
-        "speedup_vs_reference": tps / reference["trajectories_per_second"],
+        "speedup_vs_reference": tps / reference["trajectories_per_second"] if reference else None,
         "phases": tuple(fig.get(f"{p}_seconds") for p in ("rollout", "targets", "train")),
         "peak_memory_gib": fig.get("peak_memory_gib"), "mfu": fig.get("mfu"),
     }
@@ -48,8 +49,11 @@ def rows(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     its batch sweep and its levers, in the run's own order."""
     out = []
     for run, result in runs.items():
-        ref, ours = result["reference_style"], result["ours"]
-        out.append(row(run, "reference-style loop", ref, None, ref))
+        ref, ours = result.get("reference_style"), result.get("ours")
+        if ref is not None:
+            out.append(row(run, "reference-style loop", ref, None, ref))
+        if ours is None:  # cut short before its batched module was measured
+            continue
         flags = ours.get("levers") or []
         plain_name = "plain module" if not flags else "configuration: " + " ".join(flags)
         out.append(row(run, f"{plain_name} (batch {ours.get('batch', '?')})", ours, None, ref))
