@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -228,3 +229,27 @@ def test_time_slice_rejects_a_non_positive_slice():
 
     with pytest.raises(ValueError, match="callbacks.time_slice.minutes"):
         TimeSlice(minutes=0)
+
+
+def test_a_resume_at_max_steps_exports_what_the_end_of_training_exports(tmp_path, caplog):
+    """A checkpoint already at ``max_steps`` (a run stopped between its last checkpoint and its export,
+    or ended early with a lower ``trainer.max_steps``): Lightning trains nothing and skips every
+    end-of-training hook; the run still ends with the adapter the end of training would export."""
+    from safetensors.torch import load_file
+
+    overrides = ["experiment=mini/teacher_geneval", *NFT, *FAST, "callbacks.model_checkpoint.every_n_train_steps=1"]
+    out = tmp_path / "run"
+    fit(overrides, out, 2)
+    adapter = out / "adapter" / "pytorch_lora_weights.safetensors"
+    exported = load_file(adapter)
+    shutil.rmtree(out / "adapter")  # as if stopped after the last checkpoint, before the export
+    with caplog.at_level(logging.INFO, logger="opd.train"):
+        run = fit(overrides, out, 2, ("ckpt_path=last",))
+    assert run["trainer"].global_step == 2 and "nothing to train" in caplog.text
+    again = load_file(adapter)
+    assert set(again) == set(exported)
+    for name, tensor in exported.items():
+        torch.testing.assert_close(again[name], tensor, rtol=0, atol=0)  # the EMA weights, bit for bit
+    shutil.rmtree(out / "adapter")  # ended early: a lower max_steps than the checkpoint's step
+    fit(overrides, out, 1, ("ckpt_path=last",))
+    assert adapter.is_file()

@@ -376,6 +376,31 @@ def datamodule_config(cfg: DictConfig) -> DictConfig | None:
     return None
 
 
+class _TrainEndSeen(pl.Callback):
+    """Notes whether Lightning ran the end-of-training hooks (it skips them, with every other training
+    hook, when a resumed checkpoint is already at ``max_steps``)."""
+
+    seen = False
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.seen = True
+
+
+def _finish_without_training(trainer: pl.Trainer, module: pl.LightningModule, ckpt_path: str) -> None:
+    """A resume from a checkpoint already at (or past) ``max_steps``: a run stopped between its last
+    checkpoint and its exports, or one ended early with a lower ``trainer.max_steps``. Lightning trains
+    nothing and runs no end-of-training hook, so the run would end without its adapter, silently, and
+    a make chain waiting for that file would start it again and again. Run those hooks here, on the
+    restored state (the EMA weights included): the adapter, the final grid and curves are written as
+    at the end of training (opd's own callbacks; Lightning's expect the loop to have run)."""
+    log.info("%s is at step %d, at or past trainer.max_steps=%d: nothing to train; finishing the run "
+             "(its end-of-training exports) from the checkpoint", ckpt_path, trainer.global_step, trainer.max_steps)
+    for callback in trainer.callbacks:
+        if type(callback).__module__.startswith("opd."):
+            callback.on_train_end(trainer, module)
+    module.on_train_end()
+
+
 def _fit(cfg: DictConfig, ckpt_path: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
     pl.seed_everything(cfg.seed, workers=True)
     data_cfg = datamodule_config(cfg)
@@ -388,7 +413,12 @@ def _fit(cfg: DictConfig, ckpt_path: str | None) -> tuple[dict[str, Any], dict[s
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     objects = {"cfg": cfg, "datamodule": datamodule, "module": module, "trainer": trainer}
     log.info("output folder: %s", cfg.paths.output_dir)
+    end_seen = _TrainEndSeen()
+    trainer.callbacks.append(end_seen)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if not end_seen.seen and ckpt_path is not None and trainer.max_steps >= 0 \
+            and trainer.global_step >= trainer.max_steps:
+        _finish_without_training(trainer, module, ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     log.info("done; outputs in %s", cfg.paths.output_dir)
     return metrics, objects
