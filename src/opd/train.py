@@ -44,6 +44,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 import opd.config  # registers the structured-config schemas; validate_train_config
+from opd.callbacks.curves import CurvePlot
 from opd.evaluation.run import check_run_eval, evaluate_run
 from opd.validate import check_ckpt_path
 
@@ -391,12 +392,13 @@ def _finish_without_training(trainer: pl.Trainer, module: pl.LightningModule, ck
     checkpoint and its exports, or one ended early with a lower ``trainer.max_steps``. Lightning trains
     nothing and runs no end-of-training hook, so the run would end without its adapter, silently, and
     a make chain waiting for that file would start it again and again. Run those hooks here, on the
-    restored state (the EMA weights included): the adapter, the final grid and curves are written as
-    at the end of training (opd's own callbacks; Lightning's expect the loop to have run)."""
+    restored state (the EMA weights included): the adapter and the curves are written as at the end of
+    training. Not the preview grid: after ``fit`` the model may be back on the CPU, where sampling an
+    SD3.5 preview would take many minutes (the grid of the last step drawn stays)."""
     log.info("%s is at step %d, at or past trainer.max_steps=%d: nothing to train; finishing the run "
              "(its end-of-training exports) from the checkpoint", ckpt_path, trainer.global_step, trainer.max_steps)
     for callback in trainer.callbacks:
-        if type(callback).__module__.startswith("opd."):
+        if isinstance(callback, CurvePlot):
             callback.on_train_end(trainer, module)
     module.on_train_end()
 
