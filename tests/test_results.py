@@ -273,20 +273,30 @@ def test_teacher_cards_from_picked_candidates_logs_and_test_scores(tmp_path, con
                                  {"step": 1, "time/minutes": 2.5, "reward/ocr": 0.7}])
     write_overrides(runs / "ocr_nft", ["experiment=mini/teacher_ocr_nft", "++module.init_adapter=ocr_first/adapter"])
     evaluation = runs / "teacher_ocr" / "eval"
-    write_eval(evaluation, {"teacher_ocr": scores(0.0, 0.84, 0.3, 0.1)})
+    controls = {f"{O}/ci_low": 0.8, f"{O}/ci_high": 0.875, f"{O}/swapped": 0.05, "ocr/sensitivity": 1.25}
+    write_eval(evaluation, {"teacher_ocr": {**scores(0.0, 0.84, 0.3, 0.1), **controls}})
     (evaluation / "grids").mkdir()
     (evaluation / "grids" / "teacher_ocr_ocr.png").write_bytes(b"png")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "ocr.md").write_text("Round 1 collapsed at lr 1e-3.\n")
     table = teacher_cards.main(["--runs", str(runs), "--teachers", str(tmp_path / "teachers"), "--results",
                                 str(tmp_path / "page"), "--base", str(base), "--device", "one H200",
-                                "--teacher-stages", json.dumps({"ocr": ["ocr_first"]})])
+                                "--teacher-stages", json.dumps({"ocr": ["ocr_first"]}),
+                                "--notes", str(tmp_path / "notes")])
     assert table["teacher_ocr"][O] == 0.84
     card = (tmp_path / "teachers" / "ocr" / "README.md").read_text()
     assert "trained with **DiffusionNFT**" in card and "rewarded by `ocr`" in card and "CFG 1.0" in card
     assert "(runs `ocr_first`, `ocr_nft`, each continuing the last)" in card
     assert "  `python -m opd.train experiment=mini/teacher_ocr_nft ++module.init_adapter=ocr_first/adapter`" in card
     assert "**training time**: 5.5 min" in card  # 3.0 + 2.5
-    assert "| OCR | 0.600 | 0.840 | +0.240 |" in card and "| GenEval | 0.200 | 0.000 | -0.200 |" in card
-    assert "| ocr_grpo | GRPO-Guard | 0.700 |" in card and "| ocr_nft | DiffusionNFT | 0.800 |" in card
+    assert "| OCR | 0.600 | 0.840 [0.80, 0.88] | +0.240 |" in card  # with its interval where the row has one
+    assert "| metric | base (CFG 4.5) | this teacher (CFG 1.0) | change |" in card  # the base's from its evaluation
+    assert f"Its images on its own test prompts: `{tmp_path / 'page' / 'teacher_ocr_ocr.png'}`." in card
+    assert "| GenEval | 0.200 | 0.000 | -0.200 |" in card  # its row has ci_low only: no interval
+    # the controls: swapped prompts and sensitivity from the teacher's row, the cover image from the evaluation's
+    assert "| OCR | 0.050 | 1.25 | – |" in card and "| GenEval | – | – | 0.900 |" in card
+    assert "| ocr_grpo | GRPO-Guard | 0.700 |" in card and "| ocr_nft  **picked** | DiffusionNFT | 0.800 |" in card
+    assert card.endswith("## What was tried\n\nRound 1 collapsed at lr 1e-3.\n")
     page = (tmp_path / "page" / "results.md").read_text()
     assert "| base | 0.200 | 0.600 | 0.400 |" in page and "| teacher_ocr | 0.000 | 0.840 | 0.100 |" in page
     assert (tmp_path / "page" / "teacher_ocr_ocr.png").read_bytes() == b"png"
@@ -312,12 +322,24 @@ def test_teacher_card_of_a_snapshot_counts_its_run_up_to_that_step(tmp_path, con
                                  {"step": 74, "time/minutes": 6.0, "reward/geneval_mini": 0.5}])
     write_overrides(runs / "gen_nft", ["experiment=mini/teacher_geneval"])
     write_eval(runs / "teacher_geneval" / "eval", {"teacher_geneval": scores(0.45, 0.6, 0.5, 0.4)})
+    # the run's val evaluation also scored step 75, whose snapshot is gone (not a candidate of the pick)
+    write_eval(runs / "gen_nft" / "val", {"step_000025": scores(0.3, 0, 0, 0), "step_000050": scores(0.6, 0, 0, 0),
+                                          "step_000075": scores(0.25, 0, 0, 0), "final": scores(0.5, 0, 0, 0)})
     teacher_cards.main(["--runs", str(runs), "--teachers", str(tmp_path / "teachers"), "--results",
-                        str(tmp_path / "page"), "--base", str(base)])
+                        str(tmp_path / "page"), "--base", str(base), "--val-base", "geneval=0.2"])
     card = (tmp_path / "teachers" / "geneval" / "README.md").read_text()
+    assert f"The snapshots' val scores against their steps: `{tmp_path / 'page' / 'geneval_val.png'}`." in card
+    assert (tmp_path / "page" / "geneval_val.png").stat().st_size > 0
+    # no snapshot rows (a run's final adapter only): nothing drawn
+    assert not teacher_cards.plot_val({"final": {G: 0.5}}, G, "final", None, "geneval", tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
     assert "(run `gen_nft`)" in card and "`python -m opd.train experiment=mini/teacher_geneval`" in card
     assert "**training time**: 4.0 min wall-clock; the weights are its EMA snapshot at step 50" in card
-    assert "| gen_nft/step_000050 | DiffusionNFT | 0.600 |" in card and "held-out *val* prompts" in card
+    assert "| gen_nft/step_000050  **picked** | DiffusionNFT | 0.600 |" in card and "held-out *val* prompts" in card
+    assert ("| gen_nft/step_000050  **picked** | DiffusionNFT | 0.600 |\n"
+            "| gen_nft/step_000075 | DiffusionNFT | 0.250 (snapshot not kept) |\n") in card
+    assert "What was tried" not in card and "Its images on" not in card  # no grid
+    assert "| metric | base (CFG 4.5) | this teacher (CFG 1.0) | change |" in card
     assert logs.snapshot_of("gen_nft/final") == ("gen_nft", None) == logs.snapshot_of("gen_nft")
     assert logs.snapshot_of("a/b/step_000050") == ("a/b", 50) and logs.snapshot_of("a/step_x") == ("a/step_x", None)
 

@@ -5,8 +5,10 @@
 
 For each skill in ``<runs>/picked.json`` (:mod:`opd.results.pick_teachers`): ``<teachers>/<skill>/README.md``
 (how it was trained: commands, minutes, device; the candidates it was picked from with their
-validation scores; its test scores, ``<runs>/teacher_<skill>/eval/results.json``, against the base)
-and ``<results>/<skill>_curves.png`` (training reward against wall-clock, with the test grids copied
+validation scores, also of snapshots scored on val but no longer on disk; its test scores,
+``<runs>/teacher_<skill>/eval/results.json``, against the base, with 95 % intervals and the controls:
+swapped prompts, prompt sensitivity, the cover image; ``--notes DIR`` adds ``DIR/<skill>.md`` as
+"What was tried") and ``<results>/<skill>_curves.png`` (training reward against wall-clock, with the test grids copied
 beside it); ``<results>/results.md`` / ``results.json`` hold the base and the teachers on every
 task. The metrics are the headlines of ``conf/eval_tasks/<suite>.yaml``.
 """
@@ -20,8 +22,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from opd.evaluation.report import COVER
 from opd.results.logs import MINUTES, chained_log, moving_average, run_command, snapshot_of
-from opd.results.metrics import columns, evaluated_rows, reward_names
+from opd.results.metrics import columns, evaluated_rows, guidance_scales, reward_names
 from opd.utils.files import write_atomic
 
 
@@ -43,20 +46,52 @@ def scores_table(rows: Mapping[str, Mapping[str, float]], cols: Mapping[str, str
     return "\n".join(lines) + "\n"
 
 
+def with_interval(row: Mapping[str, float], key: str) -> str:
+    """``row[key]`` as ``0.288 [0.25, 0.33]`` (its 95 % interval when the row has one)."""
+    low, high = row.get(f"{key}/ci_low"), row.get(f"{key}/ci_high")
+    return f"{row[key]:.3f}" + (f" [{low:.2f}, {high:.2f}]" if low is not None and high is not None else "")
+
+
+def controls_table(test: Mapping[str, float], cover: Mapping[str, float], cols: Mapping[str, str]) -> str:
+    """Per metric: the teacher's images scored against swapped prompts, its prompt sensitivity
+    (``<task>/sensitivity``, the base = 1) and the cover image's score; empty without any of them."""
+    lines = []
+    for title, m in cols.items():
+        task = m.split("/")[0]
+        cells = [with_interval(test, f"{m}/swapped") if f"{m}/swapped" in test else "–",
+                 f"{test[f'{task}/sensitivity']:.2f}" if f"{task}/sensitivity" in test else "–",
+                 f"{cover[m]:.3f}" if m in cover else "–"]
+        if any(c != "–" for c in cells):
+            lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    return ("\n| metric | its images against swapped prompts | prompt sensitivity (base = 1) | cover image |\n"
+            "|---|---|---|---|\n" + "\n".join(lines) + "\n")
+
+
 def card(skill: str, pick: Mapping, stages: Sequence[str], commands: Sequence[str], minutes: float,
          base: Mapping[str, float], test: Mapping[str, float], cols: Mapping[str, str], rewards: Sequence[str],
-         device: str = "", curves: str = "", root: Path | None = None) -> str:
+         device: str = "", curves: str = "", root: Path | None = None, cover: Mapping[str, float] | None = None,
+         not_kept: Mapping[str, float] | None = None, notes: str = "", base_cfg: float | None = None,
+         grid: str = "", val_plot: str = "") -> str:
     """The teacher's model card (markdown). ``pick``: its entry of picked.json; ``stages``: its runs
-    (under ``root``), each continuing the last, with their ``commands``; ``test``/``base``: test scores."""
+    (under ``root``), each continuing the last, with their ``commands``; ``test``/``base``: test scores;
+    ``cover``: the cover image's test scores; ``not_kept``: ``{candidate: val score}`` of snapshots scored
+    on val whose weights are gone; ``notes``: markdown for "What was tried"; ``base_cfg``: the CFG scale
+    of the base's row; ``grid``: the teacher's test grid on its own task; ``val_plot``: its snapshots' val
+    scores drawn against their steps."""
     winner = pick["winner"]
     guidance = pick["candidates"][winner].get("guidance_scale")
     run, step = snapshot_of(winner)
     snapshot = f"; the weights are its EMA snapshot at step {step}, the best on val" if step is not None else ""
-    scores = "\n".join(f"| {title} | {base[m]:.3f} | {test[m]:.3f} | {test[m] - base[m]:+.3f} |"
+    scores = "\n".join(f"| {title} | {with_interval(base, m)} | {with_interval(test, m)} | {test[m] - base[m]:+.3f} |"
                        for title, m in cols.items() if m in base and m in test)
-    candidates = "\n".join(f"| {n} | {algorithm(snapshot_of(n)[0], root)} | {c['score']:.3f} |"
-                           for n, c in pick["candidates"].items())
+    listed = {**{n: (c["score"], "") for n, c in pick["candidates"].items()},
+              **{n: (s, " (snapshot not kept)") for n, s in (not_kept or {}).items()}}
+    candidates = "\n".join(f"| {n}{'  **picked**' if n == winner else ''} | {algorithm(snapshot_of(n)[0], root)} | "
+                           f"{score:.3f}{note} |" for n, (score, note) in sorted(listed.items()))
     made_by = "\n".join(f"  `{c}`" for c in commands if c)
+    controls = controls_table(test, cover or {}, cols)
     return f"""# mini {skill} teacher
 
 A LoRA on `models/mini_base`, trained with **{algorithm(run, root)}** on the `{skill}` training prompts
@@ -70,10 +105,12 @@ Used as the `{skill}` teacher of the mini DiffusionOPD experiments (`conf/teache
 
 ## Test scores (`python -m opd.evaluate`: all test prompts)
 
-| metric | base | this teacher | change |
+In brackets: 95 % intervals (bootstrap over prompts).{f' Its images on its own test prompts: `{grid}`.' if grid else ''}
+
+| metric | base{f' (CFG {base_cfg:g})' if base_cfg is not None else ''} | this teacher (CFG {guidance}) | change |
 |---|---|---|---|
 {scores}
-
+{controls}
 ## How it was picked
 
 Each candidate (a run's final adapter, or each of its EMA snapshots) was evaluated on the task's
@@ -83,7 +120,24 @@ sets were never used for the choice.
 | candidate | algorithm | validation {pick['metric']} |
 |---|---|---|
 {candidates}
-""" + (f"\nTraining reward against wall-clock: `{curves}`.\n" if curves else "")
+""" + (f"\nThe snapshots' val scores against their steps: `{val_plot}`.\n" if val_plot else "") + (
+        f"\nTraining reward against wall-clock: `{curves}`.\n" if curves else "") + (
+        f"\n## What was tried\n\n{notes.strip()}\n" if notes.strip() else "")
+
+
+def val_rows_not_kept(root: Path, pick: Mapping) -> dict[str, float]:
+    """``{run/row: val score}`` of the rows of each candidate run's ``val/results.json`` that are not
+    candidates any more (their snapshot's weights were not kept)."""
+    out = {}
+    for run in sorted({snapshot_of(n)[0] for n in pick["candidates"]}):
+        results = Path(root) / run / "val" / "results.json"
+        if not results.is_file():
+            continue
+        for row, scores in evaluated_rows(results).items():
+            name = f"{run}/{row}"
+            if name not in pick["candidates"] and run not in pick["candidates"] and pick["metric"] in scores:
+                out[name] = scores[pick["metric"]]
+    return out
 
 
 def plot(log: list[dict[str, str]], skill: str, out: Path) -> None:
@@ -112,6 +166,40 @@ def plot(log: list[dict[str, str]], skill: str, out: Path) -> None:
     plt.close(fig)
 
 
+def plot_val(val: Mapping[str, Mapping[str, float]], metric: str, picked_row: str, base: float | None,
+             skill: str, out: Path) -> bool:
+    """Each snapshot's val score (``step_NNNNNN`` rows of ``val``) against its step, with its 95 % interval,
+    the picked one marked and ``base`` as a line; False (nothing drawn) without snapshot rows."""
+    pts = sorted((int(row.split("_")[1]), r) for row, r in val.items()
+                 if row.startswith("step_") and row.split("_")[1].isdigit() and metric in r)
+    if not pts:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [s for s, _ in pts]
+    ys = [r[metric] for _, r in pts]
+    lo = [r[metric] - r.get(f"{metric}/ci_low", r[metric]) for _, r in pts]
+    hi = [r.get(f"{metric}/ci_high", r[metric]) - r[metric] for _, r in pts]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.errorbar(steps, ys, yerr=[lo, hi], marker="o", capsize=3, label="EMA snapshot (95 % interval)")
+    if picked_row in val and picked_row.startswith("step_"):
+        ax.plot([int(picked_row.split("_")[1])], [val[picked_row][metric]], marker="*", ms=16, ls="", color="C3",
+                label="picked")
+    if base is not None:
+        ax.axhline(base, color="grey", ls="--", lw=1, label="base on val")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel(f"val {metric}")
+    ax.set_title(f"mini {skill} teacher: its snapshots on the val prompts")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,23 +210,40 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--suite", default="mini")
     parser.add_argument("--device", default="")
     parser.add_argument("--teacher-stages", default="{}", help="JSON: the runs each teacher's winner continued")
+    parser.add_argument("--base-cfg", type=float, default=None,
+                        help="the base row's CFG scale (default: from its evaluation's .hydra record, else 4.5)")
+    parser.add_argument("--val-base", nargs="*", default=[], metavar="SKILL=SCORE",
+                        help="the base's val score on each skill's metric: a line in the val plots")
+    parser.add_argument("--notes", type=Path, help="a folder of <skill>.md: what was tried, added to each card")
     args = parser.parse_args(argv)
     picked = json.loads((args.runs / "picked.json").read_text())
     cols, rewards = columns(args.suite), reward_names(args.suite)
     base = evaluated_rows(args.base)["base"]
+    val_base = {k: float(v) for k, v in (pair.split("=", 1) for pair in args.val_base)}
+    base_cfg = args.base_cfg if args.base_cfg is not None else guidance_scales(args.base).get("base", 4.5)
     args.results.mkdir(parents=True, exist_ok=True)
     table = {"base": base}
     for skill, pick in picked.items():
         stages = [*json.loads(args.teacher_stages).get(skill, []), pick["winner"]]
         evaluation = args.runs / f"teacher_{skill}" / "eval"
         test = table[f"teacher_{skill}"] = evaluated_rows(evaluation / "results.json")[f"teacher_{skill}"]
+        cover = json.loads((evaluation / "results.json").read_text()).get(COVER, {})
+        notes = args.notes / f"{skill}.md" if args.notes else None
         log, minutes = chained_log(args.runs, stages)  # a snapshot's teacher: its run up to that step
         plot(log, skill, args.results / f"{skill}_curves.png")
         for png in sorted((evaluation / "grids").glob("*.png")):
             shutil.copy(png, args.results / png.name)
+        grid = args.results / f"teacher_{skill}_{skill}.png"  # the evaluation's grid of <row>_<task>
+        run, _ = snapshot_of(pick["winner"])
+        val_plot = args.results / f"{skill}_val.png"
+        drawn = (args.runs / run / "val" / "results.json").is_file() and plot_val(
+            evaluated_rows(args.runs / run / "val" / "results.json"), pick["metric"],
+            pick["winner"].removeprefix(f"{run}/"), val_base.get(skill), skill, val_plot)
         runs = [snapshot_of(s)[0] for s in stages]
         text = card(skill, pick, runs, [run_command(args.runs / r) for r in runs], minutes, base, test, cols,
-                    rewards.get(skill, []), args.device, str(args.results / f"{skill}_curves.png"), args.runs)
+                    rewards.get(skill, []), args.device, str(args.results / f"{skill}_curves.png"), args.runs,
+                    cover, val_rows_not_kept(args.runs, pick), notes.read_text() if notes and notes.is_file() else "",
+                    base_cfg, str(grid) if grid.is_file() else "", str(val_plot) if drawn else "")
         (args.teachers / skill).mkdir(parents=True, exist_ok=True)
         (args.teachers / skill / "README.md").write_text(text)
     (args.results / "results.json").write_text(json.dumps(table, indent=1, sort_keys=True))
