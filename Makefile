@@ -92,7 +92,7 @@ $(RUNS)/%/eval/results.json: $(RUNS)/%/$(ADAPTER) | $(STAMP)
 $(RUNS)/%/val/results.json: $(RUNS)/%/$(ADAPTER) | $(STAMP)
 	$(call evaluate,$(RUNS)/$*,$(@D),$(VAL))
 
-# -- make mini-teachers: the v2 teachers' recipe (docs/results/mini_teachers_v2) ---------------------------
+# -- make mini-teachers: the mini teachers (docs/results/mini_teachers_v3) ---------------------------------
 # One DiffusionNFT run per skill (CFG-free; the recipe that learnt on val in rounds 1 and 2), each for a fixed
 # number of optimiser steps (not minutes: the same run on any GPU) with an EMA adapter snapshot every
 # SNAPSHOT_EVERY_<skill> steps. Every snapshot and the final adapter are scored on the skill's val prompts, and the best
@@ -104,34 +104,48 @@ TEACHER_EXP_geneval   := mini/teacher_geneval
 TEACHER_EXP_aesthetic := mini/teacher_aesthetic_nft
 TEACHER_ARGS_ocr      := +reward.ocr.num_workers=$(OCR_WORKERS)
 TEACHER_STEPS_ocr       ?= 100
-# (GenEval: the training reward, a partial score of CFG-free rollouts, dips after step 300 - 0.55 -> 0.43 - while the
-# snapshots' strict val score does not: 0.22 at step 300, 0.29 at 350. The pick is made on val, not on the training reward.)
+# (v3: the GenEval and aesthetic runs learnt for about 300 steps, then fell apart while their KL to the base grew;
+# val peaked at steps 350 and 200 and early stopping kept those snapshots. docs/results/mini_teachers_v3)
 TEACHER_STEPS_geneval   ?= 500
 TEACHER_STEPS_aesthetic ?= 500
-# a snapshot every 50 steps of the GenEval and aesthetic runs (7 and 10 val evaluations), every quarter of OCR's short one
-# every 10 % of the GenEval and aesthetic runs (10 val evaluations each), every quarter of OCR's short one
+# a snapshot every 10 % of the GenEval and aesthetic runs (10 val evaluations each), every quarter of OCR's short one
+SNAPSHOT_EVERY_ocr       ?= 25
 SNAPSHOT_EVERY_geneval   ?= 50
 SNAPSHOT_EVERY_aesthetic ?= 50
+# A second candidate run <skill>_nftkl for the skills in KL_SKILLS: the same recipe with DiffusionNFT's velocity
+# penalty towards the base (objective.kl_weight, the reference's 1e-4) at TEACHER_KL. At 1e-4 it is nothing next to
+# the policy loss (KL ~0.01 while learning, 0.5-3.5 when v3 fell apart); at 1 it brakes a run that drifts far from
+# the base and barely touches one that learns near it. Its snapshots compete with the _nft run's on val.
+KL_SKILLS       ?= geneval aesthetic
+TEACHER_KL      ?= 1.0
 # val scoring of the snapshots: 1 image per prompt, the swapped-prompt control on 16 pairs, no cover search
 SNAPSHOT_EVAL   = images_per_prompt=1 controls.cover=null controls.sensitivity_pairs=16
-TEACHER_ADAPTERS := $(foreach s,$(TEACHER_SKILLS),$(TEACHER_RUNS)/$(s)_nft/$(ADAPTER))
-TEACHER_VALS     := $(foreach s,$(TEACHER_SKILLS),$(TEACHER_RUNS)/$(s)_nft/val/results.json)
+TEACHER_CANDIDATES := $(TEACHER_SKILLS:%=%_nft) $(KL_SKILLS:%=%_nftkl)
+TEACHER_ADAPTERS := $(TEACHER_CANDIDATES:%=$(TEACHER_RUNS)/%/$(ADAPTER))
+TEACHER_VALS     := $(TEACHER_CANDIDATES:%=$(TEACHER_RUNS)/%/val/results.json)
+# the skill of a candidate run <skill>_<variant>
+comma := ,
+empty :=
+space := $(empty) $(empty)
+skill_of = $(firstword $(subst _, ,$1))
 # ckpt_path=last where the run folder holds a checkpoint (a stopped run goes on)
 resume = $(if $(wildcard $1/checkpoints/last.ckpt),ckpt_path=last)
 
-$(TEACHER_ADAPTERS): $(TEACHER_RUNS)/%_nft/$(ADAPTER): $(BASE) | $(STAMP)
-	$(TRAIN) experiment=$(TEACHER_EXP_$*) $(TEACHER_ARGS_$*) trainer.max_steps=$(TEACHER_STEPS_$*) trainer.max_time=null \
-	  callbacks.adapter_snapshots.every_n_steps=$(SNAPSHOT_EVERY_$*) hydra.run.dir=$(RUN) $(call resume,$(RUN)) $(TRAIN_ARGS)
+$(TEACHER_ADAPTERS): $(TEACHER_RUNS)/%/$(ADAPTER): $(BASE) | $(STAMP)
+	$(TRAIN) experiment=$(TEACHER_EXP_$(call skill_of,$*)) $(TEACHER_ARGS_$(call skill_of,$*)) \
+	  $(if $(filter %_nftkl,$*),objective.kl_weight=$(TEACHER_KL)) trainer.max_steps=$(TEACHER_STEPS_$(call skill_of,$*)) \
+	  trainer.max_time=null callbacks.adapter_snapshots.every_n_steps=$(SNAPSHOT_EVERY_$(call skill_of,$*)) \
+	  hydra.run.dir=$(RUN) $(call resume,$(RUN)) $(TRAIN_ARGS)
 # every snapshot (checkpoint step_NNNNNN) and the final adapter (checkpoint final) on its own task's val prompts
-$(TEACHER_VALS): $(TEACHER_RUNS)/%_nft/val/results.json: $(TEACHER_RUNS)/%_nft/$(ADAPTER) | $(STAMP)
-	$(EVAL) $(VAL) $(SNAPSHOT_EVAL) $(foreach t,$(filter-out $*,$(TEACHER_SKILLS)),'~eval_tasks.$(t)') \
+$(TEACHER_VALS): $(TEACHER_RUNS)/%/val/results.json: $(TEACHER_RUNS)/%/$(ADAPTER) | $(STAMP)
+	$(EVAL) $(VAL) $(SNAPSHOT_EVAL) $(foreach t,$(filter-out $(call skill_of,$*),$(TEACHER_SKILLS)),'~eval_tasks.$(t)') \
 	  '+checkpoints.final={adapter:$(<D),guidance_scale:1.0}' \
-	  $$(for d in $(TEACHER_RUNS)/$*_nft/exports/step_*; do [ -d "$$d" ] && printf " +checkpoints.%s={adapter:%s,guidance_scale:1.0}" "$${d##*/}" "$$d"; done) \
+	  $$(for d in $(TEACHER_RUNS)/$*/exports/step_*; do [ -d "$$d" ] && printf " +checkpoints.%s={adapter:%s,guidance_scale:1.0}" "$${d##*/}" "$$d"; done) \
 	  hydra.run.dir=$(@D) $(EVAL_ARGS)
-# each skill's best snapshot on its own headline metric → $(TEACHER_RUNS)/teachers/<skill>, picked.json
+# each skill's best snapshot among its candidate runs on its own headline metric → $(TEACHER_RUNS)/teachers/<skill>, picked.json
 $(TEACHER_RUNS)/picked.json: $(TEACHER_VALS) | $(STAMP)
 	$(PYM) opd.results.pick_teachers --root $(TEACHER_RUNS) --dest $(TEACHER_RUNS)/teachers \
-	  $(foreach s,$(TEACHER_SKILLS),'$(s)=$(s)_nft/*')
+	  $(foreach s,$(TEACHER_SKILLS),'$(s)=$(subst $(space),$(comma),$(patsubst %,%/*,$(filter $(s)_%,$(TEACHER_CANDIDATES))))')
 # the picked teachers on the test prompts (every control, 4 images per prompt), each at its own CFG scale
 $(TEACHER_RUNS)/teacher_%/eval/results.json: $(TEACHER_RUNS)/picked.json | $(STAMP)
 	$(EVAL) "$$($(PYM) opd.results.pick_teachers --root $(TEACHER_RUNS) --checkpoint $*)" hydra.run.dir=$(@D) $(EVAL_ARGS)

@@ -75,7 +75,13 @@ def test_the_mini_table_chains_compose(target, tmp_path):
     assert any("opd.results." in line for line in lines)
     if target == "mini-teachers":  # every snapshot of each run scored on its own task's val prompts only
         evals = [o for name, o in steps if name == "eval" and "images_per_prompt=1" in o]
-        assert len(evals) == 3 and all(sum(o.startswith("~eval_tasks.") for o in e) == 2 for e in evals)
+        assert len(evals) == 5 and all(sum(o.startswith("~eval_tasks.") for o in e) == 2 for e in evals)
+        # five candidate runs: one per skill, and one with the KL term for GenEval and aesthetic
+        assert [o.count("objective.kl_weight=1.0") for o in trains] == [0, 0, 0, 1, 1]
+        snapshots = [a for o in trains for a in o if a.startswith("callbacks.adapter_snapshots.every_n_steps=")]
+        assert [a.split("=")[1] for a in snapshots] == ["25", "50", "50", "50", "50"]  # every run snapshots
+        picks = [line for line in lines if "opd.results.pick_teachers" in line and "--dest" in line]
+        assert len(picks) == 1 and "'geneval=geneval_nft/*,geneval_nftkl/*'" in picks[0]
     else:
         # the table's row settings reach opd.results.table1 as JSON through the shell's quoting
         table = [shlex.split(line) for line in lines if "opd.results.table1" in line]
