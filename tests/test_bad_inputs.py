@@ -252,6 +252,20 @@ def test_max_prompts_null_means_every_prompt(cfg_factory):
     assert {len(rows) for rows in two.values()} == {2} and all(len(every[k]) > 2 for k in every)
 
 
+def test_max_prompts_takes_each_tag_in_turn(cfg_factory):
+    """A short look covers every kind of prompt: N prompts taken in turn from each tag (tags in order of
+    first appearance, file order within a tag and in the result), not the first N of the file."""
+    from opd.evaluation.run import each_tag_in_turn, load_prompt_sets
+
+    rows = [{"tag": t, "prompt": f"{t}{i}"} for i, t in enumerate("aabacbbd")]
+    assert [r["prompt"] for r in each_tag_in_turn(rows, 4)] == ["a0", "b2", "c4", "d7"]
+    assert [r["prompt"] for r in each_tag_in_turn(rows, 6)] == ["a0", "a1", "b2", "c4", "b5", "d7"]
+    assert each_tag_in_turn(rows, 100) == rows and each_tag_in_turn([{"prompt": "x"}] * 3, 2) == [{"prompt": "x"}] * 2
+    # the GenEval test set starts with five position prompts; eight prompts now span all six tags
+    geneval = load_prompt_sets(cfg_factory("eval", ["max_prompts=8"]))["geneval"]
+    assert len(geneval) == 8 and len({r["tag"] for r in geneval}) == 6
+
+
 def test_evaluation_without_tasks(cfg_factory):
     bad_eval(cfg_factory, ["~eval_tasks.ocr", "~eval_tasks.geneval", "~eval_tasks.aesthetic"],
              r"eval_tasks=\{\}: no task to evaluate")

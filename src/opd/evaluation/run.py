@@ -87,13 +87,26 @@ def _instantiate_prompts(spec: DictConfig, where: str) -> list[dict[str, Any]]:
     return rows
 
 
+def each_tag_in_turn(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """``n`` of ``rows`` taken in turn from each ``tag`` (tags in order of first appearance, rows in file
+    order within a tag), so that a short look covers every kind of prompt; rows without a tag share one.
+    The result keeps the file order."""
+    by_tag: dict[Any, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_tag.setdefault(row.get("tag") if hasattr(row, "get") else None, []).append(i)
+    chosen: list[int] = []
+    for rank in range(max(map(len, by_tag.values()), default=0)):
+        chosen += [idx[rank] for idx in by_tag.values() if rank < len(idx)]
+    return [rows[i] for i in sorted(chosen[:n])]
+
+
 def load_prompt_sets(cfg: DictConfig, where: str = "eval_tasks") -> dict[str, list[dict[str, Any]]]:
     """Every task's prompt rows, read before any model loads: a missing or empty file fails first.
     ``where``: how error messages name the tasks node (``eval.tasks`` in a training config)."""
     sets = {}
     for name, spec in cfg.eval_tasks.items():
         rows = _instantiate_prompts(spec.prompts, f"{where}.{name}.prompts")
-        sets[name] = rows if cfg.max_prompts is None else rows[: cfg.max_prompts]  # validated ≥ 1
+        sets[name] = rows if cfg.max_prompts is None else each_tag_in_turn(rows, cfg.max_prompts)  # validated ≥ 1
     return sets
 
 

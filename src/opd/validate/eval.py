@@ -80,7 +80,7 @@ def validate_eval_config(cfg: DictConfig) -> None:
     check_eval_tasks(p, cfg)
     max_prompts = _get(cfg, "max_prompts")
     if max_prompts is not None and (not _is_int(max_prompts) or max_prompts < 1):
-        p.add("max_prompts", max_prompts, "must be an integer ≥ 1 (the first N prompts of each task), or null for every "
+        p.add("max_prompts", max_prompts, "must be an integer ≥ 1 (N prompts of each task, taken in turn from each tag), or null for every "
               "prompt; 0 would evaluate nothing")
     _check_int(p, cfg, "images_per_prompt", 1, "images per prompt, each from its own seed (4 for result tables)")
     _check_int(p, cfg, "batch_size", 1, "images per generation batch")
