@@ -144,6 +144,11 @@ def test_run_command_from_the_hydra_overrides_without_hydra_ones(tmp_path):
     write_overrides(tmp_path / "r", ["experiment=mini/sopd_ocr", "hydra.run.dir=/x", "hydra/launcher=local",
                                      "trainer.max_time=00:00:04:30"])
     assert logs.run_command(tmp_path / "r") == "python -m opd.train experiment=mini/sopd_ocr trainer.max_time=00:00:04:30"
+    # a run resumed in time slices by a make chain: the scheduling overrides go, a repeated key keeps its last value
+    write_overrides(tmp_path / "s", ["trainer.max_steps=1000000", "experiment=mini/teacher_geneval", "trainer.max_steps=500",
+                                     "ckpt_path=last", "callbacks.time_slice.minutes=7.6", "+reward.ocr.num_workers=4"])
+    assert logs.run_command(tmp_path / "s") == ("python -m opd.train experiment=mini/teacher_geneval trainer.max_steps=500 "
+                                                "+reward.ocr.num_workers=4")
     assert logs.run_command(tmp_path / "none") == ""
 
 

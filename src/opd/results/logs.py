@@ -88,10 +88,15 @@ def moving_average(values: Sequence[float], width: int, centred: bool = False) -
 
 
 def run_command(run: Path) -> str:
-    """``python -m opd.train <overrides>`` as the run was started (``.hydra/overrides.yaml``, the
-    ``hydra.*`` and ``hydra/*`` ones left out); empty when the run has no Hydra record."""
+    """``python -m opd.train <overrides>`` as the run was started (``.hydra/overrides.yaml``), without
+    Hydra's own overrides (``hydra.*``, ``hydra/*``) and those that only schedule the run (``ckpt_path``:
+    the resume of a stopped run; ``callbacks.time_slice.*``: where it stopped), each key once with the
+    value Hydra applied (the last); empty when the run has no Hydra record."""
     overrides = Path(run) / ".hydra" / "overrides.yaml"
     if not overrides.is_file():
         return ""
-    items = [str(o) for o in yaml.safe_load(overrides.read_text()) or [] if not str(o).startswith(("hydra.", "hydra/"))]
+    scheduling = ("hydra.", "hydra/", "ckpt_path=", "callbacks.time_slice.")
+    given = [str(o) for o in yaml.safe_load(overrides.read_text()) or [] if not str(o).startswith(scheduling)]
+    last = {o.split("=", 1)[0]: i for i, o in enumerate(given)}
+    items = [o for i, o in enumerate(given) if last[o.split("=", 1)[0]] == i]
     return " ".join(["python -m opd.train", *items])
