@@ -170,8 +170,8 @@ def plot_val(val: Mapping[str, Mapping[str, float]], metric: str, picked_row: st
              skill: str, out: Path) -> bool:
     """Each snapshot's val score (``step_NNNNNN`` rows of ``val``) against its step, with its 95 % interval,
     the picked one marked and ``base`` as a line; False (nothing drawn) without snapshot rows."""
-    pts = sorted((int(row.split("_")[1]), r) for row, r in val.items()
-                 if row.startswith("step_") and row.split("_")[1].isdigit() and metric in r)
+    pts = sorted(((int(row.split("_")[1]), r) for row, r in val.items()
+                 if row.startswith("step_") and row.split("_")[1].isdigit() and metric in r), key=lambda pt: pt[0])
     if not pts:
         return False
     import matplotlib
