@@ -7,6 +7,7 @@ The headline metrics are the ``table`` entries of ``conf/eval_tasks/<suite>.yaml
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -85,3 +86,11 @@ def guidance_scales(results: Path) -> dict[str, float]:
         spec = {k: v for k, v in spec.items() if isinstance(v, dict) and "guidance_scale" in v}
         default = float("nan")
     return {c.name: c.guidance_scale for c in parse_checkpoints(spec, default)} if spec else {}
+
+
+def with_interval(metrics: Mapping[str, float], key: str) -> str:
+    """``0.183 [0.15, 0.21]``: the value and, where the row has it, its 95 % interval; ``–`` without it."""
+    if key not in metrics:
+        return "–"
+    low, high = metrics.get(f"{key}/ci_low"), metrics.get(f"{key}/ci_high")
+    return f"{metrics[key]:.3f}" + (f" [{low:.2f}, {high:.2f}]" if low is not None and high is not None else "")

@@ -28,7 +28,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from opd.results.logs import chained_log, column, moving_average, run_command
-from opd.results.metrics import columns, evaluated_rows, guidance_scales, own_metrics, reward_names
+from opd.results.metrics import (
+    columns,
+    evaluated_rows,
+    guidance_scales,
+    own_metrics,
+    reward_names,
+    with_interval,
+)
 from opd.utils.files import write_atomic
 
 #: the table's rows after the base and the teachers: key → label, the teachers it distils (a row's
@@ -245,14 +252,6 @@ def with_controls(rows: Mapping[str, dict], results: Mapping[str, dict], runs: M
     return ordered, results, runs
 
 
-def _cell(metrics: Mapping[str, float], key: str) -> str:
-    """``0.183 [0.15, 0.21]``: the value and, where the row has it, its 95 % interval."""
-    if key not in metrics:
-        return "–"
-    low, high = metrics.get(f"{key}/ci_low"), metrics.get(f"{key}/ci_high")
-    return f"{metrics[key]:.3f}" + (f" [{low:.2f}, {high:.2f}]" if low is not None and high is not None else "")
-
-
 def _count(value: float | None) -> str:
     """A compute figure for the table: ``–`` where a row has none, 3 significant digits otherwise."""
     return "–" if value is None else f"{value:.3g}"
@@ -269,7 +268,7 @@ def markdown(rows: Mapping[str, dict], results: Mapping[str, dict], runs: Mappin
         record = runs[key]
         cells = [record["label"] + (" ¹" if "table" in record else ""), str(record.get("cfg", "")),
                  str(record.get("num_seeds", "–")),
-                 *(_cell(results[key], m) for m in cols.values()), _cell(results[key], NORM_GAIN),
+                 *(with_interval(results[key], m) for m in cols.values()), with_interval(results[key], NORM_GAIN),
                  *(_count(record.get(k)) for k in ("rounds", "images_sampled", "model_tflop", "cumulative_model_tflop")),
                  f"{record['minutes']:.1f}", f"{record['cumulative_minutes']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from opd.evaluation.report import COVER
 from opd.results.logs import MINUTES, chained_log, moving_average, run_command, snapshot_of
-from opd.results.metrics import columns, evaluated_rows, guidance_scales, reward_names
+from opd.results.metrics import columns, evaluated_rows, guidance_scales, reward_names, with_interval
 from opd.utils.files import write_atomic
 
 
@@ -44,12 +44,6 @@ def scores_table(rows: Mapping[str, Mapping[str, float]], cols: Mapping[str, str
     for name, r in rows.items():
         lines.append(f"| {name} | " + " | ".join(f"{r[m]:.3f}" if m in r else "–" for m in cols.values()) + " |")
     return "\n".join(lines) + "\n"
-
-
-def with_interval(row: Mapping[str, float], key: str) -> str:
-    """``row[key]`` as ``0.288 [0.25, 0.33]`` (its 95 % interval when the row has one)."""
-    low, high = row.get(f"{key}/ci_low"), row.get(f"{key}/ci_high")
-    return f"{row[key]:.3f}" + (f" [{low:.2f}, {high:.2f}]" if low is not None and high is not None else "")
 
 
 def controls_table(test: Mapping[str, float], cover: Mapping[str, float], cols: Mapping[str, str]) -> str:
