@@ -159,11 +159,21 @@ def test_mopd_killed_and_resumed_continues_exactly_and_checks_its_teachers(toy_w
     swapped = [o for o in overrides if not o.startswith("teacher.ocr.adapter=")] + [f"teacher.ocr.adapter={geneval}"]
     with pytest.raises(ValueError, match=f"teacher 'ocr'.*{file_sha256(ocr)}.*{file_sha256(geneval)}"):
         fit([*swapped, *FAST], tmp_path / "killed", 3, ("ckpt_path=last",))
-    # ... unless told so on purpose (the run-level flag reaches the module)
+    # the checkpoint holds the student, not the frozen teachers (they are reloaded from their files)
+    saved = torch.load(tmp_path / "killed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert any(".student." in k for k in saved["state_dict"])
+    assert not [k for k in saved["state_dict"] if ".teacher_" in k]
+    # ... unless told so on purpose (the run-level flag reaches the module), and then the new file is
+    # what it distils: "ocr" now holds the GenEval file, so its weights equal the GenEval teacher's
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="opd.modules.distill"):
-        fit([*swapped, *FAST], tmp_path / "killed", 3, ("ckpt_path=last", "allow_teacher_change=true"))
+        changed = fit([*swapped, *FAST], tmp_path / "killed", 3, ("ckpt_path=last", "allow_teacher_change=true"))
     assert "allow_teacher_change=true: continuing" in caplog.text
+    weights = {n: p for n, p in changed["module"].named_parameters() if ".teacher_" in n}
+    ocr_weights = {n: p for n, p in weights.items() if ".teacher_ocr." in n}
+    assert ocr_weights
+    for n, p in ocr_weights.items():
+        torch.testing.assert_close(p, weights[n.replace(".teacher_ocr.", ".teacher_geneval.")], rtol=0, atol=0)
 
 
 

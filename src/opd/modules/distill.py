@@ -264,6 +264,12 @@ class OPDDistill(AdapterPolicy):
             self.kl_scale[teacher.name] = d * self.kl_scale[teacher.name] + (1 - d) * self.gathered_kl(kl)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the teachers are frozen and reloaded from their files on a resume (checked by hash below):
+        # their weights stay out (MOPD mini: 24.5 → 20.7 MB), and with allow_teacher_change the new
+        # files are what the resumed run distils, not the checkpoint's copies of the old ones
+        teacher_keys = tuple(f".{t.adapter_name}." for t in self.teachers)
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if not any(key in k for key in teacher_keys)}
         checkpoint["opd_kl_scale"] = dict(self.kl_scale)
         checkpoint["opd_teacher_sha256"] = {t.name: t.sha256 for t in self.teachers}
         super().on_save_checkpoint(checkpoint)  # last: the guard scans the finished checkpoint
