@@ -131,3 +131,40 @@ def test_loaded_lora_acts_exactly_like_the_trained_one(tmp_path):
         base = toy().velocity(x, torch.tensor([0.7, 0.3]), cond)
     assert (a - base).abs().max() > 1e-2  # the adapter matters
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_compiled_mini_blocks_give_the_same_lora_gradients(tmp_path):
+    """model.compile_blocks (mini): each block compiled at construction; the LoRA added afterwards runs
+    compiled (tracing is lazy) with eager's velocities and gradients. Off by default."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from opd.models.lora import add_lora, lora_parameters, set_trainable
+
+    toy(seed=3).save_pretrained(tmp_path, dtype=torch.float32)
+
+    def grads(**options):
+        model = mini_backbone(str(tmp_path), image_size=16, **options)
+        torch.manual_seed(1)
+        add_lora(model.transformer, "student", rank=2, alpha=4)
+        with torch.no_grad():
+            for p in lora_parameters(model.transformer, "student"):
+                p.add_(0.1 * torch.randn_like(p))
+        set_trainable(model.transformer, "student")
+        x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+        v = model.velocity(x, torch.tensor([0.3, 0.8]), model.encode_prompts(["a red circle", "a blue square"]))
+        v.square().mean().backward()
+        return v.detach(), {n: p.grad.clone() for n, p in model.transformer.named_parameters() if ".student." in n}
+
+    v_eager, g_eager = grads()
+    counter = CompileCounterWithBackend("aot_eager")
+    try:
+        v_compiled, g_compiled = grads(compile_blocks=True, compile_backend=counter)
+        assert counter.frame_count >= 1  # the blocks did run compiled
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(v_compiled, v_eager, rtol=1e-5, atol=1e-6)
+    assert g_eager.keys() == g_compiled.keys() and any(g.abs().sum() > 0 for g in g_eager.values())
+    for name in g_eager:
+        torch.testing.assert_close(g_compiled[name], g_eager[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert not any(b._compiled_call_impl is not None for b in mini_backbone(str(tmp_path), image_size=16)
+                   .transformer.transformer_blocks)

@@ -6,15 +6,23 @@ from opd.models.sd3 import SD3Backbone, resolve_dtype
 
 
 def mini_backbone(path: str | None = None, image_size: int = 64, torch_dtype: str = "float32",
-                  transformer: dict | None = None, text_encoder: dict | None = None) -> MiniBackbone:
+                  transformer: dict | None = None, text_encoder: dict | None = None, compile_blocks: bool = False,
+                  compile_backend: str = "inductor", compile_mode: str | None = None) -> MiniBackbone:
     """The mini-world model: loaded from ``path`` or, with ``path=None``, randomly initialised
-    (``transformer``/``text_encoder`` override the architecture, e.g. a toy size in tests)."""
+    (``transformer``/``text_encoder`` override the architecture, e.g. a toy size in tests).
+    ``compile_blocks``: ``torch.compile`` each transformer block (:func:`opd.models.speed.compile_blocks`,
+    with ``compile_backend`` and ``compile_mode``): the same math in fewer, fused kernels."""
     if path is None:
         model = MiniBackbone(transformer=transformer, text_encoder=text_encoder, image_size=image_size)
-        return model.to(resolve_dtype(torch_dtype))
-    model = MiniBackbone.from_pretrained(path, torch_dtype=torch_dtype)
-    if model.image_size != image_size:
-        raise ValueError(f"model.image_size={image_size} but {path} was trained at {model.image_size} px")
+        model = model.to(resolve_dtype(torch_dtype))
+    else:
+        model = MiniBackbone.from_pretrained(path, torch_dtype=torch_dtype)
+        if model.image_size != image_size:
+            raise ValueError(f"model.image_size={image_size} but {path} was trained at {model.image_size} px")
+    if compile_blocks:
+        from opd.models.speed import compile_blocks as compile_each_block
+
+        compile_each_block(model.transformer, backend=compile_backend, mode=compile_mode)
     return model
 
 
