@@ -309,6 +309,14 @@ def test_teacher_cards_from_picked_candidates_logs_and_test_scores(tmp_path, con
     one = teacher_cards.card("ocr", picked["ocr"], ["ocr_nft"], ["python -m opd.train x=1"], 2.5, table["base"],
                              table["teacher_ocr"], {"OCR": O}, ["ocr"])
     assert "- **Made by** (run `ocr_nft`):\n  `python -m opd.train x=1`\n" in one and "**Device**: not recorded" in one
+    assert "By prompt tag" not in one  # OCR's rows have no tags
+    tagged = {"metric": G, "winner": "gen", "candidates": {"gen": {"score": 0.3, "guidance_scale": 1.0}}}
+    by_tag = {f"{G}/two_object": 0.125, f"{G}/colors": 0.75, f"{G}/colors/ci_low": 0.5, f"{G}/swapped": 0.0}
+    gen = teacher_cards.card("geneval", tagged, ["gen"], [""], 1.0, {**table["base"], f"{G}/two_object": 0.25,
+                             f"{G}/colors": 0.5, f"{G}/swapped": 0.0}, {**table["teacher_ocr"], **by_tag},
+                             {"GenEval": G}, ["geneval_mini"])
+    assert (f"By prompt tag (`{G}`):\n\n| tag | base | this teacher | change |\n|---|---|---|---|\n"
+            "| colors | 0.500 | 0.750 | +0.250 |\n| two_object | 0.250 | 0.125 | -0.125 |\n") in gen
 
 
 def test_teacher_card_of_a_snapshot_counts_its_run_up_to_that_step(tmp_path, conf):

@@ -63,6 +63,23 @@ def controls_table(test: Mapping[str, float], cover: Mapping[str, float], cols: 
             "|---|---|---|---|\n" + "\n".join(lines) + "\n")
 
 
+# suffixes of a metric's key that are not prompt tags
+NOT_TAGS = frozenset({"ci_low", "ci_high", "swapped"})
+
+
+def per_tag_table(base: Mapping[str, float], test: Mapping[str, float], metric: str) -> str:
+    """``metric`` tag by tag (tasks averaged over their prompts' tags, as GenEval): base, teacher and
+    change; empty for a metric without tags."""
+    prefix = f"{metric}/"
+    tags = sorted(key.removeprefix(prefix) for key in test if key.startswith(prefix) and key in base
+                  and "/" not in key.removeprefix(prefix) and key.removeprefix(prefix) not in NOT_TAGS)
+    if not tags:
+        return ""
+    rows = "\n".join(f"| {t} | {base[prefix + t]:.3f} | {test[prefix + t]:.3f} | {test[prefix + t] - base[prefix + t]:+.3f} |"
+                     for t in tags)
+    return f"\nBy prompt tag (`{metric}`):\n\n| tag | base | this teacher | change |\n|---|---|---|---|\n{rows}\n"
+
+
 def card(skill: str, pick: Mapping, stages: Sequence[str], commands: Sequence[str], minutes: float,
          base: Mapping[str, float], test: Mapping[str, float], cols: Mapping[str, str], rewards: Sequence[str],
          device: str = "", curves: str = "", root: Path | None = None, cover: Mapping[str, float] | None = None,
@@ -85,7 +102,7 @@ def card(skill: str, pick: Mapping, stages: Sequence[str], commands: Sequence[st
     candidates = "\n".join(f"| {n}{'  **picked**' if n == winner else ''} | {algorithm(snapshot_of(n)[0], root)} | "
                            f"{score:.3f}{note} |" for n, (score, note) in sorted(listed.items()))
     made_by = "\n".join(f"  `{c}`" for c in commands if c)
-    controls = controls_table(test, cover or {}, cols)
+    controls = controls_table(test, cover or {}, cols) + per_tag_table(base, test, pick["metric"])
     return f"""# mini {skill} teacher
 
 A LoRA on `models/mini_base`, trained with **{algorithm(run, root)}** on the `{skill}` training prompts
