@@ -690,3 +690,39 @@ def test_the_prompt_blind_controls_follow_the_base_with_their_share_of_the_gains
     assert results["cover"][table1.NORM_GAIN] == pytest.approx(-0.25)
     assert runs["cover"]["cfg"] == "–" and runs["swapped"]["cfg"] == 4.5
     assert table1.with_controls(rows, results, runs, {"base": {G: 0.2}}, {"geneval": G})[0].keys() == rows.keys()
+
+
+# ---- one metric over training seeds ----------------------------------------------------------------
+
+def test_over_seeds_means_t_intervals_and_the_paired_difference(tmp_path, capsys):
+    from opd.results import over_seeds
+
+    def seed_file(name, s8, s16):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"s16": {O: s16, "other": 1.0}, "s8": {O: s8}}))
+        return str(path)
+
+    a = [seed_file(f"a{i}", v, v + 0.25) for i, v in enumerate((0.2, 0.4, 0.6))]
+    b = [seed_file(f"b{i}", v, v) for i, v in enumerate((0.1, 0.2, 0.3))]
+    out = tmp_path / "out"
+    summary = over_seeds.main(["--metric", O, "--out", str(out), "--group", "ode", *a, "--group", "sde", *b,
+                               "--start", "0.1", "--line", "guided base=0.5"])
+    # a at step 8: mean 0.4, sd 0.2, half-width t(2) 4.303 * 0.2 / sqrt(3)
+    assert summary["ode"]["s8"]["mean"] == pytest.approx(0.4)
+    assert summary["ode"]["s8"]["ci_high"] == pytest.approx(0.4 + 4.303 * 0.2 / 3 ** 0.5)
+    # seed by seed a - b at step 8: 0.1, 0.2, 0.3 -> mean 0.2, sd 0.1
+    diff = summary["ode - sde"]["s8"]
+    assert diff["seeds"] == pytest.approx([0.1, 0.2, 0.3]) and diff["mean"] == pytest.approx(0.2)
+    assert diff["ci_low"] == pytest.approx(0.2 - 4.303 * 0.1 / 3 ** 0.5)
+    assert summary["ode - sde"]["s16"]["mean"] == pytest.approx(0.45)
+    assert list(summary["ode"]) == ["s8", "s16"]  # by step, not by name
+    table = capsys.readouterr().out
+    assert "| step | ode | sde | ode - sde |" in table and "| 8 | 0.400 [-0.10, 0.90] | 0.200 [-0.05, 0.45] |" in table
+    assert json.loads((out / "summary.json").read_text())["sde"]["s16"]["seeds"] == pytest.approx([0.1, 0.2, 0.3])
+    assert (out / "over_seeds.png").stat().st_size > 0
+    with pytest.raises(SystemExit):  # unequal seeds cannot be paired
+        over_seeds.main(["--metric", O, "--out", str(out), "--group", "ode", *a, "--group", "sde", *b[:2]])
+    with pytest.raises(SystemExit):
+        over_seeds.main(["--metric", O, "--out", str(out), "--group", "ode", str(tmp_path / "missing.json")])
+    with pytest.raises(ValueError, match="two seeds or more"):
+        over_seeds.interval([0.5])
