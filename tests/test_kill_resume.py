@@ -159,6 +159,9 @@ def test_mopd_killed_and_resumed_continues_exactly_and_checks_its_teachers(toy_w
     swapped = [o for o in overrides if not o.startswith("teacher.ocr.adapter=")] + [f"teacher.ocr.adapter={geneval}"]
     with pytest.raises(ValueError, match=f"teacher 'ocr'.*{file_sha256(ocr)}.*{file_sha256(geneval)}"):
         fit([*swapped, *FAST], tmp_path / "killed", 3, ("ckpt_path=last",))
+    # a resume with another LoRA rank is refused naming the adapter and both ranks, before any loading
+    with pytest.raises(ValueError, match=r"LoRA 'student': rank 2 in the checkpoint, 4 in this run.*module\.lora"):
+        fit([*overrides, *FAST, "module.lora={rank:4,alpha:8}"], tmp_path / "killed", 3, ("ckpt_path=last",))
     # the checkpoint holds the student, not the frozen teachers (they are reloaded from their files)
     saved = torch.load(tmp_path / "killed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert any(".student." in k for k in saved["state_dict"])

@@ -18,6 +18,7 @@ import hashlib
 import logging
 import math
 import random
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -197,7 +198,32 @@ class GuardedModule(pl.LightningModule):
             raise NonFiniteError(f"refusing to write a checkpoint at {self.progress_label()}: non-finite values in "
                                  f"{', '.join(bad) or 'another rank’s shard'}; nothing was saved")
 
+    def check_checkpoint_shapes(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose weights have other shapes than this run's model (a resume with
+        another LoRA rank or model size), naming the difference, before the state dict load's wall of
+        "size mismatch" lines. (Under FSDP the parameters are flat shards; Lightning's own load checks.)"""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            return
+        own = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        bad = [(k, tuple(v.shape), own[k]) for k, v in checkpoint.get("state_dict", {}).items()
+               if k in own and tuple(v.shape) != own[k]]
+        if not bad:
+            return
+        source = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        ranks = []  # a LoRA's rank is the first dimension of its A matrices
+        for name in sorted({m.group(1) for k, _, _ in bad if (m := re.search(r"\.lora_A\.([^.]+)\.", k))}):
+            ckpt, now = next((c, n) for k, c, n in bad if f".lora_A.{name}." in k)
+            ranks.append(f"LoRA '{name}': rank {ckpt[0]} in the checkpoint, {now[0]} in this run")
+        key, ckpt, now = bad[0]
+        raise ValueError(f"checkpoint {source or ''} does not fit this run's model: {len(bad)} tensor(s) differ in "
+                         f"shape{' (' + '; '.join(ranks) + ')' if ranks else ''}, e.g. {key}: {list(ckpt)} in the "
+                         f"checkpoint, {list(now)} now. Resume with the settings it was trained with (module.lora.*, "
+                         "model.*), or start a new run folder (hydra.run.dir=...)")
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_checkpoint_shapes(checkpoint)
         bad = nonfinite_entries(checkpoint_payload(checkpoint))
         if bad:
             source = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
