@@ -100,9 +100,9 @@ def test_a_bf16_run_keeps_the_student_and_its_adamw_state_in_fp32(cfg_factory, w
     assert any(torch.count_nonzero(p) for n, p in module.backbone.transformer.named_parameters()
                if "lora_B.student" in n)
     ckpt = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
-    saved = {k: v.dtype for k, v in ckpt["state_dict"].items()}  # the adapters: the student's, the teachers'
+    saved = {k: v.dtype for k, v in ckpt["state_dict"].items()}  # the student's adapter (teachers: from their files)
     assert {v for k, v in saved.items() if ".student." in k} == {torch.float32}
-    assert {v for k, v in saved.items() if ".teacher_" in k} == {torch.bfloat16}
+    assert not [k for k in saved if ".teacher_" in k]
     adapter = Path(cfg.paths.output_dir) / "adapter" / "pytorch_lora_weights.safetensors"
     with safe_open(str(adapter), framework="pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}  # noqa: SIM118
