@@ -263,18 +263,22 @@ class OPDDistill(AdapterPolicy):
             d = self.balance_decay
             self.kl_scale[teacher.name] = d * self.kl_scale[teacher.name] + (1 - d) * self.gathered_kl(kl)
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # the teachers are frozen and reloaded from their files on a resume (checked by hash below):
-        # their weights stay out (MOPD mini: 24.5 → 20.7 MB), and with allow_teacher_change the new
-        # files are what the resumed run distils, not the checkpoint's copies of the old ones
+    def without_teachers(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        """``state`` less the teachers' adapter weights: they are frozen and always come from the
+        teachers' files (checked by hash on a resume), so checkpoints leave them out (MOPD mini: 24.5 →
+        20.6 MB), and with allow_teacher_change the new files are what the resumed run distils, not a
+        checkpoint's copies of the old ones (older checkpoints hold them: dropped on loading)."""
         teacher_keys = tuple(f".{t.adapter_name}." for t in self.teachers)
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                    if not any(key in k for key in teacher_keys)}
+        return {k: v for k, v in state.items() if not any(key in k for key in teacher_keys)}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = self.without_teachers(checkpoint["state_dict"])
         checkpoint["opd_kl_scale"] = dict(self.kl_scale)
         checkpoint["opd_teacher_sha256"] = {t.name: t.sha256 for t in self.teachers}
         super().on_save_checkpoint(checkpoint)  # last: the guard scans the finished checkpoint
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = self.without_teachers(checkpoint.get("state_dict", {}))
         super().on_load_checkpoint(checkpoint)
         self.check_teachers(checkpoint.get("opd_teacher_sha256"))
         self.kl_scale = dict(checkpoint.get("opd_kl_scale", {}))
