@@ -198,6 +198,10 @@ class GuardedModule(pl.LightningModule):
             raise NonFiniteError(f"refusing to write a checkpoint at {self.progress_label()}: non-finite values in "
                                  f"{', '.join(bad) or 'another rank’s shard'}; nothing was saved")
 
+    def checkpoint_source(self) -> str:
+        """The path of the checkpoint being loaded, for messages (empty outside a trainer)."""
+        return (getattr(self._trainer, "ckpt_path", None) or "") if self._trainer is not None else ""
+
     def check_checkpoint_shapes(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint whose weights have other shapes than this run's model (a resume with
         another LoRA rank or model size), naming the difference, before the state dict load's wall of
@@ -211,13 +215,12 @@ class GuardedModule(pl.LightningModule):
                if k in own and tuple(v.shape) != own[k]]
         if not bad:
             return
-        source = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
         ranks = []  # a LoRA's rank is the first dimension of its A matrices
         for name in sorted({m.group(1) for k, _, _ in bad if (m := re.search(r"\.lora_A\.([^.]+)\.", k))}):
             ckpt, now = next((c, n) for k, c, n in bad if f".lora_A.{name}." in k)
             ranks.append(f"LoRA '{name}': rank {ckpt[0]} in the checkpoint, {now[0]} in this run")
         key, ckpt, now = bad[0]
-        raise ValueError(f"checkpoint {source or ''} does not fit this run's model: {len(bad)} tensor(s) differ in "
+        raise ValueError(f"checkpoint {self.checkpoint_source()} does not fit this run's model: {len(bad)} tensor(s) differ in "
                          f"shape{' (' + '; '.join(ranks) + ')' if ranks else ''}, e.g. {key}: {list(ckpt)} in the "
                          f"checkpoint, {list(now)} now. Resume with the settings it was trained with (module.lora.*, "
                          "model.*), or start a new run folder (hydra.run.dir=...)")
@@ -226,8 +229,7 @@ class GuardedModule(pl.LightningModule):
         self.check_checkpoint_shapes(checkpoint)
         bad = nonfinite_entries(checkpoint_payload(checkpoint))
         if bad:
-            source = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
-            raise NonFiniteError(f"checkpoint {source or ''} holds non-finite values ({', '.join(bad)}); it was "
+            raise NonFiniteError(f"checkpoint {self.checkpoint_source()} holds non-finite values ({', '.join(bad)}); it was "
                                  "written before the non-finite guard existed: resume from an earlier checkpoint")
         states = checkpoint.get("opd_rng")
         if states is None:

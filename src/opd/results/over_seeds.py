@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from opd.results.table1 import t_quantile
+from opd.results.table1 import t_interval
 
 
 def row_step(row: str) -> int:
@@ -32,13 +31,9 @@ def row_step(row: str) -> int:
 
 
 def interval(values: Sequence[float]) -> dict[str, float | list[float]]:
-    """Mean and 95 % t-interval of ``values`` (one per seed; ≥ 2)."""
-    n = len(values)
-    if n < 2:
-        raise ValueError(f"an interval over seeds needs two seeds or more; got {n}")
-    mean = sum(values) / n
-    half = t_quantile(n - 1) * math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
-    return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "seeds": list(values)}
+    """Mean and 95 % t-interval of ``values`` (one per seed; ≥ 2), with the values."""
+    mean, low, high = t_interval(values)
+    return {"mean": mean, "ci_low": low, "ci_high": high, "seeds": list(values)}
 
 
 def per_seed(files: Sequence[Path], metric: str) -> dict[str, list[float]]:

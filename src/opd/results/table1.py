@@ -123,6 +123,17 @@ def t_quantile(df: int) -> float:
     return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
+def t_interval(values: Sequence[float]) -> tuple[float, float, float]:
+    """``(mean, low, high)``: the mean of ``values`` (one per training seed, ≥ 2) and its 95 % t-interval
+    ``mean ± t · sd / √n``."""
+    n = len(values)
+    if n < 2:
+        raise ValueError(f"an interval over seeds needs two seeds or more; got {n}")
+    mean = sum(values) / n
+    half = t_quantile(n - 1) * math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+    return mean, mean - half, mean + half
+
+
 def seed_suffixes(root: Path, run: str) -> list[str]:
     """``[""]`` when ``<root>/<run>`` holds an evaluation; else the suffixes ``_seed<N>`` (by N) of the
     ``<root>/<run>_seed<N>`` that do; ``[]`` when neither exists."""
@@ -142,14 +153,11 @@ def mean_over_seeds(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
         raise ValueError("mean_over_seeds: no evaluations")
     if len(rows) == 1:
         return {**rows[0], "num_seeds": 1}
-    n = len(rows)
     keys = [k for k in rows[0] if not k.endswith(("/ci_low", "/ci_high")) and all(k in r for r in rows)]
-    out: dict[str, float] = {"num_seeds": n}
+    out: dict[str, float] = {"num_seeds": len(rows)}
     for key in keys:
-        values = [float(r[key]) for r in rows]
-        mean = sum(values) / n
-        half = t_quantile(n - 1) * math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
-        out.update({key: mean, f"{key}/ci_low": mean - half, f"{key}/ci_high": mean + half})
+        mean, low, high = t_interval([float(r[key]) for r in rows])
+        out.update({key: mean, f"{key}/ci_low": low, f"{key}/ci_high": high})
     return out
 
 
