@@ -344,8 +344,13 @@ def test_teacher_card_of_a_snapshot_counts_its_run_up_to_that_step(tmp_path, con
     assert f"The snapshots' val scores against their steps: `{tmp_path / 'page' / 'geneval_val.png'}`." in card
     assert (tmp_path / "page" / "geneval_val.png").stat().st_size > 0
     # no snapshot rows (a run's final adapter only): nothing drawn
-    assert not teacher_cards.plot_val({"final": {G: 0.5}}, G, "final", None, "geneval", tmp_path / "none.png")
+    assert teacher_cards.plot_val({"gen": {"final": {G: 0.5}}}, G, "gen/final", None, "geneval",
+                                  tmp_path / "none.png") == 0
     assert not (tmp_path / "none.png").exists()
+    # every candidate run with snapshot rows is a curve; a run without any is left out
+    two = {"gen_nft": {"step_000025": {G: 0.3}, "final": {G: 0.5}}, "gen_kl": {"step_000050": {G: 0.2}},
+           "gen_old": {"final": {G: 0.1}}}
+    assert teacher_cards.plot_val(two, G, "gen_nft/step_000025", 0.2, "geneval", tmp_path / "two.png") == 2
     assert "(run `gen_nft`)" in card and "`python -m opd.train experiment=mini/teacher_geneval`" in card
     assert "**training time**: 4.0 min wall-clock; the weights are its EMA snapshot at step 50" in card
     assert "| gen_nft/step_000050  **picked** | DiffusionNFT | 0.600 |" in card and "held-out *val* prompts" in card
@@ -364,6 +369,10 @@ def test_algorithm_and_scores_table(tmp_path):
         "module: {_target_: opd.modules.teacher_nft.NFTTeacher, lr: '${x}'}\n")
     assert teacher_cards.algorithm("gen_more", tmp_path) == "DiffusionNFT"
     assert teacher_cards.algorithm("aes", tmp_path) == "GRPO-Guard"  # no record: by name
+    (tmp_path / "gen_kl" / ".hydra").mkdir(parents=True)  # with the KL weight its config records
+    (tmp_path / "gen_kl" / ".hydra" / "config.yaml").write_text(
+        "module: {_target_: opd.modules.teacher_nft.NFTTeacher}\nobjective: {kl_weight: 1.0e-4}\n")
+    assert teacher_cards.algorithm("gen_kl", tmp_path) == "DiffusionNFT, KL weight 0.0001"
     assert teacher_cards.scores_table({"base": {G: 0.25}}, {"GenEval": G, "OCR": O}) == (
         "| model | GenEval | OCR |\n|---|---|---|\n| base | 0.250 | – |\n")
 

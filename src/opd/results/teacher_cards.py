@@ -29,13 +29,17 @@ from opd.utils.files import write_atomic
 
 
 def algorithm(run: str, root: Path | None = None) -> str:
-    """The RL algorithm of run ``<root>/<run>``: from its ``.hydra/config.yaml`` (``module._target_``),
-    else from its name (``*nft*`` is DiffusionNFT, anything else GRPO-Guard)."""
+    """The RL algorithm of run ``<root>/<run>``: from its ``.hydra/config.yaml`` (``module._target_``,
+    with the KL weight towards the base, ``objective.kl_weight``, where it records one), else from its
+    name (``*nft*`` is DiffusionNFT, anything else GRPO-Guard)."""
     config = Path(root or ".") / run / ".hydra" / "config.yaml"
-    target = ""
+    target, kl = "", None
     if root is not None and config.is_file():
-        target = str(OmegaConf.select(OmegaConf.load(config), "module._target_", default="") or "")
-    return "DiffusionNFT" if "nft" in (target or run).lower() else "GRPO-Guard"
+        recorded = OmegaConf.load(config)
+        target = str(OmegaConf.select(recorded, "module._target_", default="") or "")
+        kl = OmegaConf.select(recorded, "objective.kl_weight", default=None)
+    name = "DiffusionNFT" if "nft" in (target or run).lower() else "GRPO-Guard"
+    return name if kl is None else f"{name}, KL weight {float(kl):g}"
 
 
 def scores_table(rows: Mapping[str, Mapping[str, float]], cols: Mapping[str, str]) -> str:
@@ -177,38 +181,45 @@ def plot(log: list[dict[str, str]], skill: str, out: Path) -> None:
     plt.close(fig)
 
 
-def plot_val(val: Mapping[str, Mapping[str, float]], metric: str, picked_row: str, base: float | None,
-             skill: str, out: Path) -> bool:
-    """Each snapshot's val score (``step_NNNNNN`` rows of ``val``) against its step, with its 95 % interval,
-    the picked one marked and ``base`` as a line; False (nothing drawn) without snapshot rows."""
-    pts = sorted(((int(row.split("_")[1]), r) for row, r in val.items()
-                 if row.startswith("step_") and row.split("_")[1].isdigit() and metric in r), key=lambda pt: pt[0])
-    if not pts:
-        return False
+def plot_val(series: Mapping[str, Mapping[str, Mapping[str, float]]], metric: str, picked: str,
+             base: float | None, skill: str, out: Path) -> int:
+    """Every candidate run's snapshots (``step_NNNNNN`` rows of ``series[run]``, its val results) against
+    their step, each with its 95 % interval, the picked ``run/row`` marked and ``base`` as a line; returns
+    the number of runs drawn (0: none has snapshot rows, nothing is written)."""
+    curves = {}
+    for run, val in series.items():
+        pts = sorted((int(row.split("_")[1]), r) for row, r in val.items()
+                     if row.startswith("step_") and row.split("_")[1].isdigit() and metric in r)
+        if pts:
+            curves[run] = pts
+    if not curves:
+        return 0
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [s for s, _ in pts]
-    ys = [r[metric] for _, r in pts]
-    lo = [r[metric] - r.get(f"{metric}/ci_low", r[metric]) for _, r in pts]
-    hi = [r.get(f"{metric}/ci_high", r[metric]) - r[metric] for _, r in pts]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.errorbar(steps, ys, yerr=[lo, hi], marker="o", capsize=3, label="EMA snapshot (95 % interval)")
-    if picked_row in val and picked_row.startswith("step_"):
-        ax.plot([int(picked_row.split("_")[1])], [val[picked_row][metric]], marker="*", ms=16, ls="", color="C3",
-                label="picked")
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for run, pts in curves.items():
+        ys = [r[metric] for _, r in pts]
+        lo = [r[metric] - r.get(f"{metric}/ci_low", r[metric]) for _, r in pts]
+        hi = [r.get(f"{metric}/ci_high", r[metric]) - r[metric] for _, r in pts]
+        ax.errorbar([s for s, _ in pts], ys, yerr=[lo, hi], marker="o", capsize=3, alpha=0.85,
+                    label=f"{run}: EMA snapshots (95 % interval)")
+    run, _, row = picked.rpartition("/")
+    if row.startswith("step_") and row in series.get(run, {}):
+        ax.plot([int(row.split("_")[1])], [series[run][row][metric]], marker="*", ms=16, ls="", color="C3",
+                label=f"picked ({picked})")
     if base is not None:
         ax.axhline(base, color="grey", ls="--", lw=1, label="base on val")
     ax.set_xlabel("optimiser step")
     ax.set_ylabel(f"val {metric}")
-    ax.set_title(f"mini {skill} teacher: its snapshots on the val prompts")
-    ax.legend(fontsize=8)
+    ax.set_title(f"mini {skill} teacher candidates on the val prompts")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
-    return True
+    return len(curves)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
@@ -245,11 +256,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         for png in sorted((evaluation / "grids").glob("*.png")):
             shutil.copy(png, args.results / png.name)
         grid = args.results / f"teacher_{skill}_{skill}.png"  # the evaluation's grid of <row>_<task>
-        run, _ = snapshot_of(pick["winner"])
         val_plot = args.results / f"{skill}_val.png"
-        drawn = (args.runs / run / "val" / "results.json").is_file() and plot_val(
-            evaluated_rows(args.runs / run / "val" / "results.json"), pick["metric"],
-            pick["winner"].removeprefix(f"{run}/"), val_base.get(skill), skill, val_plot)
+        candidate_runs = sorted({snapshot_of(n)[0] for n in pick["candidates"]})
+        drawn = plot_val({r: evaluated_rows(args.runs / r / "val" / "results.json") for r in candidate_runs
+                          if (args.runs / r / "val" / "results.json").is_file()},
+                         pick["metric"], pick["winner"], val_base.get(skill), skill, val_plot)
         runs = [snapshot_of(s)[0] for s in stages]
         text = card(skill, pick, runs, [run_command(args.runs / r) for r in runs], minutes, base, test, cols,
                     rewards.get(skill, []), args.device, str(args.results / f"{skill}_curves.png"), args.runs,
