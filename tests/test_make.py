@@ -16,9 +16,9 @@ from test_experiments import compose_train
 MODULES = {"opd.train": "train", "opd.evaluate": "eval"}
 
 
-def dry_run(target: str, tmp_path) -> list[str]:
-    """The recipe lines ``make -n <target>`` prints for empty run folders (continuations joined)."""
-    done = subprocess.run(["make", "-n", target, f"RUNS={tmp_path / 'runs'}",
+def dry_run(target: str, tmp_path, *variables: str) -> list[str]:
+    """The recipe lines ``make -n <target> [VAR=value ...]`` prints for empty run folders (continuations joined)."""
+    done = subprocess.run(["make", "-n", target, f"RUNS={tmp_path / 'runs'}", *variables,
                            ], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     return [line.strip() for line in done.stdout.replace("\\\n", " ").splitlines() if line.strip()]
@@ -75,13 +75,19 @@ def test_the_mini_table_chains_compose(target, tmp_path):
     assert any("opd.results." in line for line in lines)
     if target == "mini-teachers":  # every snapshot of each run scored on its own task's val prompts only
         evals = [o for name, o in steps if name == "eval" and "images_per_prompt=1" in o]
-        assert len(evals) == 5 and all(sum(o.startswith("~eval_tasks.") for o in e) == 2 for e in evals)
-        # five candidate runs: one per skill, and one with the KL term for GenEval and aesthetic
-        assert [o.count("objective.kl_weight=1.0") for o in trains] == [0, 0, 0, 1, 1]
+        assert len(evals) == 3 and all(sum(o.startswith("~eval_tasks.") for o in e) == 2 for e in evals)
+        # one candidate run per skill, none with the KL term by default
+        assert not any("objective.kl_weight=1.0" in o for o in trains) and len(trains) == 3
         snapshots = [a for o in trains for a in o if a.startswith("callbacks.adapter_snapshots.every_n_steps=")]
-        assert [a.split("=")[1] for a in snapshots] == ["25", "50", "50", "50", "50"]  # every run snapshots
+        assert [a.split("=")[1] for a in snapshots] == ["25", "50", "50"]  # every run snapshots
         picks = [line for line in lines if "opd.results.pick_teachers" in line and "--dest" in line]
-        assert len(picks) == 1 and "'geneval=geneval_nft/*,geneval_nftkl/*'" in picks[0]
+        assert len(picks) == 1 and "'geneval=geneval_nft/*'" in picks[0]
+        # KL_SKILLS adds a candidate run with the KL term per skill named, competing on val with the plain one
+        with_kl = [stand_ins(line) for line in dry_run(target, tmp_path, "KL_SKILLS=geneval aesthetic")]
+        kl_steps = [overrides_of(line) for line in with_kl if "$(" not in line]
+        kl_trains = [step[1] for step in kl_steps if step is not None and step[0] == "train"]
+        assert [o.count("objective.kl_weight=1.0") for o in kl_trains] == [0, 0, 0, 1, 1]
+        assert any("'geneval=geneval_nft/*,geneval_nftkl/*'" in line for line in with_kl)
     else:
         # the table's row settings reach opd.results.table1 as JSON through the shell's quoting
         table = [shlex.split(line) for line in lines if "opd.results.table1" in line]
