@@ -140,15 +140,19 @@ sets were never used for the choice.
         f"\n## What was tried\n\n{notes.strip()}\n" if notes.strip() else "")
 
 
+def candidate_vals(root: Path, pick: Mapping) -> dict[str, dict[str, dict[str, float]]]:
+    """``{run: the rows of its val/results.json}`` of each run among ``pick``'s candidates that has one."""
+    runs = sorted({snapshot_of(n)[0] for n in pick["candidates"]})
+    return {run: evaluated_rows(Path(root) / run / "val" / "results.json") for run in runs
+            if (Path(root) / run / "val" / "results.json").is_file()}
+
+
 def val_rows_not_kept(root: Path, pick: Mapping) -> dict[str, float]:
     """``{run/row: val score}`` of the rows of each candidate run's ``val/results.json`` that are not
     candidates any more (their snapshot's weights were not kept)."""
     out = {}
-    for run in sorted({snapshot_of(n)[0] for n in pick["candidates"]}):
-        results = Path(root) / run / "val" / "results.json"
-        if not results.is_file():
-            continue
-        for row, scores in evaluated_rows(results).items():
+    for run, rows in candidate_vals(root, pick).items():
+        for row, scores in rows.items():
             name = f"{run}/{row}"
             if name not in pick["candidates"] and run not in pick["candidates"] and pick["metric"] in scores:
                 out[name] = scores[pick["metric"]]
@@ -188,8 +192,8 @@ def plot_val(series: Mapping[str, Mapping[str, Mapping[str, float]]], metric: st
     the number of runs drawn (0: none has snapshot rows, nothing is written)."""
     curves = {}
     for run, val in series.items():
-        pts = sorted((int(row.split("_")[1]), r) for row, r in val.items()
-                     if row.startswith("step_") and row.split("_")[1].isdigit() and metric in r)
+        pts = sorted(((step, r) for row, r in val.items()
+                      if (step := snapshot_of(f"{run}/{row}")[1]) is not None and metric in r), key=lambda pt: pt[0])
         if pts:
             curves[run] = pts
     if not curves:
@@ -206,9 +210,9 @@ def plot_val(series: Mapping[str, Mapping[str, Mapping[str, float]]], metric: st
         hi = [r.get(f"{metric}/ci_high", r[metric]) - r[metric] for _, r in pts]
         ax.errorbar([s for s, _ in pts], ys, yerr=[lo, hi], marker="o", capsize=3, alpha=0.85,
                     label=f"{run}: EMA snapshots (95 % interval)")
-    run, _, row = picked.rpartition("/")
-    if row.startswith("step_") and row in series.get(run, {}):
-        ax.plot([int(row.split("_")[1])], [series[run][row][metric]], marker="*", ms=16, ls="", color="C3",
+    (run, step), row = snapshot_of(picked), picked.rpartition("/")[2]
+    if step is not None and row in series.get(run, {}):
+        ax.plot([step], [series[run][row][metric]], marker="*", ms=16, ls="", color="C3",
                 label=f"picked ({picked})")
     if base is not None:
         ax.axhline(base, color="grey", ls="--", lw=1, label="base on val")
@@ -257,10 +261,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
             shutil.copy(png, args.results / png.name)
         grid = args.results / f"teacher_{skill}_{skill}.png"  # the evaluation's grid of <row>_<task>
         val_plot = args.results / f"{skill}_val.png"
-        candidate_runs = sorted({snapshot_of(n)[0] for n in pick["candidates"]})
-        drawn = plot_val({r: evaluated_rows(args.runs / r / "val" / "results.json") for r in candidate_runs
-                          if (args.runs / r / "val" / "results.json").is_file()},
-                         pick["metric"], pick["winner"], val_base.get(skill), skill, val_plot)
+        drawn = plot_val(candidate_vals(args.runs, pick), pick["metric"], pick["winner"], val_base.get(skill),
+                         skill, val_plot)
         runs = [snapshot_of(s)[0] for s in stages]
         text = card(skill, pick, runs, [run_command(args.runs / r) for r in runs], minutes, base, test, cols,
                     rewards.get(skill, []), args.device, str(args.results / f"{skill}_curves.png"), args.runs,
