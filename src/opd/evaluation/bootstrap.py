@@ -45,6 +45,42 @@ def clustered_mean(groups: Sequence[Sequence[float]], strata: Sequence[str] | No
     return float(np.mean([sums[m].sum() / counts[m].sum() for m in members]))
 
 
+def resampled_means(models: Sequence[Sequence[Sequence[float]]], strata: Sequence[str] | None = None, *,
+                    num_resamples: int = NUM_RESAMPLES, seed: int = 0) -> np.ndarray:
+    """``[model, resample]``: :func:`clustered_mean` of every model on the *same* prompt resamples.
+
+    ``models[k][p]``: model ``k``'s values on prompt ``p`` (every model scored the same prompts, in
+    the same order; ``strata[p]`` as in :func:`bootstrap_ci`). Drawing the prompts once for all models
+    pairs them: a statistic of several models (a difference, a ratio of differences) then varies only
+    with which prompts were drawn, not with independent draws per model. One model gives exactly the
+    resamples behind :func:`bootstrap_ci`.
+    """
+    if num_resamples < 1:
+        raise ValueError(f"bootstrap: num_resamples={num_resamples} must be >= 1")
+    if not models:
+        raise ValueError("bootstrap: no models to resample")
+    layouts = [_layout(groups, strata) for groups in models]
+    if len({len(sums) for sums, _, _ in layouts}) > 1:
+        raise ValueError(f"bootstrap: the models scored different numbers of prompts "
+                         f"({[len(sums) for sums, _, _ in layouts]}); pair them on the same prompts")
+    members = layouts[0][2]
+    rng = np.random.default_rng(seed)
+    stats = np.zeros((len(models), num_resamples))
+    for m in members:
+        drawn = m[rng.integers(0, len(m), size=(num_resamples, len(m)))]  # [resample, prompt of this stratum]
+        for k, (sums, counts, _) in enumerate(layouts):
+            stats[k] += sums[drawn].sum(axis=1) / counts[drawn].sum(axis=1)
+    return stats / len(members)
+
+
+def percentile_interval(stats: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
+    """The ``level`` percentile interval of resampled statistics (``numpy.quantile``, linear)."""
+    if not 0 < level < 1:
+        raise ValueError(f"bootstrap: level={level} must be in (0, 1)")
+    low, high = np.quantile(stats, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(low), float(high)
+
+
 def bootstrap_ci(groups: Sequence[Sequence[float]], strata: Sequence[str] | None = None, *,
                  num_resamples: int = NUM_RESAMPLES, level: float = LEVEL, seed: int = 0) -> tuple[float, float]:
     """The ``level`` percentile interval of :func:`clustered_mean` under prompt resampling.
@@ -55,12 +91,4 @@ def bootstrap_ci(groups: Sequence[Sequence[float]], strata: Sequence[str] | None
     """
     if not 0 < level < 1 or num_resamples < 1:
         raise ValueError(f"bootstrap: level={level} must be in (0, 1) and num_resamples={num_resamples} >= 1")
-    sums, counts, members = _layout(groups, strata)
-    rng = np.random.default_rng(seed)
-    stats = np.zeros(num_resamples)
-    for m in members:
-        drawn = m[rng.integers(0, len(m), size=(num_resamples, len(m)))]  # [resample, prompt of this stratum]
-        stats += sums[drawn].sum(axis=1) / counts[drawn].sum(axis=1)
-    stats /= len(members)
-    low, high = np.quantile(stats, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(low), float(high)
+    return percentile_interval(resampled_means([groups], strata, num_resamples=num_resamples, seed=seed)[0], level)

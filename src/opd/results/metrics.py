@@ -52,6 +52,13 @@ def own_metrics(suite: str = "mini", conf_dir: Path | None = None) -> dict[str, 
     return {task: next(iter(table.values())) for task, table in headline_keys(suite, conf_dir).items()}
 
 
+def averages(suite: str = "mini", conf_dir: Path | None = None) -> dict[str, str]:
+    """``{task: "image" | "tag"}``: how each task's headline averages its images (``average`` in the
+    suite's file, default ``image``; :class:`opd.evaluation.tasks.EvalTask`)."""
+    return {str(task): str(node.get("average", "image")) for task, node in _suite(suite, conf_dir).items()
+            if task != "defaults" and isinstance(node, DictConfig)}
+
+
 def reward_names(suite: str = "mini", conf_dir: Path | None = None) -> dict[str, list[str]]:
     """``{task: reward keys}``: the keys of the task's ``rewards`` (training logs name rewards by
     them); a task whose rewards come from the defaults list gets its ``table`` keys instead."""

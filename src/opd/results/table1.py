@@ -27,8 +27,10 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from opd.results.gain_share import row_shares
 from opd.results.logs import chained_log, column, moving_average, run_command
 from opd.results.metrics import (
+    averages,
     columns,
     evaluated_rows,
     guidance_scales,
@@ -284,9 +286,7 @@ def markdown(rows: Mapping[str, dict], results: Mapping[str, dict], runs: Mappin
     for key, row in rows.items():
         share = gain_share(results, key, row.get("teachers", []), own)
         if share:
-            shares.append(f"- {runs[key]['label']}: " + ", ".join(
-                f"{t} {100 * v:.0f}%" if math.isfinite(v) else f"{t} – (its teacher gained nothing)"
-                for t, v in share.items()))
+            shares.append(f"- {runs[key]['label']}: " + ", ".join(_share_cell(results[key], t, v) for t, v in share.items()))
     intro = (f"Every row is scored by `python -m opd.evaluate` on the test prompts of "
              f"`conf/eval_tasks/{suite}.yaml`, at the CFG scale in the table (the DiffusionNFT-trained "
              "models are CFG-free: 1.0). In brackets: 95 % intervals, over the training seeds for rows "
@@ -302,7 +302,20 @@ def markdown(rows: Mapping[str, dict], results: Mapping[str, dict], runs: Mappin
         intro += (f" ¹ Carried over from the earlier table {', '.join(f'`{t}`' for t in carried)} (same "
                   "evaluation; its device and command are in runs.json, its curves in its curves.png).")
     shares_title = "## Share of each teacher's gain (over the base, on the teacher's own metric) kept by the students"
-    return "\n".join(["# The mini Table 1", "", intro, "", *lines, "", shares_title, "", *shares, ""])
+    shares_intro = ("In brackets: 95 % intervals from resampling the test prompts once for base, teacher and student "
+                    "(a student with several seeds enters as their mean; `opd.results.gain_share`). They cover the "
+                    "evaluation's noise, not the spread between seeds; ∞ where the teacher's own gain is not clear "
+                    "in some resamples.")
+    return "\n".join(["# The mini Table 1", "", intro, "", *lines, "", shares_title, "", shares_intro, "", *shares, ""])
+
+
+def _share_cell(metrics: Mapping[str, float], task: str, share: float) -> str:
+    """``geneval 94% [63, 134]``: a student's share of a teacher's gain, with its interval when measured."""
+    if not math.isfinite(share):
+        return f"{task} – (its teacher gained nothing)"
+    low, high = metrics.get(f"gain_share/{task}/ci_low"), metrics.get(f"gain_share/{task}/ci_high")
+    pct = (lambda v: f"{100 * v:.0f}" if math.isfinite(v) else ("∞" if v > 0 else "−∞"))
+    return f"{task} {100 * share:.0f}%" + (f" [{pct(low)}, {pct(high)}]" if low is not None and high is not None else "")
 
 
 def plot_curves(path: Path, curves: Mapping[str, list[dict[str, str]]], rewards: Mapping[str, list[str]]) -> None:
@@ -363,6 +376,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     results, runs, curves = collect(args.runs, rows, evaluated_rows(args.base)["base"], base_cfg,
                                     args.previous, args.device, own)
     rows, results, runs = with_controls(rows, results, runs, json.loads(args.base.read_text()), own)
+    teachers_of = {key: row["teachers"] for key, row in rows.items() if row.get("teachers") and key in results}
+    for key, shares in row_shares(args.runs, args.base.parent, runs, teachers_of, own, averages(args.suite)).items():
+        results[key].update(shares)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
     (args.out / "runs.json").write_text(json.dumps(runs, indent=1))

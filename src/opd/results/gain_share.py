@@ -1,0 +1,128 @@
+"""How much of a teacher's gain a student keeps, with a 95 % interval from the evaluations' images.
+
+The share of a teacher's gain that a student keeps, on the teacher's own metric, is
+
+    share = (student − base) / (teacher − base)
+
+(1: level with the teacher; 0: the base). Its three terms are measured on the same test prompts, so
+their noise is shared: a prompt that every model finds hard lowers all three. The interval here
+resamples the prompts once for all models (:func:`opd.evaluation.bootstrap.resampled_means`, tags
+kept for a task averaged by tag) and takes the percentile interval of the share over the resamples.
+A student trained with several seeds enters as the mean of its seeds' scores on each resample: the
+interval then covers the evaluation's noise (which prompts, which images) around that mean, not the
+spread between seeds (the table's t-intervals over seeds give that).
+
+Where a resample has the teacher at or below the base the share is undefined; it counts as +∞ (the
+student gained) or −∞ (it did not), so a teacher whose own gain is not clear gives an unbounded
+interval instead of a confident-looking one.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from opd.evaluation.bootstrap import LEVEL, NUM_RESAMPLES, clustered_mean, resampled_means
+
+
+@dataclass(frozen=True)
+class PromptScores:
+    """One model's scores of one task's metric, by prompt (ordered by ``prompt_index``)."""
+
+    source: str
+    prompts: list[str]
+    tags: list[str]
+    groups: list[list[float]]
+
+
+def samples_file(folder: Path) -> Path | None:
+    """``samples.jsonl`` (or ``samples.jsonl.gz``) of an evaluation folder; None when neither exists."""
+    for name in ("samples.jsonl", "samples.jsonl.gz"):
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
+
+
+def prompt_scores(samples: Path, checkpoint: str, task: str, key: str) -> PromptScores:
+    """The values of score ``key`` of ``checkpoint``'s images of ``task`` in an evaluation's
+    ``samples.jsonl[.gz]`` (:mod:`opd.evaluate`), grouped by prompt."""
+    samples = Path(samples)
+    opener = gzip.open if samples.suffix == ".gz" else open
+    by_prompt: dict[int, list[float]] = defaultdict(list)
+    meta: dict[int, tuple[str, str]] = {}
+    with opener(samples, "rt") as f:
+        for line in f:
+            record = json.loads(line)
+            if record["checkpoint"] != checkpoint or record["task"] != task:
+                continue
+            if key not in record["scores"]:
+                raise KeyError(f"{samples}: {checkpoint}'s {task} images have no score {key!r} "
+                               f"(they have {sorted(record['scores'])})")
+            p = record.get("prompt_index", record["index"])
+            by_prompt[p].append(float(record["scores"][key]))
+            meta[p] = (record["prompt"], record.get("metadata", {}).get("tag", task))
+    if not by_prompt:
+        raise ValueError(f"{samples}: no images of checkpoint {checkpoint!r} on task {task!r}")
+    order = sorted(by_prompt)
+    return PromptScores(f"{samples}:{checkpoint}", [meta[p][0] for p in order], [meta[p][1] for p in order],
+                        [by_prompt[p] for p in order])
+
+
+def share_interval(base: PromptScores, teacher: PromptScores, students: Sequence[PromptScores],
+                   average: str = "image", *, num_resamples: int = NUM_RESAMPLES, level: float = LEVEL,
+                   seed: int = 0) -> tuple[float, float, float]:
+    """``(share, low, high)``: the students' (their seeds' mean) share of the teacher's gain over the
+    base, and its ``level`` interval under paired prompt resampling (``average="tag"``: resample
+    within tags, average the tag means, as the task's headline does). ±∞ bounds: see the module."""
+    if not students:
+        raise ValueError("share_interval: no student evaluations")
+    if average not in ("image", "tag"):
+        raise ValueError(f"share_interval: average={average!r}; use 'image' or 'tag'")
+    models = [base, teacher, *students]
+    for other in models[1:]:
+        if other.prompts != base.prompts:
+            raise ValueError(f"{other.source} and {base.source} scored different prompts; evaluate both on "
+                             "the same prompt set (same eval_tasks, max_prompts, images_per_prompt)")
+    strata = base.tags if average == "tag" else None
+    b, t = clustered_mean(base.groups, strata), clustered_mean(teacher.groups, strata)
+    s = float(np.mean([clustered_mean(m.groups, strata) for m in students]))
+    share = (s - b) / (t - b) if t > b else math.nan
+    stats = resampled_means([m.groups for m in models], strata, num_resamples=num_resamples, seed=seed)
+    rb, rt, rs = stats[0], stats[1], stats[2:].mean(axis=0)
+    gained = rt > rb
+    ratios = np.where(gained, (rs - rb) / np.where(gained, rt - rb, 1.0), np.where(rs >= rb, np.inf, -np.inf))
+    low, high = np.quantile(ratios, [(1 - level) / 2, 1 - (1 - level) / 2], method="inverted_cdf")
+    return share, float(low), float(high)
+
+
+def row_shares(root: Path, base_dir: Path, runs: dict[str, dict], teachers_of: dict[str, Sequence[str]],
+               own: dict[str, str], averages: dict[str, str], **bootstrap) -> dict[str, dict[str, float]]:
+    """Per table row with teachers, ``{"gain_share/<task>": share, …/ci_low, …/ci_high}`` for each of its
+    teachers (:func:`share_interval`), from the images' scores in ``samples.jsonl[.gz]``: the base's in
+    ``base_dir`` (row ``base``), teacher ``t``'s in ``<root>/teacher_<t>/eval``, the row's seeds' in
+    ``<root>/<seed run>/eval`` (``runs[row]["seeds"]``). A row whose scores are missing is left out
+    (and said so)."""
+    out: dict[str, dict[str, float]] = {}
+    for key, teachers in teachers_of.items():
+        seeds = runs.get(key, {}).get("seeds") or []
+        for task in teachers:
+            folders = {"base": Path(base_dir), f"teacher_{task}": Path(root) / f"teacher_{task}" / "eval",
+                       **{seed: Path(root) / seed / "eval" for seed in seeds}}
+            files = {name: samples_file(folder) for name, folder in folders.items()}
+            if not seeds or None in files.values():
+                missing = [str(folders[n]) for n, f in files.items() if f is None]
+                print(f"[gain_share] {key}/{task}: no samples.jsonl in {missing or 'its seeds'}; no interval")
+                continue
+            metric = own[task].split("/", 1)[1]
+            scores = {name: prompt_scores(f, name, task, metric) for name, f in files.items()}
+            share, low, high = share_interval(scores.pop("base"), scores.pop(f"teacher_{task}"), list(scores.values()),
+                                              averages.get(task, "image"), **bootstrap)
+            out.setdefault(key, {}).update({f"gain_share/{task}": share, f"gain_share/{task}/ci_low": low,
+                                            f"gain_share/{task}/ci_high": high})
+    return out

@@ -1,0 +1,94 @@
+"""The share of a teacher's gain a student keeps, and its paired prompt-bootstrap interval, against
+hand-enumerated bootstrap distributions."""
+from __future__ import annotations
+
+import gzip
+import json
+import math
+
+import numpy as np
+import pytest
+
+from opd.evaluation.bootstrap import bootstrap_ci, resampled_means
+from opd.results.gain_share import PromptScores, prompt_scores, row_shares, share_interval
+
+
+def scores(groups, tags=None, name="m"):
+    prompts = [f"p{i}" for i in range(len(groups))]
+    return PromptScores(name, prompts, tags or ["t"] * len(groups), [list(g) for g in groups])
+
+
+def test_resampled_means_pairs_models_on_the_same_prompt_draws():
+    a, b = [[0.0], [1.0], [2.0]], [[10.0], [11.0], [12.0]]
+    stats = resampled_means([a, b], num_resamples=200, seed=3)
+    # b is a + 10 prompt by prompt: only a paired draw keeps the difference exactly 10 on every resample
+    np.testing.assert_allclose(stats[1] - stats[0], 10.0)
+    # one model: the resamples behind bootstrap_ci
+    low, high = np.quantile(resampled_means([a], num_resamples=200, seed=3)[0], [0.025, 0.975])
+    assert bootstrap_ci(a, num_resamples=200, seed=3) == pytest.approx((low, high))
+    with pytest.raises(ValueError, match="different numbers of prompts"):
+        resampled_means([a, b[:2]])
+
+
+def test_share_interval_matches_the_enumerated_bootstrap_distribution():
+    # two prompts; a resample draws (0,0), (1,1) with p 1/4 each and a mixed pair with p 1/2:
+    # teacher means 1, 0.5, 0.75 over a base of 0, student always 0.5 -> shares 0.5, 1.0, 2/3
+    share, low, high = share_interval(scores([[0.0], [0.0]]), scores([[1.0], [0.5]]), [scores([[0.5], [0.5]])],
+                                      num_resamples=2000)
+    assert share == pytest.approx(0.5 / 0.75)
+    assert (low, high) == pytest.approx((0.5, 1.0))
+
+
+def test_seeds_enter_as_their_mean():
+    base, teacher = scores([[0.0], [0.2], [0.1]]), scores([[1.0], [0.6], [0.9]])
+    one = share_interval(base, teacher, [scores([[0.5], [0.4], [0.6]])])
+    two = share_interval(base, teacher, [scores([[0.2], [0.3], [0.7]]), scores([[0.8], [0.5], [0.5]])])
+    assert one == pytest.approx(two)
+    assert one[0] == pytest.approx((0.5 - 0.1) / (2.5 / 3 - 0.1))
+
+
+def test_tag_average_and_an_unclear_teacher_gain():
+    # tags A (prompts 0, 1) and B (prompt 2), headline = mean of tag means:
+    # base 0; teacher A 1, B 0 -> 0.5; student A 0.5, B 1 -> 0.75; share 1.5
+    tags = ["A", "A", "B"]
+    share, _, _ = share_interval(scores([[0.0]] * 3, tags), scores([[1.0], [1.0], [0.0]], tags),
+                                 [scores([[1.0], [0.0], [1.0]], tags)], average="tag")
+    assert share == pytest.approx(1.5)
+    # a teacher below the base on half the draws: share undefined there, the student gained -> +inf
+    share, low, high = share_interval(scores([[0.0], [1.0]]), scores([[1.0], [0.0]]), [scores([[1.0], [1.0]])],
+                                      num_resamples=400)
+    assert math.isnan(share) and high == math.inf and math.isfinite(low)
+    with pytest.raises(ValueError, match="different prompts"):
+        share_interval(scores([[0.0]]), PromptScores("t", ["other"], ["t"], [[1.0]]), [scores([[0.5]])])
+
+
+def write_samples(path, checkpoint, task, values, compress=False):
+    lines = [json.dumps({"checkpoint": checkpoint, "task": task, "index": i, "prompt_index": p,
+                         "prompt": f"prompt {p}", "metadata": {"tag": "x"}, "scores": {"s": v}})
+             for i, (p, v) in enumerate(values)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "\n".join(lines) + "\n"
+    if compress:
+        with gzip.open(path.with_suffix(".jsonl.gz"), "wt") as f:
+            f.write(text)
+    else:
+        path.write_text(text)
+
+
+def test_prompt_scores_and_row_shares_read_evaluation_folders(tmp_path, capsys):
+    # prompt 1 listed first: groups come out by prompt_index
+    write_samples(tmp_path / "base" / "samples.jsonl", "base", "ocr", [(1, 0.0), (0, 0.0), (0, 0.0)])
+    write_samples(tmp_path / "runs" / "teacher_ocr" / "eval" / "samples.jsonl", "teacher_ocr", "ocr",
+                  [(1, 1.0), (0, 1.0), (0, 1.0)], compress=True)
+    for seed, v in (("mopd_seed0", 0.5), ("mopd_seed1", 0.7)):
+        write_samples(tmp_path / "runs" / seed / "eval" / "samples.jsonl", seed, "ocr", [(1, v), (0, v), (0, v)])
+    got = prompt_scores(tmp_path / "base" / "samples.jsonl", "base", "ocr", "s")
+    assert got.prompts == ["prompt 0", "prompt 1"] and got.groups == [[0.0, 0.0], [0.0]]
+    with pytest.raises(KeyError, match="no score 'other'"):
+        prompt_scores(tmp_path / "base" / "samples.jsonl", "base", "ocr", "other")
+    out = row_shares(tmp_path / "runs", tmp_path / "base", {"mopd": {"seeds": ["mopd_seed0", "mopd_seed1"]}},
+                     {"mopd": ["ocr"], "sopd_geneval": ["geneval"]}, {"ocr": "ocr/s", "geneval": "geneval/s"},
+                     {"ocr": "image"})
+    assert out == {"mopd": pytest.approx({"gain_share/ocr": 0.6, "gain_share/ocr/ci_low": 0.6,
+                                          "gain_share/ocr/ci_high": 0.6})}
+    assert "sopd_geneval/geneval" in capsys.readouterr().out
