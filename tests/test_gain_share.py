@@ -92,3 +92,25 @@ def test_prompt_scores_and_row_shares_read_evaluation_folders(tmp_path, capsys):
     assert out == {"mopd": pytest.approx({"gain_share/ocr": 0.6, "gain_share/ocr/ci_low": 0.6,
                                           "gain_share/ocr/ci_high": 0.6})}
     assert "sopd_geneval/geneval" in capsys.readouterr().out
+
+
+def test_target_lines_judge_share_floor_and_baseline_by_hand():
+    from opd.results.table1 import NORM_GAIN, target_lines
+
+    own = {"geneval": "geneval/x", "ocr": "ocr/y", "aesthetic": "aesthetic/z"}
+    mopd = {"gain_share/geneval": 0.94, "gain_share/geneval/ci_low": 0.63,   # lower end short
+            "gain_share/ocr": 0.96, "gain_share/ocr/ci_low": 0.88,           # both met
+            "gain_share/aesthetic": 0.85, "gain_share/aesthetic/ci_low": 0.70,  # both short
+            NORM_GAIN: 0.9, f"{NORM_GAIN}/ci_low": 0.8, f"{NORM_GAIN}/ci_high": 1.0}
+    multi = {NORM_GAIN: 0.5, f"{NORM_GAIN}/ci_low": 0.4, f"{NORM_GAIN}/ci_high": 0.79}
+    lines = target_lines({"mopd": mopd, "multi_reward_rl": multi}, own)
+    assert lines[0].endswith("missed (the lower end)") and "keeps 94%" in lines[0]
+    assert lines[1].endswith(": met")
+    assert lines[2].endswith("missed (the share and the lower end)")
+    assert lines[3].endswith("above it, intervals apart: met")
+    # the baseline's interval reaching the student's: not a clear win
+    lines = target_lines({"mopd": mopd, "multi_reward_rl": {**multi, f"{NORM_GAIN}/ci_high": 0.81}}, own)
+    assert lines[3].endswith("missed")
+    # one seed each: no interval over seeds, said so
+    lines = target_lines({"mopd": {NORM_GAIN: 0.9}, "multi_reward_rl": {NORM_GAIN: 0.5}}, own)
+    assert "no interval yet" in lines[0] and "needs two seeds" in lines[3]

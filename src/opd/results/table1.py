@@ -306,7 +306,38 @@ def markdown(rows: Mapping[str, dict], results: Mapping[str, dict], runs: Mappin
                     "(a student with several seeds enters as their mean; `opd.results.gain_share`). They cover the "
                     "evaluation's noise, not the spread between seeds; ∞ where the teacher's own gain is not clear "
                     "in some resamples.")
-    return "\n".join(["# The mini Table 1", "", intro, "", *lines, "", shares_title, "", shares_intro, "", *shares, ""])
+    targets = ["## Against the targets", "", *target_lines(results, own)] if "mopd" in results else []
+    return "\n".join(["# The mini Table 1", "", intro, "", *lines, "", shares_title, "", shares_intro, "", *shares, "",
+                      *targets, ""])
+
+
+def target_lines(results: Mapping[str, Mapping[str, float]], own: Mapping[str, str], student: str = "mopd",
+                 baseline: str = "multi_reward_rl", keep: float = 0.9, floor: float = 0.75) -> list[str]:
+    """The table against the method's targets: ``student`` keeps at least ``keep`` of each teacher's gain
+    with the lower end of its interval at ``floor`` or above (:mod:`opd.results.gain_share`), and its
+    average share of the teachers' gains (:data:`NORM_GAIN`) is above ``baseline``'s with intervals that
+    do not overlap. A check whose numbers are missing says so."""
+    lines = []
+    row = results.get(student, {})
+    for task in own:
+        share, low = row.get(f"gain_share/{task}"), row.get(f"gain_share/{task}/ci_low")
+        if share is None or low is None or not math.isfinite(share):
+            lines.append(f"- {task}: the student's share of the teacher's gain has no interval yet")
+            continue
+        misses = [what for what, bad in (("the share", share < keep), ("the lower end", low < floor)) if bad]
+        lines.append(f"- {task}: keeps {share:.0%} of the teacher's gain, lower end {low:.0%} (target: ≥ {keep:.0%}, "
+                     f"lower end ≥ {floor:.0%}): " + ("met" if not misses else f"missed ({' and '.join(misses)})"))
+    mine, theirs = row, results.get(baseline, {})
+    bounds = [m.get(f"{NORM_GAIN}/{end}") for m in (mine, theirs) for end in ("ci_low", "ci_high")]
+    if NORM_GAIN not in mine or NORM_GAIN not in theirs or None in bounds:
+        lines.append(f"- against {baseline}: no interval of both rows' average share yet (it needs two seeds or more)")
+    else:
+        apart = bounds[0] > bounds[3] or bounds[2] > bounds[1]
+        lines.append(f"- average share of the teachers' gains: {mine[NORM_GAIN]:.2f} [{bounds[0]:.2f}, {bounds[1]:.2f}] "
+                     f"against {baseline}'s {theirs[NORM_GAIN]:.2f} [{bounds[2]:.2f}, {bounds[3]:.2f}]: "
+                     + ("above it, intervals apart: met" if apart and mine[NORM_GAIN] > theirs[NORM_GAIN]
+                        else "intervals overlap or below: missed"))
+    return lines
 
 
 def _share_cell(metrics: Mapping[str, float], task: str, share: float) -> str:
