@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 export PYTHONHASHSEED := 0
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all demo eval pretrain bench-rewards prompts mini-teachers mini-table1 lint clean
+.PHONY: help install test test-all demo eval pretrain bench-rewards prompts mini-teachers mini-table1 mini-table1-dense lint clean
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -238,6 +238,30 @@ TABLE1_EXTRA := {"mopd_sum_mean": {"label": "MOPD, summed KLs, mean over steps a
 $(RUNS)/table/results.md: $(TABLE1_EVALS) | $(STAMP)
 	$(PYM) opd.results.table1 --runs $(RUNS) --out $(@D) --device "$(DEVICE)" \
 	  --stages '$(TABLE1_STAGES)' --extra '$(TABLE1_EXTRA)' --also geneval/geneval_mini ocr/ocr
+
+# make mini-table1-dense: the shares of the teachers' gains again, from DENSE images a prompt. Most of a share's
+# interval is image-level noise (docs/results/mini_table1): base, the teachers of DENSE_TASKS (their own task
+# each) and the MOPD student's seeds sample DENSE images per prompt on DENSE_TASKS (images 0-3 are the table's own:
+# a noise seed per prompt and image), without controls; the table then takes each share from these evaluations.
+DENSE        ?= 16
+DENSE_TASKS  ?= geneval aesthetic
+# $(call dense,<tasks>): an evaluation of DENSE images per prompt on <tasks> only, no controls
+dense         = $(EVAL) images_per_prompt=$(DENSE) controls.cover=null controls.swapped=false controls.sensitivity_pairs=0 \
+                $(foreach t,$(filter-out $1,$(ALL_SKILLS)),'~eval_tasks.$(t)')
+DENSE_EVALS  := $(RUNS)/base/dense/results.json $(foreach s,$(DENSE_TASKS),$(TEACHER_RUNS)/teacher_$(s)/dense/results.json) \
+                $(foreach n,$(SEEDS),$(RUNS)/mopd_sum_seed$(n)/dense/results.json)
+$(RUNS)/base/dense/results.json: | $(STAMP)
+	$(call dense,$(DENSE_TASKS)) '+checkpoints.base={adapter:null,guidance_scale:4.5}' hydra.run.dir=$(@D) $(EVAL_ARGS)
+$(TEACHER_RUNS)/teacher_%/dense/results.json: $(PICKED) | $(STAMP)
+	$(call dense,$*) "$$($(PYM) opd.results.pick_teachers --root $(TEACHER_RUNS) --checkpoint $*)" hydra.run.dir=$(@D) $(EVAL_ARGS)
+$(RUNS)/mopd_sum_seed%/dense/results.json: $(RUNS)/mopd_sum_seed%/$(ADAPTER) | $(STAMP)
+	$(call dense,$(DENSE_TASKS)) +checkpoints.mopd_sum_seed$*=$(RUNS)/mopd_sum_seed$*/adapter guidance_scale=1.0 \
+	  hydra.run.dir=$(@D) $(EVAL_ARGS)
+$(RUNS)/table_dense/results.md: $(TABLE1_EVALS) $(DENSE_EVALS) | $(STAMP)
+	$(PYM) opd.results.table1 --runs $(RUNS) --out $(@D) --device "$(DEVICE)" --dense-base $(RUNS)/base/dense \
+	  --stages '$(TABLE1_STAGES)' --extra '$(TABLE1_EXTRA)' --also geneval/geneval_mini ocr/ocr
+mini-table1-dense: $(RUNS)/table_dense/results.md  ## mini-table1 with the shares of the teachers' gains from DENSE=16 images a prompt (GPU)
+	@echo "mini-table1-dense: $(RUNS)/table_dense/results.md"
 
 mini-table1: $(RUNS)/table/results.md  ## the mini Table 1 v2 from make mini-teachers' teachers (GPU; make -j4 mini-table1): RUNS=runs/mini DEVICE="..."
 	@echo "mini-table1: $(RUNS)/table/results.md (runs.json, curves.png beside it); ship the student with python -m opd.results.ship_adapter $(RUNS)/mopd_sum_seed0/adapter <dest>"

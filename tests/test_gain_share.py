@@ -86,12 +86,30 @@ def test_prompt_scores_and_row_shares_read_evaluation_folders(tmp_path, capsys):
     assert got.prompts == ["prompt 0", "prompt 1"] and got.groups == [[0.0, 0.0], [0.0]]
     with pytest.raises(KeyError, match="no score 'other'"):
         prompt_scores(tmp_path / "base" / "samples.jsonl", "base", "ocr", "other")
-    out = row_shares(tmp_path / "runs", tmp_path / "base", {"mopd": {"seeds": ["mopd_seed0", "mopd_seed1"]}},
+    bases = {"dense": tmp_path / "base_dense", "eval": tmp_path / "base"}
+    out = row_shares(tmp_path / "runs", bases, {"mopd": {"seeds": ["mopd_seed0", "mopd_seed1"]}},
                      {"mopd": ["ocr"], "sopd_geneval": ["geneval"]}, {"ocr": "ocr/s", "geneval": "geneval/s"},
                      {"ocr": "image"})
+    # no dense evaluations: the regular ones, 1 image on prompt 1 (the fewest)
     assert out == {"mopd": pytest.approx({"gain_share/ocr": 0.6, "gain_share/ocr/ci_low": 0.6,
-                                          "gain_share/ocr/ci_high": 0.6})}
+                                          "gain_share/ocr/ci_high": 0.6, "gain_share/ocr/images_per_prompt": 1})}
     assert "sopd_geneval/geneval" in capsys.readouterr().out
+    # dense evaluations of base, teacher and both seeds: used (a share of (0.2 + 0.4) / 2 = 0.3)
+    dense = [(0, 0.0), (0, 0.0), (1, 0.0), (1, 0.0)]
+    write_samples(tmp_path / "base_dense" / "samples.jsonl", "base", "ocr", dense)
+    write_samples(tmp_path / "runs" / "teacher_ocr" / "dense" / "samples.jsonl", "teacher_ocr", "ocr",
+                  [(p, 1.0) for p, _ in dense])
+    write_samples(tmp_path / "runs" / "mopd_seed0" / "dense" / "samples.jsonl", "mopd_seed0", "ocr",
+                  [(p, 0.2) for p, _ in dense])
+    args = (bases, {"mopd": {"seeds": ["mopd_seed0", "mopd_seed1"]}}, {"mopd": ["ocr"]}, {"ocr": "ocr/s"}, {})
+    assert row_shares(tmp_path / "runs", *args)["mopd"]["gain_share/ocr"] == pytest.approx(0.6)  # seed 1 lacks it
+    write_samples(tmp_path / "runs" / "mopd_seed1" / "dense" / "samples.jsonl", "mopd_seed1", "ocr",
+                  [(p, 0.4) for p, _ in dense])
+    got = row_shares(tmp_path / "runs", *args)["mopd"]
+    assert got["gain_share/ocr"] == pytest.approx(0.3) and got["gain_share/ocr/images_per_prompt"] == 2
+    # a dense evaluation without the task falls back too
+    write_samples(tmp_path / "base_dense" / "samples.jsonl", "base", "geneval", dense)
+    assert row_shares(tmp_path / "runs", *args)["mopd"]["gain_share/ocr"] == pytest.approx(0.6)
 
 
 def test_target_lines_judge_share_floor_and_baseline_by_hand():

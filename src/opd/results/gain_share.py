@@ -101,28 +101,49 @@ def share_interval(base: PromptScores, teacher: PromptScores, students: Sequence
     return share, float(low), float(high)
 
 
-def row_shares(root: Path, base_dir: Path, runs: dict[str, dict], teachers_of: dict[str, Sequence[str]],
+def _scores_from(folders: dict[str, Path], task: str, metric: str) -> dict[str, PromptScores] | None:
+    """Every model's scores of ``task`` from its folder, or None when a folder lacks them."""
+    scores = {}
+    for name, folder in folders.items():
+        found = samples_file(folder)
+        if found is None:
+            return None
+        try:
+            scores[name] = prompt_scores(found, name, task, metric)
+        except ValueError:  # this evaluation did not sample the task
+            return None
+    return scores
+
+
+def row_shares(root: Path, base_dirs: dict[str, Path], runs: dict[str, dict], teachers_of: dict[str, Sequence[str]],
                own: dict[str, str], averages: dict[str, str], **bootstrap) -> dict[str, dict[str, float]]:
-    """Per table row with teachers, ``{"gain_share/<task>": share, …/ci_low, …/ci_high}`` for each of its
-    teachers (:func:`share_interval`), from the images' scores in ``samples.jsonl[.gz]``: the base's in
-    ``base_dir`` (row ``base``), teacher ``t``'s in ``<root>/teacher_<t>/eval``, the row's seeds' in
-    ``<root>/<seed run>/eval`` (``runs[row]["seeds"]``). A row whose scores are missing is left out
-    (and said so)."""
+    """Per table row with teachers, ``{"gain_share/<task>": share, …/ci_low, …/ci_high,
+    …/images_per_prompt}`` for each of its teachers (:func:`share_interval`), from the images' scores in
+    ``samples.jsonl[.gz]``.
+
+    ``base_dirs`` maps an evaluation folder name to the base's evaluation of that kind, in order of
+    preference (e.g. ``{"dense": <base>/dense, "eval": <base>}``): for each task the first kind that
+    base, teacher (``<root>/teacher_<t>/<kind>``) and every seed of the row (``<root>/<seed
+    run>/<kind>``, ``runs[row]["seeds"]``) all have is used, so the three terms of a share always come
+    from evaluations alike. A task no kind covers is left out (and said so)."""
     out: dict[str, dict[str, float]] = {}
     for key, teachers in teachers_of.items():
         seeds = runs.get(key, {}).get("seeds") or []
         for task in teachers:
-            folders = {"base": Path(base_dir), f"teacher_{task}": Path(root) / f"teacher_{task}" / "eval",
-                       **{seed: Path(root) / seed / "eval" for seed in seeds}}
-            files = {name: samples_file(folder) for name, folder in folders.items()}
-            if not seeds or None in files.values():
-                missing = [str(folders[n]) for n, f in files.items() if f is None]
-                print(f"[gain_share] {key}/{task}: no samples.jsonl in {missing or 'its seeds'}; no interval")
+            metric, scores = own[task].split("/", 1)[1], None
+            for kind, base_dir in base_dirs.items() if seeds else ():
+                scores = _scores_from({"base": Path(base_dir), f"teacher_{task}": Path(root) / f"teacher_{task}" / kind,
+                                       **{seed: Path(root) / seed / kind for seed in seeds}}, task, metric)
+                if scores:
+                    break
+            if not scores:
+                print(f"[gain_share] {key}/{task}: no evaluation of {'/'.join(base_dirs)} with the images' scores "
+                      f"of the base, the teacher and {seeds or 'its seeds'}; no interval")
                 continue
-            metric = own[task].split("/", 1)[1]
-            scores = {name: prompt_scores(f, name, task, metric) for name, f in files.items()}
-            share, low, high = share_interval(scores.pop("base"), scores.pop(f"teacher_{task}"), list(scores.values()),
-                                              averages.get(task, "image"), **bootstrap)
+            base, teacher = scores.pop("base"), scores.pop(f"teacher_{task}")
+            share, low, high = share_interval(base, teacher, list(scores.values()), averages.get(task, "image"), **bootstrap)
+            per_prompt = min(len(g) for m in (base, teacher, *scores.values()) for g in m.groups)
             out.setdefault(key, {}).update({f"gain_share/{task}": share, f"gain_share/{task}/ci_low": low,
-                                            f"gain_share/{task}/ci_high": high})
+                                            f"gain_share/{task}/ci_high": high,
+                                            f"gain_share/{task}/images_per_prompt": per_prompt})
     return out

@@ -305,7 +305,8 @@ def markdown(rows: Mapping[str, dict], results: Mapping[str, dict], runs: Mappin
     shares_intro = ("In brackets: 95 % intervals from resampling the test prompts once for base, teacher and student "
                     "(a student with several seeds enters as their mean; `opd.results.gain_share`). They cover the "
                     "evaluation's noise, not the spread between seeds; ∞ where the teacher's own gain is not clear "
-                    "in some resamples.")
+                    "in some resamples. Share and interval come from the evaluations named by their images a prompt "
+                    "(the table's own, or `make mini-table1-dense`'s).")
     targets = ["## Against the targets", "", *target_lines(results, own)] if "mopd" in results else []
     return "\n".join(["# The mini Table 1", "", intro, "", *lines, "", shares_title, "", shares_intro, "", *shares, "",
                       *targets, ""])
@@ -342,11 +343,14 @@ def target_lines(results: Mapping[str, Mapping[str, float]], own: Mapping[str, s
 
 def _share_cell(metrics: Mapping[str, float], task: str, share: float) -> str:
     """``geneval 94% [63, 134]``: a student's share of a teacher's gain, with its interval when measured."""
+    share = metrics.get(f"gain_share/{task}", share)  # measured on the same evaluations as its interval
     if not math.isfinite(share):
         return f"{task} – (its teacher gained nothing)"
     low, high = metrics.get(f"gain_share/{task}/ci_low"), metrics.get(f"gain_share/{task}/ci_high")
     pct = (lambda v: f"{100 * v:.0f}" if math.isfinite(v) else ("∞" if v > 0 else "−∞"))
-    return f"{task} {100 * share:.0f}%" + (f" [{pct(low)}, {pct(high)}]" if low is not None and high is not None else "")
+    per_prompt = metrics.get(f"gain_share/{task}/images_per_prompt")
+    return (f"{task} {100 * share:.0f}%" + (f" [{pct(low)}, {pct(high)}]" if low is not None and high is not None else "")
+            + (f" ({per_prompt:.0f} images a prompt)" if per_prompt else ""))
 
 
 def plot_curves(path: Path, curves: Mapping[str, list[dict[str, str]]], rewards: Mapping[str, list[str]]) -> None:
@@ -395,6 +399,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--extra", default="{}",
                         help='JSON: more student rows, e.g. \'{"mopd_sum": {"label": "MOPD, summed KLs"}}\' '
                              '(keys: label, stages, teachers; default teachers: all)')
+    parser.add_argument("--dense-base", type=Path, default=None,
+                        help="the base's evaluation with more images per prompt (make mini-table1-dense): the shares' "
+                             "intervals then use <run>/dense of the teachers and students where they all have the task")
     parser.add_argument("--previous", type=Path, default=None,
                         help="an earlier table's folder (results.json, runs.json) for rows not evaluated here")
     args = parser.parse_args(argv)
@@ -408,7 +415,8 @@ def main(argv: Sequence[str] | None = None) -> str:
                                     args.previous, args.device, own)
     rows, results, runs = with_controls(rows, results, runs, json.loads(args.base.read_text()), own)
     teachers_of = {key: row["teachers"] for key, row in rows.items() if row.get("teachers") and key in results}
-    for key, shares in row_shares(args.runs, args.base.parent, runs, teachers_of, own, averages(args.suite)).items():
+    share_bases = {**({"dense": args.dense_base} if args.dense_base else {}), "eval": args.base.parent}
+    for key, shares in row_shares(args.runs, share_bases, runs, teachers_of, own, averages(args.suite)).items():
         results[key].update(shares)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
