@@ -61,7 +61,7 @@ def stand_ins(line: str) -> str:
     return line
 
 
-@pytest.mark.parametrize("target", ["mini-teachers", "mini-table1"])
+@pytest.mark.parametrize("target", ["mini-teachers", "mini-table1", "mini-table1-dense"])
 def test_the_mini_table_chains_compose(target, tmp_path):
     lines = [stand_ins(line) for line in dry_run(target, tmp_path)]
     steps = [step for line in lines if "$(" not in line and (step := overrides_of(line)) is not None]
@@ -97,3 +97,10 @@ def test_the_mini_table_chains_compose(target, tmp_path):
         # the multi-reward baselines stop at a compute budget; the students run a fixed number of rounds
         budgets = [o for o in trains if "callbacks.compute_budget.max_model_tflop=1.5" in o]
         assert len(budgets) >= 2 * 3 + 3 + 2  # multi own/total × 3 seeds, cascade, tuning
+        dense = [o for name, o in steps if name == "eval" and "images_per_prompt=16" in o]
+        if target == "mini-table1-dense":  # base + 2 teachers + 3 MOPD seeds, GenEval and aesthetic only, no controls
+            assert len(dense) == 6 and all("~eval_tasks.ocr" in o and "controls.cover=null" in o for o in dense)
+            assert sorted(sum(o.startswith("~eval_tasks.") for o in e) for e in dense) == [1, 1, 1, 1, 2, 2]
+            assert "--dense-base" in table[0]
+        else:
+            assert not dense and "--dense-base" not in table[0]
