@@ -82,8 +82,8 @@ def share_interval(base: PromptScores, teacher: PromptScores, students: Sequence
     within tags, average the tag means, as the task's headline does). ±∞ bounds: see the module."""
     if not students:
         raise ValueError("share_interval: no student evaluations")
-    if average not in ("image", "tag"):
-        raise ValueError(f"share_interval: average={average!r}; use 'image' or 'tag'")
+    if average not in ("image", "tag") or not 0 < level < 1:
+        raise ValueError(f"share_interval: average={average!r} (use 'image' or 'tag'), level={level} (in (0, 1))")
     models = [base, teacher, *students]
     for other in models[1:]:
         if other.prompts != base.prompts:
