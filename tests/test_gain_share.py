@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from opd.evaluation.bootstrap import bootstrap_ci, resampled_means
-from opd.results.gain_share import PromptScores, prompt_scores, row_shares, share_interval
+from opd.results.gain_share import PromptScores, main, projected_interval, prompt_scores, row_shares, share_interval
 
 
 def scores(groups, tags=None, name="m"):
@@ -132,3 +132,33 @@ def test_target_lines_judge_share_floor_and_baseline_by_hand():
     # one seed each: no interval over seeds, said so
     lines = target_lines({"mopd": {NORM_GAIN: 0.9}, "multi_reward_rl": {NORM_GAIN: 0.5}}, own)
     assert "no interval yet" in lines[0] and "needs two seeds" in lines[3]
+
+
+def test_projected_interval_by_hand():
+    base, teacher = scores([[0.0, 0.0]] * 4), scores([[1.0, 1.0]] * 4)  # gain 1: the share is the student's mean
+    # all spread within prompts: var([0, 1]) / 2 images = 0.25 per prompt mean, none between prompts;
+    # with k images a prompt: se = sqrt(0.25 * 2 / k / 4 prompts)
+    within = scores([[0.0, 1.0]] * 4)
+    for k in (2, 8):
+        low, high = projected_interval(base, teacher, [within], k)
+        half = 1.959964 * math.sqrt(0.25 * 2 / k / 4)
+        assert (low, high) == pytest.approx((0.5 - half, 0.5 + half), abs=1e-6)
+    # all spread between prompts: more images change nothing; se = sqrt(var([1, 0, 1, 0]) / 4)
+    between = scores([[1.0, 1.0], [0.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
+    assert projected_interval(base, teacher, [between], 2) == pytest.approx(projected_interval(base, teacher, [between], 64))
+    assert projected_interval(base, teacher, [between], 2)[1] == pytest.approx(0.5 + 1.959964 * math.sqrt(1 / 3 / 4), abs=1e-6)
+    with pytest.raises(ValueError, match="same number"):
+        projected_interval(base, teacher, [scores([[0.0, 1.0]] * 3 + [[1.0]])], 4)
+    with pytest.raises(ValueError, match="did not gain"):
+        projected_interval(teacher, base, [within], 4)
+
+
+def test_the_command_prints_share_interval_and_projection(tmp_path, capsys):
+    for name, values in (("base", [0.0, 0.0]), ("teacher_ocr", [1.0, 1.0]), ("student", [0.0, 1.0])):
+        write_samples(tmp_path / f"{name}.jsonl", name, "ocr", [(p, v) for p in range(4) for v in values])
+    out = main(["--task", "ocr", "--metric", "s", "--base", f"{tmp_path}/base.jsonl:base",
+                "--teacher", f"{tmp_path}/teacher_ocr.jsonl:teacher_ocr", "--student", f"{tmp_path}/student.jsonl:student",
+                "--project", "8"])
+    assert out["share"] == 0.5 and out["ci_low"] == out["ci_high"] == 0.5  # every prompt alike: no prompt noise
+    assert out["projected_8"] == pytest.approx((0.5 - 1.959964 * 0.125, 0.5 + 1.959964 * 0.125), abs=1e-6)
+    assert "share 0.500 [0.500, 0.500] with 2 images a prompt" in capsys.readouterr().out

@@ -25,6 +25,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 
@@ -101,6 +102,35 @@ def share_interval(base: PromptScores, teacher: PromptScores, students: Sequence
     return share, float(low), float(high)
 
 
+def projected_interval(base: PromptScores, teacher: PromptScores, students: Sequence[PromptScores],
+                       images_per_prompt: int, level: float = LEVEL) -> tuple[float, float]:
+    """The share's ``level`` interval expected with ``images_per_prompt`` images a prompt (normal
+    approximation), from evaluations with equally many images a prompt, paired by image index.
+
+    Each image gets the share's linearisation ``(s − r·t − (1 − r)·b) / (t − b)`` (``r`` the share; its
+    student, teacher and base images of one prompt and image index come from one noise seed; several
+    students: their mean). Its variance over prompts splits into the spread of the images within a
+    prompt (``w``: shrinks with more images) and the spread between prompts (the rest, at least 0):
+    ``se = √((between + w·K / images_per_prompt) / prompts)`` with ``K`` the images a prompt measured.
+    Image-averaged tasks only. A projection for planning an evaluation, not a measurement."""
+    models = [base, teacher, *students]
+    counts = {len(g) for m in models for g in m.groups}
+    if len(counts) != 1 or counts == {1}:
+        raise ValueError(f"projected_interval: needs the same number (>= 2) of images on every prompt; got {sorted(counts)}")
+    b, t = (np.asarray(m.groups, dtype=float) for m in (base, teacher))  # [prompt, image]
+    s = np.mean([np.asarray(m.groups, dtype=float) for m in students], axis=0)
+    gain = t.mean() - b.mean()
+    if gain <= 0:
+        raise ValueError("projected_interval: the teacher did not gain over the base; the share is undefined")
+    r = (s.mean() - b.mean()) / gain
+    per_image = (s - r * t - (1 - r) * b) / gain
+    (num_prompts, measured), within = per_image.shape, float(per_image.var(axis=1, ddof=1).mean() / per_image.shape[1])
+    between = max(float(per_image.mean(axis=1).var(ddof=1)) - within, 0.0)
+    half = NormalDist().inv_cdf(1 - (1 - level) / 2) * math.sqrt((between + within * measured / images_per_prompt)
+                                                                  / num_prompts)
+    return r - half, r + half
+
+
 def _scores_from(folders: dict[str, Path], task: str, metric: str) -> dict[str, PromptScores] | None:
     """Every model's scores of ``task`` from its folder, or None when a folder lacks them."""
     scores = {}
@@ -147,3 +177,43 @@ def row_shares(root: Path, base_dirs: dict[str, Path], runs: dict[str, dict], te
                                             f"gain_share/{task}/ci_high": high,
                                             f"gain_share/{task}/images_per_prompt": per_prompt})
     return out
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+    """Print a student's share of a teacher's gain on one task, its interval and, with ``--project``,
+    the interval expected with more images a prompt."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="A student's share of a teacher's gain, with its paired "
+                                     "prompt-bootstrap interval (and projections to more images a prompt).")
+    parser.add_argument("--task", required=True)
+    parser.add_argument("--metric", required=True, help="the score key, e.g. geneval_mini_correct")
+    for who in ("base", "teacher"):
+        parser.add_argument(f"--{who}", required=True, metavar="SAMPLES:CHECKPOINT",
+                            help="an evaluation's samples.jsonl[.gz] and the checkpoint's row in it")
+    parser.add_argument("--student", required=True, action="append", metavar="SAMPLES:CHECKPOINT",
+                        help="repeat for several seeds (their mean)")
+    parser.add_argument("--average", default="image", choices=["image", "tag"])
+    parser.add_argument("--project", type=int, nargs="*", default=[], metavar="IMAGES",
+                        help="images a prompt to project the interval to")
+    args = parser.parse_args(argv)
+
+    def load(spec: str) -> PromptScores:
+        path, _, checkpoint = spec.rpartition(":")
+        if not path:
+            raise SystemExit(f"{spec!r}: write SAMPLES:CHECKPOINT, e.g. runs/x/eval/samples.jsonl:x")
+        return prompt_scores(Path(path), checkpoint, args.task, args.metric)
+
+    base, teacher, students = load(args.base), load(args.teacher), [load(s) for s in args.student]
+    share, low, high = share_interval(base, teacher, students, args.average)
+    out = {"share": share, "ci_low": low, "ci_high": high, "images_per_prompt": len(base.groups[0])}
+    print(f"{args.task}: share {share:.3f} [{low:.3f}, {high:.3f}] with {out['images_per_prompt']} images a prompt "
+          f"({len(base.groups)} prompts, {len(students)} student evaluation(s))")
+    for k in args.project:
+        out[f"projected_{k}"] = projected_interval(base, teacher, students, k)
+        print(f"  projected with {k} images a prompt: [{out[f'projected_{k}'][0]:.3f}, {out[f'projected_{k}'][1]:.3f}]")
+    return out
+
+
+if __name__ == "__main__":
+    main()
