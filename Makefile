@@ -264,7 +264,7 @@ mini-table1-dense: $(RUNS)/table_dense/results.md  ## mini-table1 with the share
 	@echo "mini-table1-dense: $(RUNS)/table_dense/results.md"
 
 mini-table1: $(RUNS)/table/results.md  ## the mini Table 1 v2 from make mini-teachers' teachers (GPU; make -j4 mini-table1): RUNS=runs/mini DEVICE="..."
-	@echo "mini-table1: $(RUNS)/table/results.md (runs.json, curves.png beside it); ship the student with python -m opd.results.ship_adapter $(RUNS)/mopd_sum_seed0/adapter <dest>"
+	@echo "mini-table1: $(RUNS)/table/results.md (runs.json, curves.png beside it); ship the student and its card with python -m opd.results.student_card --runs $(RUNS) --table $(RUNS)/table --run mopd_sum_seed0 --dest <dest>"
 
 
 lint: $(STAMP)  ## ruff

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 
 from opd.evaluation.bootstrap import bootstrap_ci, resampled_means
-from opd.results.gain_share import PromptScores, main, projected_interval, prompt_scores, row_shares, share_interval
+from opd.results.gain_share import (
+    PromptScores,
+    main,
+    projected_interval,
+    prompt_scores,
+    row_shares,
+    share_interval,
+)
 
 
 def scores(groups, tags=None, name="m"):
@@ -62,9 +69,9 @@ def test_tag_average_and_an_unclear_teacher_gain():
         share_interval(scores([[0.0]]), PromptScores("t", ["other"], ["t"], [[1.0]]), [scores([[0.5]])])
 
 
-def write_samples(path, checkpoint, task, values, compress=False):
+def write_samples(path, checkpoint, task, values, compress=False, key="s"):
     lines = [json.dumps({"checkpoint": checkpoint, "task": task, "index": i, "prompt_index": p,
-                         "prompt": f"prompt {p}", "metadata": {"tag": "x"}, "scores": {"s": v}})
+                         "prompt": f"prompt {p}", "metadata": {"tag": "x"}, "scores": {key: v}})
              for i, (p, v) in enumerate(values)]
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "\n".join(lines) + "\n"
