@@ -22,7 +22,7 @@ import gzip
 import json
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import NormalDist
@@ -129,6 +129,17 @@ def projected_interval(base: PromptScores, teacher: PromptScores, students: Sequ
     half = NormalDist().inv_cdf(1 - (1 - level) / 2) * math.sqrt((between + within * measured / images_per_prompt)
                                                                   / num_prompts)
     return r - half, r + half
+
+
+def format_share(metrics: Mapping[str, float], task: str, unit: str = "%") -> str:
+    """``94% [63, 134]``: ``gain_share/<task>`` of ``metrics`` in percent, with its interval where it has
+    one (±∞ bounds as ``∞``/``−∞``); ``–`` without a finite share."""
+    share = metrics.get(f"gain_share/{task}")
+    if share is None or not math.isfinite(share):
+        return "–"
+    low, high = metrics.get(f"gain_share/{task}/ci_low"), metrics.get(f"gain_share/{task}/ci_high")
+    bound = (lambda v: f"{100 * v:.0f}" if math.isfinite(v) else ("∞" if v > 0 else "−∞"))
+    return f"{100 * share:.0f}{unit}" + (f" [{bound(low)}, {bound(high)}]" if low is not None and high is not None else "")
 
 
 def _scores_from(folders: dict[str, Path], task: str, metric: str) -> dict[str, PromptScores] | None:

@@ -15,25 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from opd.models.lora import resolve_lora_file
-from opd.results.gain_share import row_shares
+from opd.results.gain_share import format_share, row_shares
 from opd.results.logs import chained_log, run_command
 from opd.results.metrics import averages, columns, evaluated_rows, guidance_scales, own_metrics, with_interval
 from opd.results.ship_adapter import PROMPTS, to_fp16, velocity_gaps
 from opd.results.table1 import COMPUTE, NORM_GAIN, last_logged
-
-
-def _share(metrics: Mapping[str, float], task: str) -> str:
-    share = metrics.get(f"gain_share/{task}")
-    if share is None or not math.isfinite(share):
-        return "–"
-    low, high = metrics.get(f"gain_share/{task}/ci_low"), metrics.get(f"gain_share/{task}/ci_high")
-    bound = (lambda v: f"{100 * v:.0f}" if math.isfinite(v) else ("∞" if v > 0 else "−∞"))
-    return f"{100 * share:.0f} %" + (f" [{bound(low)}, {bound(high)}]" if low is not None and high is not None else "")
 
 
 def card(run: str, command: str, compute: Mapping[str, float], minutes: float, device: str, gaps: Mapping[str, float],
@@ -50,7 +40,7 @@ def card(run: str, command: str, compute: Mapping[str, float], minutes: float, d
         task = task_of.get(m)
         teacher = with_interval(teachers[task], m) if task in teachers else "–"
         lines.append(f"| {metric_title} | {with_interval(base, m)} | {teacher} | {with_interval(mine, m)} | "
-                     f"{_share(shares, task) if task else '–'} |")
+                     f"{format_share(shares, task, ' %') if task else '–'} |")
     seeds = int(row.get("num_seeds", 1))
     over_seeds = ""
     if seeds > 1:
@@ -59,7 +49,7 @@ def card(run: str, command: str, compute: Mapping[str, float], minutes: float, d
                       f"seeds (the same recipe, seeds differ):\n\n| {' | '.join(cols)} | avg. share of the teachers' "
                       f"gains |\n|{'---|' * (len(cols) + 1)}\n| {cells} | {with_interval(row, NORM_GAIN)} |\n\n"
                       "Shares of each teacher's gain by the seeds' mean: "
-                      + ", ".join(f"{t} {_share(row, t)}" for t in own) + ".\n")
+                      + ", ".join(f"{t} {format_share(row, t, ' %')}" for t in own) + ".\n")
     compute_text = ", ".join(f"{compute[k]:,.0f} {label}" for k, label in
                              (("rounds", "rounds"), ("images_sampled", "sampled images"), ("model_tflop", "model TFLOP"))
                              if k in compute)

@@ -27,7 +27,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from opd.results.gain_share import row_shares
+from opd.results.gain_share import format_share, row_shares
 from opd.results.logs import chained_log, column, moving_average, run_command
 from opd.results.metrics import (
     averages,
@@ -343,14 +343,12 @@ def target_lines(results: Mapping[str, Mapping[str, float]], own: Mapping[str, s
 
 def _share_cell(metrics: Mapping[str, float], task: str, share: float) -> str:
     """``geneval 94% [63, 134]``: a student's share of a teacher's gain, with its interval when measured."""
-    share = metrics.get(f"gain_share/{task}", share)  # measured on the same evaluations as its interval
-    if not math.isfinite(share):
+    if f"gain_share/{task}" not in metrics:  # no interval measured: the share of the table's means
+        metrics = {**metrics, f"gain_share/{task}": share}
+    if not math.isfinite(metrics[f"gain_share/{task}"]):
         return f"{task} – (its teacher gained nothing)"
-    low, high = metrics.get(f"gain_share/{task}/ci_low"), metrics.get(f"gain_share/{task}/ci_high")
-    pct = (lambda v: f"{100 * v:.0f}" if math.isfinite(v) else ("∞" if v > 0 else "−∞"))
     per_prompt = metrics.get(f"gain_share/{task}/images_per_prompt")
-    return (f"{task} {100 * share:.0f}%" + (f" [{pct(low)}, {pct(high)}]" if low is not None and high is not None else "")
-            + (f" ({per_prompt:.0f} images a prompt)" if per_prompt else ""))
+    return f"{task} {format_share(metrics, task)}" + (f" ({per_prompt:.0f} images a prompt)" if per_prompt else "")
 
 
 def plot_curves(path: Path, curves: Mapping[str, list[dict[str, str]]], rewards: Mapping[str, list[str]]) -> None:
