@@ -29,6 +29,12 @@ def test_card_puts_each_number_where_it_belongs():
     assert "| OCR | 0.600 [0.55, 0.65] | 0.800 | 0.780 [0.70, 0.85] | 90 % [80, ∞] |" in text
     assert "## The table row over its 3 training seeds" in text and "| 0.770 [0.70, 0.84] | 0.850 |" in text
     assert "ocr 85 %." in text and "`python -m opd.results.student_card ...`" in text
+    # the prompt-blind controls: its images against swapped prompts, prompt sensitivity, the cover image
+    controlled = student_card.card("r", "c", {}, 1.0, "", {"fp16_vs_fp32": 0.0, "adapter_vs_base": 1.0}, Path("d"),
+                                   1.0, {"ocr/s": 0.6}, 4.5, {}, {"ocr/s": 0.7, "ocr/s/swapped": 0.02,
+                                                                  "ocr/sensitivity": 1.1}, {}, {}, COLS, OWN,
+                                   cover={"ocr/s": 0.01})
+    assert "| OCR | 0.020 | 1.10 | 0.010 |" in controlled
     one_seed = student_card.card("r", "c", {}, 1.0, "", {"fp16_vs_fp32": 0.0, "adapter_vs_base": 1.0}, Path("d"), 1.0,
                                  {"ocr/s": 0.6}, 4.5, {}, {"ocr/s": 0.7}, {}, {"num_seeds": 1}, COLS, OWN)
     assert "over its" not in one_seed and "| OCR | 0.600 | – | 0.700 | – |" in one_seed

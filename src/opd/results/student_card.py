@@ -18,22 +18,26 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from opd.evaluation.report import COVER
 from opd.models.lora import resolve_lora_file
 from opd.results.gain_share import format_share, row_shares
 from opd.results.logs import chained_log, run_command
 from opd.results.metrics import averages, columns, evaluated_rows, guidance_scales, own_metrics, with_interval
 from opd.results.ship_adapter import PROMPTS, to_fp16, velocity_gaps
 from opd.results.table1 import COMPUTE, NORM_GAIN, last_logged
+from opd.results.teacher_cards import controls_table
 
 
 def card(run: str, command: str, compute: Mapping[str, float], minutes: float, device: str, gaps: Mapping[str, float],
          dest: Path, cfg: float, base: Mapping[str, float], base_cfg: float, teachers: Mapping[str, Mapping[str, float]],
          mine: Mapping[str, float], shares: Mapping[str, float], row: Mapping[str, float], cols: Mapping[str, str],
-         own: Mapping[str, str], grids: str = "", reproduce: str = "", title: str = "mini MOPD student") -> str:
+         own: Mapping[str, str], grids: str = "", reproduce: str = "", title: str = "mini MOPD student",
+         cover: Mapping[str, float] | None = None) -> str:
     """The student's model card (markdown). ``cfg``: the CFG scale it is sampled (and was evaluated) at;
     ``teachers``: task → the teacher's test row; ``mine``: this run's test row; ``shares``: its
     ``gain_share/<task>`` keys; ``row``: the table row (means over its seeds, ``num_seeds``);
-    ``reproduce``: the command that wrote the card."""
+    ``reproduce``: the command that wrote the card; ``cover``: the cover image's test scores (with
+    ``mine``'s swapped-prompt scores and prompt sensitivity: the prompt-blind controls)."""
     task_of = {m: t for t, m in own.items()}
     lines = []
     for metric_title, m in cols.items():
@@ -75,7 +79,7 @@ prompts once for base, teacher and student (`opd.results.gain_share`).{f' Its im
 | metric | base (CFG {base_cfg:g}) | teacher of the task | this student (CFG {cfg:g}) | share of the teacher's gain kept |
 |---|---|---|---|---|
 {chr(10).join(lines)}
-{over_seeds}"""
+{controls_table(mine, cover or {}, cols)}{over_seeds}"""
 
 
 def main(argv: Sequence[str] | None = None) -> str:
@@ -99,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     own, cols = own_metrics(args.suite), columns(args.suite)
     evaluation = args.runs / args.run / "eval" / "results.json"
     mine, cfg = evaluated_rows(evaluation)[args.run], guidance_scales(evaluation).get(args.run, 1.0)
+    cover = json.loads(evaluation.read_text()).get(COVER, {})
     teachers = {t: results[f"teacher_{t}"] for t in own if f"teacher_{t}" in results}
     shares = row_shares(args.runs, {"eval": args.base.parent}, {args.run: {"seeds": [args.run]}},
                         {args.run: list(teachers)}, own, averages(args.suite)).get(args.run, {})
@@ -111,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> str:
                  f"--run {args.run} --dest {args.dest}" + (f" --grids {args.grids}" if args.grids else ""))
     text = card(args.run, run_command(args.runs / args.run), compute, minutes, record.get("device", ""), gaps,
                 args.dest, cfg, evaluated_rows(args.base)["base"], base_cfg, teachers, mine, shares, results[args.row],
-                cols, own, args.grids, reproduce, args.title)
+                cols, own, args.grids, reproduce, args.title, cover)
     args.dest.mkdir(parents=True, exist_ok=True)
     (args.dest / "README.md").write_text(text)
     print(text)

@@ -51,7 +51,7 @@ def scores_table(rows: Mapping[str, Mapping[str, float]], cols: Mapping[str, str
 
 
 def controls_table(test: Mapping[str, float], cover: Mapping[str, float], cols: Mapping[str, str]) -> str:
-    """Per metric: the teacher's images scored against swapped prompts, its prompt sensitivity
+    """Per metric: the model's images (a teacher's, a student's) scored against swapped prompts, its prompt sensitivity
     (``<task>/sensitivity``, the base = 1) and the cover image's score; empty without any of them."""
     lines = []
     for title, m in cols.items():
