@@ -1,5 +1,6 @@
 """opd.results: the commands that turn runs into shipped results, on hand-built run folders
 (CSV logs, results.json, .hydra records) whose expected numbers are worked out by hand below."""
+import gzip
 import json
 import math
 import tarfile
@@ -647,6 +648,60 @@ def test_a_row_of_three_seeds_is_their_mean_with_compute_totals(tmp_path):
     assert record["minutes"] == pytest.approx(4.0) and record["rounds"] == 2 and record["images_sampled"] == 20
     assert record["model_tflop"] == pytest.approx(4.0)  # (3 + 4 + 5) / 3
     assert [r["time/minutes"] for r in curves["mopd"]] == ["1.5", "3.0"]  # the curve: the first seed's log
+
+
+def test_a_seed_whose_log_was_lost_counts_in_the_metrics_not_in_minutes_or_compute(tmp_path):
+    """Seed 0 kept only its evaluation (its training log lost), seeds 1 and 2 kept everything: the row's
+    metrics are the three seeds' mean, its minutes, compute, command and curve those of the logged seeds,
+    and runs.json names the seed without a log."""
+    for n, score in enumerate([0.2, 0.4, 0.3]):
+        run = tmp_path / f"mopd_seed{n}"
+        (run / "eval").mkdir(parents=True)
+        (run / "eval" / "results.json").write_text(json.dumps({f"mopd_seed{n}": {"geneval/x": score}}))
+        if n:
+            (run / "csv" / "version_0").mkdir(parents=True)
+            (run / "csv" / "version_0" / "metrics.csv").write_text(
+                f"step,time/minutes,compute/model_tflop\n0,{2 * n},{10.0 * n}\n")
+            (run / ".hydra").mkdir()
+            (run / ".hydra" / "overrides.yaml").write_text(f"- seed={n}\n")
+    rows = {"mopd": {"label": "MOPD", "run": "mopd", "stages": ["mopd"], "teachers": []}}
+    results, runs, curves = table1.collect(tmp_path, rows, base={"geneval/x": 0.1})
+    assert results["mopd"]["num_seeds"] == 3 and results["mopd"]["geneval/x"] == pytest.approx(0.3)
+    record = runs["mopd"]
+    assert record["minutes"] == pytest.approx(3.0) and record["model_tflop"] == pytest.approx(15.0)  # seeds 1, 2
+    assert record["seeds_without_log"] == ["mopd_seed0"] and record["command"] == "python -m opd.train seed=1"
+    assert [float(r["time/minutes"]) for r in curves["mopd"]] == [2.0]  # seed 1's log
+
+
+def test_records_keep_commands_logs_and_evaluations_gzipped_and_read_back_alike(tmp_path):
+    from opd.results import records
+
+    run = tmp_path / "runs" / "mopd_sum_seed1"
+    write_log(run, [{"step": 0, "time/minutes": 1.0, "compute/model_tflop": 7.0}])
+    write_log(run, [{"step": 1, "time/minutes": 2.5, "compute/model_tflop": 14.0}], version=1)
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "overrides.yaml").write_text("- seed=1\n- ckpt_path=last\n")
+    write_eval(run / "eval", {run.name: {"geneval/x": 0.25}})
+    (run / "eval" / "samples.jsonl").write_text('{"checkpoint": "mopd_sum_seed1", "task": "geneval"}\n' * 50)
+    for big in (run / "adapter" / "pytorch_lora_weights.safetensors", run / "checkpoints" / "last.ckpt",
+                run / "eval" / "images" / "a.png"):
+        big.parent.mkdir(parents=True, exist_ok=True)
+        big.write_bytes(b"x" * 1000)
+    (tmp_path / "runs" / "not_evaluated").mkdir()
+    (tmp_path / "runs" / "picked.json").write_text("{}")
+    dest = tmp_path / "records"
+    written = records.main([str(tmp_path / "runs"), str(dest)])
+    assert list(written) == ["mopd_sum_seed1"]  # every run with an evaluation, no other
+    kept = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert kept == ["mopd_sum_seed1/" + k for k in (".hydra/overrides.yaml", "csv/version_0/metrics.csv.gz",
+                    "csv/version_1/metrics.csv.gz", "eval/.hydra/config.yaml", "eval/results.json",
+                    "eval/samples.jsonl.gz")] + ["picked.json"]
+    assert logs.training_log(dest / run.name) == logs.training_log(run)  # the gzipped log reads the same
+    assert logs.run_command(dest / run.name) == "python -m opd.train seed=1"
+    assert gzip.decompress((dest / run.name / "eval" / "samples.jsonl.gz").read_bytes()) == \
+        (run / "eval" / "samples.jsonl").read_bytes()
+    with pytest.raises(SystemExit):
+        records.main([str(tmp_path / "runs"), str(dest), "missing_run"])
 
 
 # ---- pick_setting --------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ wall-clock axis with :func:`chained_log`.
 from __future__ import annotations
 
 import csv
+import gzip
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,11 +19,13 @@ COUNTERS = ("train/round", "compute/images_sampled", "compute/transformer_passes
 
 
 def training_log(run: Path) -> tuple[list[dict[str, str]], float]:
-    """The run's logged rows (all CSV versions, in order) and its training wall-clock minutes
-    (the largest ``time/minutes``; 0 without any)."""
+    """The run's logged rows (all CSV versions, in order; ``metrics.csv.gz`` where a records folder
+    keeps them gzipped, :mod:`opd.results.records`) and its training wall-clock minutes (the largest
+    ``time/minutes``; 0 without any)."""
     rows: list[dict[str, str]] = []
-    for file in sorted(Path(run).glob("csv/version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:])):
-        with open(file, newline="") as f:
+    files = [*Path(run).glob("csv/version_*/metrics.csv"), *Path(run).glob("csv/version_*/metrics.csv.gz")]
+    for file in sorted(files, key=lambda p: int(p.parent.name[8:])):
+        with (gzip.open if file.suffix == ".gz" else open)(file, "rt", newline="") as f:
             rows += list(csv.DictReader(f))
     minutes = [float(r[MINUTES]) for r in rows if r.get(MINUTES)]
     return rows, max(minutes, default=0.0)

@@ -202,7 +202,10 @@ def collect(root: Path, rows: Mapping[str, dict], base: Mapping[str, float], bas
         results[key] = mean_over_seeds(per_seed[key])
         cfg = guidance_scales(evals[0]).get(seeds[0], "")
         logs = [chained_log(root, [stage + suffix for stage in row["stages"]]) for suffix in suffixes]
-        log, own = logs[0][0], sum(minutes for _, minutes in logs) / len(logs)  # minutes: the seeds' mean
+        # a seed whose training log was lost counts in the metrics, not in the minutes, compute and curve
+        with_log = [i for i, (seed_log, _) in enumerate(logs) if seed_log]
+        log = logs[with_log[0]][0] if with_log else []
+        own = sum(logs[i][1] for i in with_log) / len(with_log) if with_log else 0.0  # minutes: the seeds' mean
         if not log and key in earlier["runs"]:  # evaluated again, trained before: the earlier record
             record = {k: v for k, v in earlier["runs"][key].items() if k not in ("label", "cfg", "run", "table")}
             runs[key] = {"run": row["run"], "label": row["label"], "cfg": cfg, **record, "training_from": str(previous)}
@@ -220,8 +223,10 @@ def collect(root: Path, rows: Mapping[str, dict], base: Mapping[str, float], bas
         runs[key] = {"run": row["run"], "stages": row["stages"], "minutes": round(own, 2),
                      "cumulative_minutes": round(cumulative, 2), "label": row["label"], "cfg": cfg,
                      "num_seeds": len(seeds), "seeds": seeds, **compute,
-                     "command": " ; ".join(run_command(Path(root) / (s + suffixes[0])) for s in row["stages"]),
+                     "command": " ; ".join(run_command(Path(root) / (s + suffixes[(with_log or [0])[0]])) for s in row["stages"]),
                      "device": device}
+        if len(with_log) < len(seeds):
+            runs[key]["seeds_without_log"] = [seeds[i] for i in range(len(seeds)) if i not in with_log]
         curves[key] = log
     for key in [k for k in results if k != "base"] if teacher_metrics else []:  # after the loop: all teachers read
         gains = [normalised_gain(r, results, teacher_metrics) for r in per_seed.get(key, [results[key]])]
