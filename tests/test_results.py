@@ -404,7 +404,7 @@ def test_pack_leaves_out_checkpoints_and_evaluation_images_and_splits_by_size(tm
     root = tmp_path / "eval"  # a root named like a left-out folder still packs
     files = {"r/adapter/pytorch_lora_weights.safetensors": 300, "r/checkpoints/last.ckpt": 50,
              "r/checkpoints/step_1.ckpt": 50, "r/eval/images/base/0.png": 10, "r/eval/grids/g.png": 200,
-             "r/eval/results.json": 100, "r/images/step_0.png": 20}
+             "r/eval/results.json": 100, "r/images/step_0.png": 20, "r/dense/images/base/0.png": 10}
     for name, size in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(b"x" * size)

@@ -3,7 +3,7 @@
     python -m opd.results.pack runs/table1 out/table1.tar.gz [--max-mb 15] [--with-ckpt] [--adapters only]
 
 Leaves out what is large and reproducible: Lightning checkpoints (``last.ckpt`` stays with
-``--with-ckpt``) and the per-image PNGs of evaluations (``eval/`` or ``val/`` ``images/``; their grids
+``--with-ckpt``) and the per-image PNGs of evaluations (``images/`` of ``eval/``, ``val/`` or ``dense/``; their grids
 and ``samples.jsonl`` stay). Files go in smallest first; past ``--max-mb`` of input a new part
 ``<name>.<k>.tar.gz`` starts. Paths in the archive start with the folder's name.
 """
@@ -13,6 +13,8 @@ import argparse
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
+
+from opd.results.records import EVALUATIONS
 
 ADAPTERS = ("include", "only", "skip")
 
@@ -27,7 +29,7 @@ def wanted(path: Path, root: Path, with_ckpt: bool = False, adapters: str = "inc
         return False
     if path.suffix == ".ckpt":
         return with_ckpt and path.name == "last.ckpt"
-    return not ("images" in parts and parts & {"eval", "val"})
+    return not ("images" in parts and parts & set(EVALUATIONS))
 
 
 def split_parts(sizes: Sequence[tuple[Path, int]], budget: float) -> list[list[Path]]:
