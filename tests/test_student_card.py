@@ -62,7 +62,18 @@ def test_main_ships_the_run_and_writes_its_card(tmp_path, monkeypatch):
     assert shipped == [(runs / "mopd_seed0" / "adapter" / "pytorch_lora_weights.safetensors", tmp_path / "ship")]
     assert (tmp_path / "ship" / "README.md").read_text() == text
     # OCR: base 0, teacher 1, student 0.5 on every prompt -> 50 % with no prompt noise
-    assert "| OCR | 0.000 | 1.000 | 0.500 | 50 % [50, 50] |" in text and "**Device**: one H100" in text
+    assert "| OCR | 0.000 | 1.000 | 0.500 | 50 % [50, 50] (1 image a prompt) |" in text and "**Device**: one H100" in text
+    # a records folder keeps no adapter: the card is written again from shipped.json, the weights left alone
+    assert json.loads((tmp_path / "ship" / "shipped.json").read_text())["gaps"] == {"fp16_vs_fp32": 1e-4,
+                                                                                    "adapter_vs_base": 2.0}
+    (runs / "mopd_seed0" / "adapter" / "pytorch_lora_weights.safetensors").unlink()
+    (runs / "mopd_seed0" / "adapter").rmdir()
+    again = student_card.main(["--runs", str(runs), "--table", str(table), "--run", "mopd_seed0",
+                               "--dest", str(tmp_path / "ship"), "--base", str(base / "results.json")])
+    assert again == text and len(shipped) == 1
+    with pytest.raises(SystemExit, match="no adapter to ship"):
+        student_card.main(["--runs", str(runs), "--table", str(table), "--run", "mopd_seed0",
+                           "--dest", str(tmp_path / "elsewhere"), "--base", str(base / "results.json")])
     with pytest.raises(SystemExit, match="no row 'sopd'"):
         student_card.main(["--runs", str(runs), "--table", str(table), "--run", "mopd_seed0", "--row", "sopd",
                            "--dest", str(tmp_path / "ship"), "--base", str(base / "results.json")])

@@ -9,7 +9,9 @@ velocity gap to the fp32 weights), and ``<dest>/README.md`` says how it was made
 its compute from its log, the device of the table's runs.json), its test scores
 (``<runs>/<run>/eval/results.json``) against the base and its teachers (the table's rows), the share of
 each teacher's gain it keeps with its interval (:mod:`opd.results.gain_share`, from the evaluations'
-samples), and, when the row has several seeds, the row's means over them.
+samples; ``--dense-base``: from the evaluations with more images a prompt), and, when the row has
+several seeds, the row's means over them. ``<dest>/shipped.json`` keeps how the weights were made, so
+the card can be written again from a records folder that holds no adapter (:func:`shipped`).
 """
 from __future__ import annotations
 
@@ -28,6 +30,12 @@ from opd.results.table1 import COMPUTE, NORM_GAIN, last_logged
 from opd.results.teacher_cards import controls_table
 
 
+def per_prompt(shares: Mapping[str, float], task: str) -> str:
+    """`` (16 images a prompt)``: how many images a prompt the share's evaluations scored, where known."""
+    n = shares.get(f"gain_share/{task}/images_per_prompt")
+    return f" ({n:.0f} image{'s' if n != 1 else ''} a prompt)" if n else ""
+
+
 def card(run: str, command: str, compute: Mapping[str, float], minutes: float, device: str, gaps: Mapping[str, float],
          dest: Path, cfg: float, base: Mapping[str, float], base_cfg: float, teachers: Mapping[str, Mapping[str, float]],
          mine: Mapping[str, float], shares: Mapping[str, float], row: Mapping[str, float], cols: Mapping[str, str],
@@ -44,7 +52,7 @@ def card(run: str, command: str, compute: Mapping[str, float], minutes: float, d
         task = task_of.get(m)
         teacher = with_interval(teachers[task], m) if task in teachers else "–"
         lines.append(f"| {metric_title} | {with_interval(base, m)} | {teacher} | {with_interval(mine, m)} | "
-                     f"{format_share(shares, task, ' %') if task else '–'} |")
+                     f"{format_share(shares, task, ' %') + per_prompt(shares, task) if task else '–'} |")
     seeds = int(row.get("num_seeds", 1))
     over_seeds = ""
     if seeds > 1:
@@ -74,12 +82,38 @@ A LoRA on `models/mini_base`, distilled by DiffusionOPD from the teachers of
 
 In brackets: 95 % intervals (bootstrap over prompts). The share of a teacher's gain kept is
 (student − base) / (teacher − base) on the teacher's own metric; its interval resamples the test
-prompts once for base, teacher and student (`opd.results.gain_share`).{f' Its images: `{grids}`.' if grids else ''}
+prompts once for base, teacher and student (`opd.results.gain_share`), from the evaluations whose images a
+prompt it names: where those are the denser ones of `make mini-table1-dense`, the share is not the ratio
+of the scores beside it.{f' Its images: `{grids}`.' if grids else ''}
 
 | metric | base (CFG {base_cfg:g}) | teacher of the task | this student (CFG {cfg:g}) | share of the teacher's gain kept |
 |---|---|---|---|---|
 {chr(10).join(lines)}
 {controls_table(mine, cover or {}, cols)}{over_seeds}"""
+
+
+#: beside the shipped weights: how they were made (what the card says about the run, kept for later cards)
+SHIPPED = "shipped.json"
+
+
+def shipped(run: Path, dest: Path, model: Path, device: str) -> dict:
+    """Ship ``run``'s adapter to ``dest`` in fp16 and return (and write to ``dest/shipped.json``) how it
+    was made: the run's command, compute and minutes from its log, the device, the velocity gaps. A run
+    whose folder no longer holds its adapter (a records folder, :mod:`opd.results.records`) leaves the
+    weights already at ``dest`` as they are and returns their ``shipped.json``."""
+    record = Path(dest) / SHIPPED
+    if not (Path(run) / "adapter").is_dir():
+        if not record.is_file():
+            raise SystemExit(f"{run}/adapter: no adapter to ship, and no {record} of weights shipped from it earlier")
+        return json.loads(record.read_text())
+    Path(dest).mkdir(parents=True, exist_ok=True)
+    log, minutes = chained_log(Path(run).parent, [Path(run).name])
+    source = resolve_lora_file(Path(run) / "adapter")
+    made = {"run": Path(run).name, "command": run_command(run), "minutes": minutes, "device": device,
+            "compute": {k: v for k, key in COMPUTE.items() if (v := last_logged(log, key)) is not None},
+            "gaps": velocity_gaps(model, source, to_fp16(source, dest))}
+    record.write_text(json.dumps(made, indent=1))
+    return made
 
 
 def main(argv: Sequence[str] | None = None) -> str:
@@ -93,6 +127,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--base", type=Path, default=Path("docs/results/mini_base/results.json"))
     parser.add_argument("--model", type=Path, default=Path("models/mini_base"), help="the base model (velocity gap)")
     parser.add_argument("--grids", default="", help="where the run's test grids are committed, for the card")
+    parser.add_argument("--dense-base", type=Path, default=None,
+                        help="the base's evaluation with more images a prompt: the shares use <run>/dense where "
+                             "base, teacher and student all have the task (as table1's --dense-base)")
     parser.add_argument("--title", default="mini MOPD student")
     parser.add_argument("--suite", default="mini")
     args = parser.parse_args(argv)
@@ -103,21 +140,21 @@ def main(argv: Sequence[str] | None = None) -> str:
     own, cols = own_metrics(args.suite), columns(args.suite)
     evaluation = args.runs / args.run / "eval" / "results.json"
     mine, cfg = evaluated_rows(evaluation)[args.run], guidance_scales(evaluation).get(args.run, 1.0)
-    cover = json.loads(evaluation.read_text()).get(COVER, {})
+    # the cover image is searched per evaluation, for the tasks and judges only: the base's stands in where a
+    # record of the run's evaluation kept no cover row
+    cover = json.loads(evaluation.read_text()).get(COVER) or json.loads(args.base.read_text()).get(COVER, {})
     teachers = {t: results[f"teacher_{t}"] for t in own if f"teacher_{t}" in results}
-    shares = row_shares(args.runs, {"eval": args.base.parent}, {args.run: {"seeds": [args.run]}},
+    bases = {**({"dense": args.dense_base} if args.dense_base else {}), "eval": args.base.parent}
+    shares = row_shares(args.runs, bases, {args.run: {"seeds": [args.run]}},
                         {args.run: list(teachers)}, own, averages(args.suite)).get(args.run, {})
-    log, minutes = chained_log(args.runs, [args.run])
-    compute = {k: v for k, key in COMPUTE.items() if (v := last_logged(log, key)) is not None}
-    source = resolve_lora_file(args.runs / args.run / "adapter")
-    gaps = velocity_gaps(args.model, source, to_fp16(source, args.dest))
+    made = shipped(args.runs / args.run, args.dest, args.model, record.get("device", ""))
     base_cfg = guidance_scales(args.base).get("base", 4.5)
     reproduce = (f"python -m opd.results.student_card --runs {args.runs} --table {args.table} --row {args.row} "
-                 f"--run {args.run} --dest {args.dest}" + (f" --grids {args.grids}" if args.grids else ""))
-    text = card(args.run, run_command(args.runs / args.run), compute, minutes, record.get("device", ""), gaps,
+                 f"--run {args.run} --dest {args.dest}" + (f" --grids {args.grids}" if args.grids else "")
+                 + (f" --dense-base {args.dense_base}" if args.dense_base else ""))
+    text = card(args.run, made["command"], made["compute"], made["minutes"], made["device"], made["gaps"],
                 args.dest, cfg, evaluated_rows(args.base)["base"], base_cfg, teachers, mine, shares, results[args.row],
                 cols, own, args.grids, reproduce, args.title, cover)
-    args.dest.mkdir(parents=True, exist_ok=True)
     (args.dest / "README.md").write_text(text)
     print(text)
     return text

@@ -425,7 +425,10 @@ def main(argv: Sequence[str] | None = None) -> str:
     (args.out / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
     (args.out / "runs.json").write_text(json.dumps(runs, indent=1))
     md = markdown(rows, results, runs, cols, own, args.device, args.suite)
-    plot_curves(args.out / "curves.png", curves, {t: reward_names(args.suite).get(t, []) for t in own})
+    if any(curves.values()):  # rows whose training logs are gone (carried over, or records without logs) draw no curve
+        plot_curves(args.out / "curves.png", curves, {t: reward_names(args.suite).get(t, []) for t in own})
+    else:
+        print(f"[table1] no row has a training log under {args.runs}: {args.out / 'curves.png'} not written")
     write_atomic(args.out / "results.md", md)  # last: the file make waits for
     print(md)
     return md
