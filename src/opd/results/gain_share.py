@@ -142,6 +142,13 @@ def format_share(metrics: Mapping[str, float], task: str, unit: str = "%") -> st
     return f"{100 * share:.0f}{unit}" + (f" [{bound(low)}, {bound(high)}]" if low is not None and high is not None else "")
 
 
+def images_note(metrics: Mapping[str, float], task: str) -> str:
+    """`` (16 images a prompt)``: how many images a prompt the evaluations behind ``gain_share/<task>``
+    scored (``…/images_per_prompt``, :func:`row_shares`); empty where unknown."""
+    n = metrics.get(f"gain_share/{task}/images_per_prompt")
+    return f" ({n:.0f} image{'s' if n != 1 else ''} a prompt)" if n else ""
+
+
 def _scores_from(folders: dict[str, Path], task: str, metric: str) -> dict[str, PromptScores] | None:
     """Every model's scores of ``task`` from its folder, or None when a folder lacks them."""
     scores = {}

@@ -22,18 +22,12 @@ from pathlib import Path
 
 from opd.evaluation.report import COVER
 from opd.models.lora import resolve_lora_file
-from opd.results.gain_share import format_share, row_shares
+from opd.results.gain_share import format_share, images_note, row_shares
 from opd.results.logs import chained_log, run_command
 from opd.results.metrics import averages, columns, evaluated_rows, guidance_scales, own_metrics, with_interval
 from opd.results.ship_adapter import PROMPTS, to_fp16, velocity_gaps
 from opd.results.table1 import COMPUTE, NORM_GAIN, last_logged
 from opd.results.teacher_cards import controls_table
-
-
-def per_prompt(shares: Mapping[str, float], task: str) -> str:
-    """`` (16 images a prompt)``: how many images a prompt the share's evaluations scored, where known."""
-    n = shares.get(f"gain_share/{task}/images_per_prompt")
-    return f" ({n:.0f} image{'s' if n != 1 else ''} a prompt)" if n else ""
 
 
 def card(run: str, command: str, compute: Mapping[str, float], minutes: float, device: str, gaps: Mapping[str, float],
@@ -52,7 +46,7 @@ def card(run: str, command: str, compute: Mapping[str, float], minutes: float, d
         task = task_of.get(m)
         teacher = with_interval(teachers[task], m) if task in teachers else "–"
         lines.append(f"| {metric_title} | {with_interval(base, m)} | {teacher} | {with_interval(mine, m)} | "
-                     f"{format_share(shares, task, ' %') + per_prompt(shares, task) if task else '–'} |")
+                     f"{format_share(shares, task, ' %') + images_note(shares, task) if task else '–'} |")
     seeds = int(row.get("num_seeds", 1))
     over_seeds = ""
     if seeds > 1:

@@ -27,7 +27,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from opd.results.gain_share import format_share, row_shares
+from opd.results.gain_share import format_share, images_note, row_shares
 from opd.results.logs import chained_log, column, moving_average, run_command
 from opd.results.metrics import (
     averages,
@@ -352,8 +352,7 @@ def _share_cell(metrics: Mapping[str, float], task: str, share: float) -> str:
         metrics = {**metrics, f"gain_share/{task}": share}
     if not math.isfinite(metrics[f"gain_share/{task}"]):
         return f"{task} – (its teacher gained nothing)"
-    per_prompt = metrics.get(f"gain_share/{task}/images_per_prompt")
-    return f"{task} {format_share(metrics, task)}" + (f" ({per_prompt:.0f} images a prompt)" if per_prompt else "")
+    return f"{task} {format_share(metrics, task)}{images_note(metrics, task)}"
 
 
 def plot_curves(path: Path, curves: Mapping[str, list[dict[str, str]]], rewards: Mapping[str, list[str]]) -> None:
