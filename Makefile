@@ -144,9 +144,17 @@ $(TEACHER_VALS): $(TEACHER_RUNS)/%/val/results.json: $(TEACHER_RUNS)/%/$(ADAPTER
 	  $$(for d in $(TEACHER_RUNS)/$*/exports/step_*; do [ -d "$$d" ] && printf " +checkpoints.%s={adapter:%s,guidance_scale:1.0}" "$${d##*/}" "$$d"; done) \
 	  hydra.run.dir=$(@D) $(EVAL_ARGS)
 # each skill's best snapshot among its candidate runs on its own headline metric → $(TEACHER_RUNS)/teachers/<skill>, picked.json
+# (TEACHERS=shipped: the shipped teachers as they are, no teacher runs; see make mini-table1)
+TEACHERS         ?= trained
+SHIPPED_TEACHERS ?= models/mini_teachers
+ifeq ($(TEACHERS),shipped)
+$(TEACHER_RUNS)/picked.json: | $(STAMP)
+	$(PYM) opd.results.pick_teachers --root $(TEACHER_RUNS) --shipped $(SHIPPED_TEACHERS) $(TEACHER_SKILLS)
+else
 $(TEACHER_RUNS)/picked.json: $(TEACHER_VALS) | $(STAMP)
 	$(PYM) opd.results.pick_teachers --root $(TEACHER_RUNS) --dest $(TEACHER_RUNS)/teachers \
 	  $(foreach s,$(TEACHER_SKILLS),'$(s)=$(subst $(space),$(comma),$(patsubst %,%/*,$(filter $(s)_%,$(TEACHER_CANDIDATES))))')
+endif
 # the picked teachers on the test prompts (every control, 4 images per prompt), each at its own CFG scale
 $(TEACHER_RUNS)/teacher_%/eval/results.json: $(TEACHER_RUNS)/picked.json | $(STAMP)
 	$(EVAL) "$$($(PYM) opd.results.pick_teachers --root $(TEACHER_RUNS) --checkpoint $*)" hydra.run.dir=$(@D) $(EVAL_ARGS)
@@ -165,6 +173,11 @@ mini-teachers: $(TEACHER_RUNS)/cards/results.md  ## train, pick on val and card 
 # over steps and the authors' mean) and multi-reward RL run SEEDS seeds each; multi-reward RL stops at the
 # compute of the MOPD run of the same seed (multi_own) and of that run plus its three teachers (multi_total).
 # Cascade RL (aesthetic → OCR → GenEval) spends a third of MOPD's compute per stage. All on test at their CFG.
+# Shortcuts: TEACHERS=shipped distils the shipped teachers (models/mini_teachers, CFG 1) without make mini-teachers,
+# and leaves out multi-reward RL at MOPD's total compute (it counts the teachers' training logs, which are not
+# shipped); MOPD_LR=1e-3 MULTI_LR=1e-3 skip the tuning runs (the table's picks on val).
+MOPD_LR      ?=
+MULTI_LR     ?=
 SEEDS        ?= 0 1 2
 TUNE_LRS     ?= 3e-4 1e-3
 MOPD_STEPS   ?= 300
@@ -186,7 +199,7 @@ seed_of       = $(lastword $(subst _seed, ,$1))
 TUNE_MOPD    := $(foreach lr,$(TUNE_LRS),$(RUNS)/tune_mopd_lr$(lr))
 TUNE_MULTI   := $(foreach lr,$(TUNE_LRS),$(RUNS)/tune_multi_lr$(lr))
 MOPD_RUNS    := $(foreach v,$(MOPD_VARIANTS),$(foreach n,$(SEEDS),$(RUNS)/mopd_$(v)_seed$(n)))
-MULTI_RUNS   := $(foreach b,own total,$(foreach n,$(SEEDS),$(RUNS)/multi_$(b)_seed$(n)))
+MULTI_RUNS   := $(foreach b,own $(if $(filter shipped,$(TEACHERS)),,total),$(foreach n,$(SEEDS),$(RUNS)/multi_$(b)_seed$(n)))
 SOPD_RUNS    := $(foreach s,$(ALL_SKILLS),$(RUNS)/sopd_$(s))
 CASCADE_RUNS := $(foreach s,aesthetic ocr geneval,$(RUNS)/cascade_$(s))
 
@@ -195,10 +208,20 @@ $(TUNE_MOPD:%=%/$(ADAPTER)): $(RUNS)/tune_mopd_lr%/$(ADAPTER): $(PICKED) | $(STA
 	  hydra.run.dir=$(RUN) $(call resume,$(RUN)) $(TRAIN_ARGS)
 $(TUNE_MULTI:%=%/$(ADAPTER)): $(RUNS)/tune_multi_lr%/$(ADAPTER): $(RUNS)/tune_mopd_lr%/$(ADAPTER) | $(STAMP)
 	$(MULTI) module.optimizer.lr=$* seed=0 $(call budget,$(RUNS)/tune_mopd_lr$*) hydra.run.dir=$(RUN) $(call resume,$(RUN)) $(TRAIN_ARGS)
+ifeq ($(MOPD_LR),)
 $(RUNS)/mopd_lr.txt: $(TUNE_MOPD:%=%/val/results.json) | $(STAMP)
 	$(PYM) opd.results.pick_setting --out $@ $(foreach lr,$(TUNE_LRS),$(RUNS)/tune_mopd_lr$(lr)=$(lr))
+else
+$(RUNS)/mopd_lr.txt:
+	mkdir -p $(@D) && echo $(MOPD_LR) > $@
+endif
+ifeq ($(MULTI_LR),)
 $(RUNS)/multi_lr.txt: $(TUNE_MULTI:%=%/val/results.json) | $(STAMP)
 	$(PYM) opd.results.pick_setting --out $@ $(foreach lr,$(TUNE_LRS),$(RUNS)/tune_multi_lr$(lr)=$(lr))
+else
+$(RUNS)/multi_lr.txt:
+	mkdir -p $(@D) && echo $(MULTI_LR) > $@
+endif
 # mopd_<weighting>[_mean]_seed<N>: teacher_weighting sum or balanced; _mean: the authors' mean over steps and teachers
 $(MOPD_RUNS:%=%/$(ADAPTER)): $(RUNS)/mopd_%/$(ADAPTER): $(RUNS)/mopd_lr.txt | $(STAMP)
 	$(STUDENT) experiment=mini/mopd_cfg_free $(call teachers_of,$(ALL_SKILLS)) module.optimizer.lr=$$(cat $<) \

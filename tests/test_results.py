@@ -489,6 +489,22 @@ def test_pick_teachers_by_the_skills_headline_installs_and_prints_overrides(tmp_
         pick_teachers.main(["--root", str(root), "--dest", str(dest), "ocr=ocr_broken"])
 
 
+def test_pick_teachers_records_the_shipped_teachers_as_they_are(tmp_path, conf, capsys):
+    root, shipped = tmp_path / "runs", tmp_path / "models" / "mini_teachers"
+    for skill in ("ocr", "geneval"):
+        (shipped / skill).mkdir(parents=True)
+        (shipped / skill / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    picked = pick_teachers.main(["--root", str(root), "--shipped", str(shipped), "ocr", "geneval"])
+    assert picked["ocr"] == {"winner": "shipped", "metric": O, "adapter": str(shipped / "ocr"), "guidance_scale": 1.0,
+                             "candidates": {}}
+    assert json.loads((root / "picked.json").read_text()) == picked
+    capsys.readouterr()
+    pick_teachers.main(["--root", str(root), "--checkpoint", "ocr"])  # the table evaluates it as any picked teacher
+    assert capsys.readouterr().out.strip() == f"+checkpoints.teacher_ocr={{adapter:{shipped / 'ocr'},guidance_scale:1.0}}"
+    with pytest.raises(SystemExit, match="no shipped adapter"):
+        pick_teachers.main(["--root", str(root), "--shipped", str(shipped), "aesthetic"])
+
+
 def test_pick_teachers_among_a_runs_snapshots_early_stopping_on_val(tmp_path, conf):
     """``RUN/*``: every EMA snapshot (``exports/step_*``) and the final adapter (row ``final``) of
     ``RUN/val/results.json`` is a candidate; the winner's own folder is installed."""

@@ -16,6 +16,10 @@ printed, and printed again later by
 
     python -m opd.results.pick_teachers --root runs/teachers --overrides geneval ocr   # for opd.train
     python -m opd.results.pick_teachers --root runs/teachers --checkpoint ocr          # for opd.evaluate
+
+``--shipped models/mini_teachers geneval ocr aesthetic`` records the shipped teachers instead, as they
+are (no candidates, winner ``shipped``): the students of ``make mini-table1 TEACHERS=shipped`` distil
+them without ``make mini-teachers``.
 """
 from __future__ import annotations
 
@@ -86,6 +90,20 @@ def pick(root: Path, dest: Path, skill: str, names: Sequence[str], metric: str) 
             "guidance_scale": scores[best]["guidance_scale"], "candidates": scores}
 
 
+#: the winner recorded for a teacher taken as shipped (no candidates, no training run of its own here)
+SHIPPED = "shipped"
+
+
+def shipped_entry(folder: Path, skill: str, metric: str, guidance_scale: float) -> dict:
+    """The picked.json entry of a shipped teacher: its adapter ``<folder>/<skill>`` (checked to hold
+    one), sampled at ``guidance_scale``; no candidates were compared."""
+    adapter = Path(folder) / skill
+    if not any(adapter.glob("*.safetensors")):
+        raise ValueError(f"{adapter}: no shipped adapter (*.safetensors) for the {skill} teacher")
+    return {"winner": SHIPPED, "metric": metric, "adapter": str(adapter), "guidance_scale": guidance_scale,
+            "candidates": {}}
+
+
 def train_overrides(picked: Mapping[str, Mapping], skills: Sequence[str]) -> list[str]:
     """``opd.train`` overrides that distil from the picked teachers of ``skills`` (the run's
     experiment must have those teachers)."""
@@ -122,6 +140,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--suite", default="mini", help="conf/eval_tasks/<suite>.yaml: each skill's metric")
     parser.add_argument("--overrides", nargs="+", metavar="SKILL", help="only print opd.train overrides")
     parser.add_argument("--checkpoint", metavar="SKILL", help="only print the opd.evaluate checkpoint override")
+    parser.add_argument("--shipped", type=Path, metavar="DIR",
+                        help="take each skill named (SKILL, no runs) as shipped in DIR/<skill> instead of picking")
+    parser.add_argument("--shipped-cfg", type=float, default=1.0, help="the CFG scale the shipped teachers sample at")
     parser.add_argument("choices", nargs="*", metavar="SKILL=RUN[,RUN...]")
     args = parser.parse_args(argv)
     record = args.root / RECORD
@@ -133,13 +154,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
         except KeyError as err:
             parser.error(f"{record}: {err.args[0]}")
         return picked
-    if not args.choices or args.dest is None:
-        parser.error("name --dest and at least one SKILL=RUN[,RUN...] (or --overrides / --checkpoint)")
+    if not args.choices or (args.dest is None and args.shipped is None):
+        parser.error("name --dest and at least one SKILL=RUN[,RUN...] (or --shipped DIR SKILL..., --overrides, --checkpoint)")
     own = own_metrics(args.suite)
     for choice in args.choices:
         skill, _, names = choice.partition("=")
         if skill not in own:
             parser.error(f"{skill!r} is no task of conf/eval_tasks/{args.suite}.yaml (tasks: {list(own)})")
+        if args.shipped is not None:
+            try:
+                picked[skill] = shipped_entry(args.shipped, skill, own[skill], args.shipped_cfg)
+            except ValueError as err:
+                raise SystemExit(f"[pick] {err}") from None
+            print(f"[pick] {skill}: shipped {picked[skill]['adapter']} at CFG {args.shipped_cfg:g}")
+            continue
         try:
             picked[skill] = entry = pick(args.root, args.dest, skill, names.split(","), own[skill])
         except ValueError as err:
