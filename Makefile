@@ -173,9 +173,9 @@ mini-teachers: $(TEACHER_RUNS)/cards/results.md  ## train, pick on val and card 
 # over steps and the authors' mean) and multi-reward RL run SEEDS seeds each; multi-reward RL stops at the
 # compute of the MOPD run of the same seed (multi_own) and of that run plus its three teachers (multi_total).
 # Cascade RL (aesthetic → OCR → GenEval) spends a third of MOPD's compute per stage. All on test at their CFG.
-# Shortcuts: TEACHERS=shipped distils the shipped teachers (models/mini_teachers, CFG 1) without make mini-teachers,
-# and leaves out multi-reward RL at MOPD's total compute (it counts the teachers' training logs, which are not
-# shipped); MOPD_LR=1e-3 MULTI_LR=1e-3 skip the tuning runs (the table's picks on val).
+# Shortcuts: TEACHERS=shipped distils the shipped teachers (models/mini_teachers, CFG 1) without make mini-teachers
+# (their training compute, for multi-reward RL at MOPD's total compute, is each one's training.json);
+# MOPD_LR=1e-3 MULTI_LR=1e-3 skip the tuning runs (the table's picks on val).
 MOPD_LR      ?=
 MULTI_LR     ?=
 SEEDS        ?= 0 1 2
@@ -199,7 +199,7 @@ seed_of       = $(lastword $(subst _seed, ,$1))
 TUNE_MOPD    := $(foreach lr,$(TUNE_LRS),$(RUNS)/tune_mopd_lr$(lr))
 TUNE_MULTI   := $(foreach lr,$(TUNE_LRS),$(RUNS)/tune_multi_lr$(lr))
 MOPD_RUNS    := $(foreach v,$(MOPD_VARIANTS),$(foreach n,$(SEEDS),$(RUNS)/mopd_$(v)_seed$(n)))
-MULTI_RUNS   := $(foreach b,own $(if $(filter shipped,$(TEACHERS)),,total),$(foreach n,$(SEEDS),$(RUNS)/multi_$(b)_seed$(n)))
+MULTI_RUNS   := $(foreach b,own total,$(foreach n,$(SEEDS),$(RUNS)/multi_$(b)_seed$(n)))
 SOPD_RUNS    := $(foreach s,$(ALL_SKILLS),$(RUNS)/sopd_$(s))
 CASCADE_RUNS := $(foreach s,aesthetic ocr geneval,$(RUNS)/cascade_$(s))
 

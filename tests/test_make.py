@@ -108,7 +108,8 @@ def test_the_mini_table_chains_compose(target, tmp_path):
 
 def test_the_table_from_the_shipped_teachers_and_given_learning_rates(tmp_path):
     """TEACHERS=shipped MOPD_LR=... MULTI_LR=...: no teacher or tuning run, the shipped teachers recorded as
-    picked, the learning rates written as given, multi-reward RL only at MOPD's own compute; every step composes."""
+    picked, the learning rates written as given, multi-reward RL at MOPD's own compute and at its total (the
+    shipped teachers' training.json counted by compute --picked); every step composes."""
     lines = dry_run("mini-table1", tmp_path, "TEACHERS=shipped", "MOPD_LR=1e-3", "MULTI_LR=3e-4")
     runs = tmp_path / "runs"
     picks = [line for line in lines if "--shipped" in line]
@@ -118,8 +119,10 @@ def test_the_table_from_the_shipped_teachers_and_given_learning_rates(tmp_path):
     assert f"mkdir -p {runs} && echo 3e-4 > {runs}/multi_lr.txt" in lines
     steps = [step for line in map(stand_ins, lines) if "$(" not in line and (step := overrides_of(line)) is not None]
     folders = [word for line in lines for word in line.split() if word.startswith("hydra.run.dir=")]
-    assert folders and not any("tune_" in f or "multi_total" in f or "_nft" in f for f in folders)
-    assert sum("multi_own" in f for f in folders) == 6  # three seeds, each trained and evaluated
+    assert folders and not any("tune_" in f or "_nft" in f for f in folders)
+    assert sum("multi_own" in f for f in folders) == sum("multi_total" in f for f in folders) == 6  # 3 seeds, trained, evaluated
+    budgets = [line for line in lines if "opd.results.compute" in line]
+    assert sum(f"--picked {runs}/picked.json" in line for line in budgets) == 3  # the teachers count in multi_total
     for name, overrides in steps:
         if name == "train":
             compose_train(overrides, tmp_path / "out")

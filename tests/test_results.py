@@ -505,6 +505,28 @@ def test_pick_teachers_records_the_shipped_teachers_as_they_are(tmp_path, conf, 
         pick_teachers.main(["--root", str(root), "--shipped", str(shipped), "aesthetic"])
 
 
+def test_shipped_teachers_training_counts_in_the_compute_of_a_baseline(tmp_path, conf, capsys):
+    """A shipped teacher's training.json goes into picked.json, and compute --picked adds it to a run's
+    own compute (multi-reward RL at MOPD's total compute with TEACHERS=shipped)."""
+    from opd.results import compute
+    root, shipped = tmp_path / "runs", tmp_path / "models" / "mini_teachers"
+    for skill, tflop in (("ocr", 2.5), ("geneval", 4.0)):
+        (shipped / skill).mkdir(parents=True)
+        (shipped / skill / "pytorch_lora_weights.safetensors").write_bytes(b"")
+        (shipped / skill / "training.json").write_text(json.dumps({"run": f"{skill}_nft", "model_tflop": tflop}))
+    picked = pick_teachers.main(["--root", str(root), "--shipped", str(shipped), "ocr", "geneval"])
+    assert picked["ocr"]["training"] == {"run": "ocr_nft", "model_tflop": 2.5}
+    write_log(root / "mopd", [{"step": 0, "compute/model_tflop": 1.0}, {"step": 1, "compute/model_tflop": 1.25}])
+    assert compute.main([str(root / "mopd"), "--picked", str(root / "picked.json")]) == 1.25 + 2.5 + 4.0
+    assert compute.main(["--picked", str(root / "picked.json"), "--scale", "2"]) == 13.0
+    with pytest.raises(SystemExit):  # the images a shipped teacher sampled were not recorded: a clear error
+        compute.main(["--picked", str(root / "picked.json"), "--key", "compute/images_sampled"])
+    assert "records no training images_sampled" in capsys.readouterr().err
+    (shipped / "ocr" / "training.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="training.json: not JSON"):
+        pick_teachers.main(["--root", str(root), "--shipped", str(shipped), "ocr"])
+
+
 def test_pick_teachers_among_a_runs_snapshots_early_stopping_on_val(tmp_path, conf):
     """``RUN/*``: every EMA snapshot (``exports/step_*``) and the final adapter (row ``final``) of
     ``RUN/val/results.json`` is a candidate; the winner's own folder is installed."""

@@ -6,7 +6,8 @@ prints the sum over the runs of the last logged value of ``--key`` (``compute/mo
 default, or ``compute/images_sampled``) from their CSV logs (``logger=csv``), times ``--scale``,
 ready for ``callbacks.compute_budget.max_model_tflop=...`` (:mod:`opd.callbacks.budget`). A teacher
 that was picked at an EMA snapshot is named ``RUN/step_NNNNNN``: its run's value at that step is
-used. ``--picked <root>/picked.json`` adds every picked teacher's run (``pick_teachers``' record).
+used. ``--picked <root>/picked.json`` adds every picked teacher's run (``pick_teachers``' record); a
+teacher taken as shipped (``pick_teachers --shipped``) counts the ``training`` its ``training.json`` recorded.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from opd.results.logs import chained_log, column
+from opd.results.pick_teachers import SHIPPED, TRAINING
 
 KEYS = ("compute/model_tflop", "compute/images_sampled", "compute/transformer_passes")
 
@@ -29,6 +31,19 @@ def spent(run: Path, key: str = KEYS[0]) -> float:
     return values[-1]
 
 
+def teacher_spent(picked_file: Path, skill: str, entry: dict, key: str = KEYS[0]) -> float:
+    """What the picked teacher of ``skill`` spent: its winner's run (``<root>/<winner>``), or for a
+    shipped teacher the value its ``training.json`` recorded."""
+    if entry.get("winner") != SHIPPED:
+        return spent(picked_file.parent / entry["winner"], key)
+    name = key.split("/")[-1]
+    value = entry.get("training", {}).get(name)
+    if value is None:
+        raise ValueError(f"{picked_file}: the shipped {skill} teacher records no training {name} (add it to "
+                         f"{entry.get('adapter', '<adapter>')}/{TRAINING} and run pick_teachers --shipped again)")
+    return float(value)
+
+
 def main(argv: Sequence[str] | None = None) -> float:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="*", type=Path, help="run folders (RUN/step_N: that snapshot of RUN)")
@@ -40,11 +55,14 @@ def main(argv: Sequence[str] | None = None) -> float:
     if args.picked is not None:
         if not args.picked.is_file():
             parser.error(f"no picked teachers at {args.picked} (run make mini-teachers first)")
-        runs += [args.picked.parent / entry["winner"] for entry in json.loads(args.picked.read_text()).values()]
-    if not runs:
+        picked = json.loads(args.picked.read_text())
+    else:
+        picked = {}
+    if not runs and not picked:
         parser.error("name at least one run (or --picked)")
     try:
-        total = args.scale * sum(spent(run, args.key) for run in runs)
+        total = args.scale * (sum(spent(run, args.key) for run in runs)
+                              + sum(teacher_spent(args.picked, skill, entry, args.key) for skill, entry in picked.items()))
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     print(f"{total:.6g}")

@@ -19,7 +19,9 @@ printed, and printed again later by
 
 ``--shipped models/mini_teachers geneval ocr aesthetic`` records the shipped teachers instead, as they
 are (no candidates, winner ``shipped``): the students of ``make mini-table1 TEACHERS=shipped`` distil
-them without ``make mini-teachers``.
+them without ``make mini-teachers``. A shipped teacher's ``training.json`` (the compute its training
+run spent up to the shipped weights: rounds, images_sampled, model_tflop, minutes) goes into its
+entry as ``training``, which ``opd.results.compute --picked`` counts as that teacher's compute.
 """
 from __future__ import annotations
 
@@ -92,16 +94,25 @@ def pick(root: Path, dest: Path, skill: str, names: Sequence[str], metric: str) 
 
 #: the winner recorded for a teacher taken as shipped (no candidates, no training run of its own here)
 SHIPPED = "shipped"
+#: beside a shipped adapter: what its training spent (rounds, images_sampled, model_tflop, minutes, run)
+TRAINING = "training.json"
 
 
 def shipped_entry(folder: Path, skill: str, metric: str, guidance_scale: float) -> dict:
     """The picked.json entry of a shipped teacher: its adapter ``<folder>/<skill>`` (checked to hold
-    one), sampled at ``guidance_scale``; no candidates were compared."""
+    one), sampled at ``guidance_scale``; no candidates were compared. Its ``training.json``, when
+    shipped, becomes the entry's ``training`` (the compute that made it)."""
     adapter = Path(folder) / skill
     if not any(adapter.glob("*.safetensors")):
         raise ValueError(f"{adapter}: no shipped adapter (*.safetensors) for the {skill} teacher")
-    return {"winner": SHIPPED, "metric": metric, "adapter": str(adapter), "guidance_scale": guidance_scale,
-            "candidates": {}}
+    entry = {"winner": SHIPPED, "metric": metric, "adapter": str(adapter), "guidance_scale": guidance_scale,
+             "candidates": {}}
+    if (adapter / TRAINING).is_file():
+        try:
+            entry["training"] = json.loads((adapter / TRAINING).read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{adapter / TRAINING}: not JSON ({err})") from None
+    return entry
 
 
 def train_overrides(picked: Mapping[str, Mapping], skills: Sequence[str]) -> list[str]:
