@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 export PYTHONHASHSEED := 0
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all demo eval pretrain bench-rewards prompts mini-teachers mini-table1 mini-table1-dense lint clean
+.PHONY: help install test test-all demo eval pretrain bench-rewards prompts mini-teachers mini-table1 mini-table1-dense mini-table1-records lint clean
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -285,6 +285,13 @@ $(RUNS)/table_dense/results.md: $(TABLE1_EVALS) $(DENSE_EVALS) | $(STAMP)
 	  --stages '$(TABLE1_STAGES)' --extra '$(TABLE1_EXTRA)' --also geneval/geneval_mini ocr/ocr
 mini-table1-dense: $(RUNS)/table_dense/results.md  ## mini-table1 with the shares of the teachers' gains from DENSE=16 images a prompt (GPU)
 	@echo "mini-table1-dense: $(RUNS)/table_dense/results.md"
+
+# the committed table rebuilt from its run records alone (python -m opd.results.records keeps them), no GPU
+RECORDS      ?= docs/results/mini_table1
+mini-table1-records: | $(STAMP)  ## rebuild the committed mini Table 1 ($(RECORDS)/table) from its run records ($(RECORDS)/runs): DEVICE="..."
+	$(PYM) opd.results.table1 --runs $(RECORDS)/runs --out $(RECORDS)/table --previous $(RECORDS)/table \
+	  --dense-base $(RECORDS)/runs/base/dense --device "$(DEVICE)" \
+	  --stages '$(TABLE1_STAGES)' --extra '$(TABLE1_EXTRA)' --also geneval/geneval_mini ocr/ocr
 
 mini-table1: $(RUNS)/table/results.md  ## the mini Table 1 v2 from make mini-teachers' teachers (GPU; make -j4 mini-table1): RUNS=runs/mini DEVICE="..."
 	@echo "mini-table1: $(RUNS)/table/results.md (runs.json, curves.png beside it); ship the student and its card with python -m opd.results.student_card --runs $(RUNS) --table $(RUNS)/table --run mopd_sum_seed0 --dest <dest>"
