@@ -98,8 +98,11 @@ def test_prompt_scores_and_row_shares_read_evaluation_folders(tmp_path, capsys):
                      {"mopd": ["ocr"], "sopd_geneval": ["geneval"]}, {"ocr": "ocr/s", "geneval": "geneval/s"},
                      {"ocr": "image"})
     # no dense evaluations: the regular ones, 1 image on prompt 1 (the fewest)
+    # the seeds' own shares 0.5 and 0.7: mean 0.6, sd 0.1414, 0.6 ± 12.706 · 0.1414 / √2 = 0.6 ± 1.2706
     assert out == {"mopd": pytest.approx({"gain_share/ocr": 0.6, "gain_share/ocr/ci_low": 0.6,
-                                          "gain_share/ocr/ci_high": 0.6, "gain_share/ocr/images_per_prompt": 1})}
+                                          "gain_share/ocr/ci_high": 0.6, "gain_share/ocr/images_per_prompt": 1,
+                                          "gain_share/ocr/seeds_ci_low": 0.6 - 1.2706,
+                                          "gain_share/ocr/seeds_ci_high": 0.6 + 1.2706}, abs=1e-4)}
     assert "sopd_geneval/geneval" in capsys.readouterr().out
     # dense evaluations of base, teacher and both seeds: used (a share of (0.2 + 0.4) / 2 = 0.3)
     dense = [(0, 0.0), (0, 0.0), (1, 0.0), (1, 0.0)]
@@ -119,6 +122,25 @@ def test_prompt_scores_and_row_shares_read_evaluation_folders(tmp_path, capsys):
     assert row_shares(tmp_path / "runs", *args)["mopd"]["gain_share/ocr"] == pytest.approx(0.6)
 
 
+def test_seed_shares_are_each_seeds_own_and_average_to_the_share_of_their_mean():
+    from opd.results.gain_share import format_share, seed_shares
+
+    tags = ["a", "a", "b"]
+    base, teacher = scores([[0.0], [0.0], [0.2]], tags), scores([[1.0], [0.0], [0.6]], tags)
+    students = [scores([[0.5], [0.0], [0.4]], tags), scores([[1.0], [0.0], [0.2]], tags)]
+    # by image: base 0.0667, teacher 0.5333; students 0.3 and 0.4 → (0.3 - 1/15) / (7/15) = 0.5, (0.4 - 1/15) / (7/15) = 5/7
+    assert seed_shares(base, teacher, students) == pytest.approx([0.5, 5 / 7])
+    # by tag: base (0 + 0.2) / 2 = 0.1, teacher (0.5 + 0.6) / 2 = 0.55; students 0.325 and 0.35
+    assert seed_shares(base, teacher, students, "tag") == pytest.approx([0.225 / 0.45, 0.25 / 0.45])
+    share, _, _ = share_interval(base, teacher, students, "tag", num_resamples=10)
+    assert share == pytest.approx(np.mean(seed_shares(base, teacher, students, "tag")))
+    assert all(math.isnan(v) for v in seed_shares(teacher, base, students))  # the "teacher" did not gain
+    one = {"gain_share/ocr": 0.87, "gain_share/ocr/ci_low": 0.76, "gain_share/ocr/ci_high": 0.98}
+    assert format_share(one, "ocr") == "87% [76, 98]"
+    both = {**one, "gain_share/ocr/seeds_ci_low": 0.79, "gain_share/ocr/seeds_ci_high": 0.95}
+    assert format_share(both, "ocr", " %") == "87 % [76, 98] over prompts, [79, 95] over seeds"
+
+
 def test_target_lines_judge_share_floor_and_baseline_by_hand():
     from opd.results.table1 import NORM_GAIN, target_lines
 
@@ -133,6 +155,11 @@ def test_target_lines_judge_share_floor_and_baseline_by_hand():
     assert lines[1].endswith(": met")
     assert lines[2].endswith("missed (the share and the lower end)")
     assert lines[3].endswith("above it, intervals apart: met")
+    # with seeds: the lower of the two lower ends counts (OCR's seeds reach down to 0.74)
+    lines = target_lines({"mopd": {**mopd, "gain_share/ocr/seeds_ci_low": 0.74}, "multi_reward_rl": multi}, own)
+    assert "lower end 88% over prompts, 74% over seeds" in lines[1] and lines[1].endswith("missed (the lower end)")
+    lines = target_lines({"mopd": {**mopd, "gain_share/ocr/seeds_ci_low": 0.80}, "multi_reward_rl": multi}, own)
+    assert lines[1].endswith(": met")
     # the baseline's interval reaching the student's: not a clear win
     lines = target_lines({"mopd": mopd, "multi_reward_rl": {**multi, f"{NORM_GAIN}/ci_high": 0.81}}, own)
     assert lines[3].endswith("missed")

@@ -10,7 +10,17 @@ import pytest
 import torch
 import yaml
 
-from opd.results import compare, logs, metrics, pack, pick_base, pick_teachers, table1, teacher_cards
+from opd.results import (
+    compare,
+    logs,
+    metrics,
+    over_seeds,
+    pack,
+    pick_base,
+    pick_teachers,
+    table1,
+    teacher_cards,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 G, O, X, A = "geneval/geneval_mini_correct", "ocr/ocr", "ocr/ocr_exact", "aesthetic/aesthetic_mini"
@@ -654,9 +664,9 @@ def test_scale_record_refuses_a_run_with_too_few_rounds(tmp_path: Path) -> None:
 
 
 def test_t_quantiles_and_a_three_seed_mean_by_hand():
-    assert table1.t_quantile(2) == 4.303
-    assert table1.t_quantile(30) == pytest.approx(2.042, abs=1e-3)  # the expansion beyond the table
-    assert table1.t_quantile(120) == pytest.approx(1.980, abs=1e-3)
+    assert over_seeds.t_quantile(2) == 4.303
+    assert over_seeds.t_quantile(30) == pytest.approx(2.042, abs=1e-3)  # the expansion beyond the table
+    assert over_seeds.t_quantile(120) == pytest.approx(1.980, abs=1e-3)
     rows = [{"g": 0.2, "g/ci_low": 0.0, "g/ci_high": 1.0, "o": 0.5}, {"g": 0.4, "o": 0.5}, {"g": 0.3, "o": 0.5}]
     out = table1.mean_over_seeds(rows)
     # mean 0.3, sd 0.1, n 3: 0.3 ± 4.303 · 0.1 / √3 = 0.3 ± 0.24843

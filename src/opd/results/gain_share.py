@@ -10,7 +10,8 @@ resamples the prompts once for all models (:func:`opd.evaluation.bootstrap.resam
 kept for a task averaged by tag) and takes the percentile interval of the share over the resamples.
 A student trained with several seeds enters as the mean of its seeds' scores on each resample: the
 interval then covers the evaluation's noise (which prompts, which images) around that mean, not the
-spread between seeds (the table's t-intervals over seeds give that).
+spread between seeds: for that, each seed's own share (:func:`seed_shares`; their mean is the share of
+the seeds' mean) gets a t-interval over the seeds (``gain_share/<task>/seeds_ci_low|high``).
 
 Where a resample has the teacher at or below the base the share is undefined; it counts as +∞ (the
 student gained) or −∞ (it did not), so a teacher whose own gain is not clear gives an unbounded
@@ -30,6 +31,7 @@ from statistics import NormalDist
 import numpy as np
 
 from opd.evaluation.bootstrap import LEVEL, NUM_RESAMPLES, clustered_mean, resampled_means
+from opd.results.over_seeds import t_interval
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,15 @@ def share_interval(base: PromptScores, teacher: PromptScores, students: Sequence
     return share, float(low), float(high)
 
 
+def seed_shares(base: PromptScores, teacher: PromptScores, students: Sequence[PromptScores],
+                average: str = "image") -> list[float]:
+    """Each student's (training seed's) own share of the teacher's gain over the base, the headline
+    averaged as ``average`` says (NaN each when the teacher gained nothing)."""
+    strata = base.tags if average == "tag" else None
+    b, t = clustered_mean(base.groups, strata), clustered_mean(teacher.groups, strata)
+    return [(clustered_mean(m.groups, strata) - b) / (t - b) if t > b else math.nan for m in students]
+
+
 def projected_interval(base: PromptScores, teacher: PromptScores, students: Sequence[PromptScores],
                        images_per_prompt: int, level: float = LEVEL) -> tuple[float, float]:
     """The share's ``level`` interval expected with ``images_per_prompt`` images a prompt (normal
@@ -133,13 +144,18 @@ def projected_interval(base: PromptScores, teacher: PromptScores, students: Sequ
 
 def format_share(metrics: Mapping[str, float], task: str, unit: str = "%") -> str:
     """``94% [63, 134]``: ``gain_share/<task>`` of ``metrics`` in percent, with its interval where it has
-    one (±∞ bounds as ``∞``/``−∞``); ``–`` without a finite share."""
+    one (±∞ bounds as ``∞``/``−∞``), and ``87% [76, 98] over prompts, [79, 95] over seeds`` where
+    the seeds' interval is there too; ``–`` without a finite share."""
     share = metrics.get(f"gain_share/{task}")
     if share is None or not math.isfinite(share):
         return "–"
     low, high = metrics.get(f"gain_share/{task}/ci_low"), metrics.get(f"gain_share/{task}/ci_high")
     bound = (lambda v: f"{100 * v:.0f}" if math.isfinite(v) else ("∞" if v > 0 else "−∞"))
-    return f"{100 * share:.0f}{unit}" + (f" [{bound(low)}, {bound(high)}]" if low is not None and high is not None else "")
+    text = f"{100 * share:.0f}{unit}" + (f" [{bound(low)}, {bound(high)}]" if low is not None and high is not None else "")
+    seeds = metrics.get(f"gain_share/{task}/seeds_ci_low"), metrics.get(f"gain_share/{task}/seeds_ci_high")
+    if None not in seeds and low is not None:  # both intervals: say which is which
+        text += f" over prompts, [{bound(seeds[0])}, {bound(seeds[1])}] over seeds"
+    return text
 
 
 def images_note(metrics: Mapping[str, float], task: str) -> str:
@@ -173,7 +189,8 @@ def row_shares(root: Path, base_dirs: dict[str, Path], runs: dict[str, dict], te
     preference (e.g. ``{"dense": <base>/dense, "eval": <base>}``): for each task the first kind that
     base, teacher (``<root>/teacher_<t>/<kind>``) and every seed of the row (``<root>/<seed
     run>/<kind>``, ``runs[row]["seeds"]``) all have is used, so the three terms of a share always come
-    from evaluations alike. A task no kind covers is left out (and said so)."""
+    from evaluations alike. A task no kind covers is left out (and said so). A row of several seeds also
+    gets ``…/seeds_ci_low|high``, the t-interval of its seeds' own shares (:func:`seed_shares`)."""
     out: dict[str, dict[str, float]] = {}
     for key, teachers in teachers_of.items():
         seeds = runs.get(key, {}).get("seeds") or []
@@ -194,6 +211,10 @@ def row_shares(root: Path, base_dirs: dict[str, Path], runs: dict[str, dict], te
             out.setdefault(key, {}).update({f"gain_share/{task}": share, f"gain_share/{task}/ci_low": low,
                                             f"gain_share/{task}/ci_high": high,
                                             f"gain_share/{task}/images_per_prompt": per_prompt})
+            each = seed_shares(base, teacher, list(scores.values()), averages.get(task, "image"))
+            if len(each) > 1 and all(math.isfinite(v) for v in each):
+                _, seeds_low, seeds_high = t_interval(each)
+                out[key].update({f"gain_share/{task}/seeds_ci_low": seeds_low, f"gain_share/{task}/seeds_ci_high": seeds_high})
     return out
 
 

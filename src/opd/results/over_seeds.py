@@ -15,11 +15,35 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from opd.results.table1 import t_interval
+#: two-sided 95 % quantiles of Student's t for 1-10 degrees of freedom (beyond: the Cornish-Fisher
+#: expansion around the normal quantile, within 0.001 of the exact value)
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def t_quantile(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom."""
+    if df < 1:
+        raise ValueError(f"t_quantile: df must be >= 1; got {df}")
+    if df in T_975:
+        return T_975[df]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def t_interval(values: Sequence[float]) -> tuple[float, float, float]:
+    """``(mean, low, high)``: the mean of ``values`` (one per training seed, ≥ 2) and its 95 % t-interval
+    ``mean ± t · sd / √n``."""
+    n = len(values)
+    if n < 2:
+        raise ValueError(f"an interval over seeds needs two seeds or more; got {n}")
+    mean = sum(values) / n
+    half = t_quantile(n - 1) * math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+    return mean, mean - half, mean + half
 
 
 def row_step(row: str) -> int:
