@@ -264,7 +264,7 @@ $(RUNS)/table/results.md: $(TABLE1_EVALS) | $(STAMP)
 
 # make mini-table1-dense: the shares of the teachers' gains again, from DENSE images a prompt. Most of a share's
 # interval is image-level noise (docs/results/mini_table1): base, the teachers of DENSE_TASKS (their own task
-# each) and the MOPD student's seeds sample DENSE images per prompt on DENSE_TASKS (images 0-3 are the table's own:
+# each) and every MOPD variant's seeds sample DENSE images per prompt on DENSE_TASKS (images 0-3 are the table's own:
 # a noise seed per prompt and image), without controls; the table then takes each share from these evaluations.
 DENSE        ?= 16
 DENSE_TASKS  ?= geneval aesthetic
@@ -272,13 +272,13 @@ DENSE_TASKS  ?= geneval aesthetic
 dense         = $(EVAL) images_per_prompt=$(DENSE) controls.cover=null controls.swapped=false controls.sensitivity_pairs=0 \
                 $(foreach t,$(filter-out $1,$(ALL_SKILLS)),'~eval_tasks.$(t)')
 DENSE_EVALS  := $(RUNS)/base/dense/results.json $(foreach s,$(DENSE_TASKS),$(TEACHER_RUNS)/teacher_$(s)/dense/results.json) \
-                $(foreach n,$(SEEDS),$(RUNS)/mopd_sum_seed$(n)/dense/results.json)
+                $(MOPD_RUNS:%=%/dense/results.json)
 $(RUNS)/base/dense/results.json: | $(STAMP)
 	$(call dense,$(DENSE_TASKS)) '+checkpoints.base={adapter:null,guidance_scale:4.5}' hydra.run.dir=$(@D) $(EVAL_ARGS)
 $(TEACHER_RUNS)/teacher_%/dense/results.json: $(PICKED) | $(STAMP)
 	$(call dense,$*) "$$($(PYM) opd.results.pick_teachers --root $(TEACHER_RUNS) --checkpoint $*)" hydra.run.dir=$(@D) $(EVAL_ARGS)
-$(RUNS)/mopd_sum_seed%/dense/results.json: $(RUNS)/mopd_sum_seed%/$(ADAPTER) | $(STAMP)
-	$(call dense,$(DENSE_TASKS)) +checkpoints.mopd_sum_seed$*=$(RUNS)/mopd_sum_seed$*/adapter guidance_scale=1.0 \
+$(MOPD_RUNS:%=%/dense/results.json): $(RUNS)/mopd_%/dense/results.json: $(RUNS)/mopd_%/$(ADAPTER) | $(STAMP)
+	$(call dense,$(DENSE_TASKS)) +checkpoints.mopd_$*=$(RUNS)/mopd_$*/adapter guidance_scale=1.0 \
 	  hydra.run.dir=$(@D) $(EVAL_ARGS)
 $(RUNS)/table_dense/results.md: $(TABLE1_EVALS) $(DENSE_EVALS) | $(STAMP)
 	$(PYM) opd.results.table1 --runs $(RUNS) --out $(@D) --device "$(DEVICE)" --dense-base $(RUNS)/base/dense \

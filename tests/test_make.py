@@ -99,9 +99,12 @@ def test_the_mini_table_chains_compose(target, tmp_path):
         budgets = [o for o in trains if "callbacks.compute_budget.max_model_tflop=1.5" in o]
         assert len(budgets) >= 2 * 3 + 3 + 2  # multi own/total × 3 seeds, cascade, tuning
         dense = [o for name, o in steps if name == "eval" and "images_per_prompt=16" in o]
-        if target == "mini-table1-dense":  # base + 2 teachers + 3 MOPD seeds, GenEval and aesthetic only, no controls
-            assert len(dense) == 6 and all("~eval_tasks.ocr" in o and "controls.cover=null" in o for o in dense)
-            assert sorted(sum(o.startswith("~eval_tasks.") for o in e) for e in dense) == [1, 1, 1, 1, 2, 2]
+        if target == "mini-table1-dense":  # base + 2 teachers + 4 MOPD variants × 3 seeds, GenEval and aesthetic, no controls
+            assert len(dense) == 15 and all("~eval_tasks.ocr" in o and "controls.cover=null" in o for o in dense)
+            assert sorted(sum(o.startswith("~eval_tasks.") for o in e) for e in dense) == [1] * 13 + [2, 2]
+            students = sorted(o.split("=")[0] for e in dense for o in e if o.startswith("+checkpoints.mopd_"))
+            assert students == sorted(f"+checkpoints.mopd_{v}_seed{n}" for v in ("sum", "sum_mean", "balanced",
+                                                                             "balanced_mean") for n in range(3))
             assert "--dense-base" in table[0]
         else:
             assert not dense and "--dense-base" not in table[0]
