@@ -109,17 +109,39 @@ def test_prompt_scores_and_row_shares_read_evaluation_folders(tmp_path, capsys):
     write_samples(tmp_path / "base_dense" / "samples.jsonl", "base", "ocr", dense)
     write_samples(tmp_path / "runs" / "teacher_ocr" / "dense" / "samples.jsonl", "teacher_ocr", "ocr",
                   [(p, 1.0) for p, _ in dense])
+    # each seed's dense images repeat its regular ones where both drew (prompt 0: images 0, 1; prompt 1: image 0)
     write_samples(tmp_path / "runs" / "mopd_seed0" / "dense" / "samples.jsonl", "mopd_seed0", "ocr",
-                  [(p, 0.2) for p, _ in dense])
+                  [(0, 0.5), (0, 0.5), (1, 0.5), (1, -0.7)])
     args = (bases, {"mopd": {"seeds": ["mopd_seed0", "mopd_seed1"]}}, {"mopd": ["ocr"]}, {"ocr": "ocr/s"}, {})
     assert row_shares(tmp_path / "runs", *args)["mopd"]["gain_share/ocr"] == pytest.approx(0.6)  # seed 1 lacks it
+    # a dense evaluation of another model (its shared images average 0.4, not its regular 0.7): refused
     write_samples(tmp_path / "runs" / "mopd_seed1" / "dense" / "samples.jsonl", "mopd_seed1", "ocr",
                   [(p, 0.4) for p, _ in dense])
-    got = row_shares(tmp_path / "runs", *args)["mopd"]
+    with pytest.raises(ValueError, match=r"mopd_seed1/dense/samples.jsonl:mopd_seed1 does not repeat .*mean 0.400 "
+                                         r"against 0.700"):
+        row_shares(tmp_path / "runs", *args)
+    write_samples(tmp_path / "runs" / "mopd_seed1" / "dense" / "samples.jsonl", "mopd_seed1", "ocr",
+                  [(0, 0.7), (0, 0.7), (1, 0.7), (1, -0.5)])
+    got = row_shares(tmp_path / "runs", *args)["mopd"]  # means 0.2 and 0.4: a share of (0.2 + 0.4) / 2 = 0.3
     assert got["gain_share/ocr"] == pytest.approx(0.3) and got["gain_share/ocr/images_per_prompt"] == 2
     # a dense evaluation without the task falls back too
     write_samples(tmp_path / "base_dense" / "samples.jsonl", "base", "geneval", dense)
     assert row_shares(tmp_path / "runs", *args)["mopd"]["gain_share/ocr"] == pytest.approx(0.6)
+
+
+def test_shared_images_gap_pairs_images_by_prompt_text_and_image_index(tmp_path):
+    from opd.results.gain_share import shared_images_gap
+
+    lines = [{"checkpoint": "m", "task": "t", "index": i, "prompt_index": p, "image_index": k, "prompt": f"p{p}",
+              "scores": {"s": v}} for i, (p, k, v) in enumerate([(0, 1, 0.9), (0, 0, 0.1), (1, 0, 0.4)])]
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    got = prompt_scores(tmp_path / "samples.jsonl", "m", "t", "s")
+    assert got.groups == [[0.1, 0.9], [0.4]]  # by image index, not file order
+    other = PromptScores("o", ["p1", "p9", "p0"], ["t"] * 3, [[0.5, 0.0], [1.0], [0.2]])
+    # shared: p0 image 0 (0.1 | 0.2), p1 image 0 (0.4 | 0.5); p9 and the second images are not
+    assert shared_images_gap(got, other) == pytest.approx((0.25, 0.35, 2))
+    with pytest.raises(ValueError, match="share no images"):
+        shared_images_gap(got, PromptScores("x", ["p7"], ["t"], [[1.0]]))
 
 
 def test_seed_shares_are_each_seeds_own_and_average_to_the_share_of_their_mean():

@@ -57,7 +57,7 @@ def prompt_scores(samples: Path, checkpoint: str, task: str, key: str) -> Prompt
     ``samples.jsonl[.gz]`` (:mod:`opd.evaluate`), grouped by prompt."""
     samples = Path(samples)
     opener = gzip.open if samples.suffix == ".gz" else open
-    by_prompt: dict[int, list[float]] = defaultdict(list)
+    by_prompt: dict[int, list[tuple[int, float]]] = defaultdict(list)
     meta: dict[int, tuple[str, str]] = {}
     with opener(samples, "rt") as f:
         for line in f:
@@ -68,13 +68,32 @@ def prompt_scores(samples: Path, checkpoint: str, task: str, key: str) -> Prompt
                 raise KeyError(f"{samples}: {checkpoint}'s {task} images have no score {key!r} "
                                f"(they have {sorted(record['scores'])})")
             p = record.get("prompt_index", record["index"])
-            by_prompt[p].append(float(record["scores"][key]))
+            by_prompt[p].append((record.get("image_index", len(by_prompt[p])), float(record["scores"][key])))
             meta[p] = (record["prompt"], record.get("metadata", {}).get("tag", task))
     if not by_prompt:
         raise ValueError(f"{samples}: no images of checkpoint {checkpoint!r} on task {task!r}")
     order = sorted(by_prompt)
     return PromptScores(f"{samples}:{checkpoint}", [meta[p][0] for p in order], [meta[p][1] for p in order],
-                        [by_prompt[p] for p in order])
+                        [[v for _, v in sorted(by_prompt[p], key=lambda iv: iv[0])] for p in order])
+
+
+#: the largest difference of mean score, on the images both drew, between two evaluations of one model
+#: (say its 16-image and its 4-image one) before they count as evaluations of different models
+SAME_IMAGES_TOL = 0.01
+
+
+def shared_images_gap(a: PromptScores, b: PromptScores) -> tuple[float, float, int]:
+    """``(mean of a, mean of b, images)`` over the images both evaluations drew: per prompt (by its
+    text) the first images of each, by image index. Evaluations of one model with the same seeds
+    draw the same first images (a noise seed per prompt and image), so the two means agree up to
+    numerics (fp16 weights: about 1e-3); a larger gap means the model differs (its adapter, LoRA
+    scale or CFG)."""
+    theirs = dict(zip(b.prompts, b.groups, strict=True))
+    pairs = [(x, y) for prompt, group in zip(a.prompts, a.groups, strict=True)
+             for x, y in zip(group, theirs.get(prompt, ()))]
+    if not pairs:
+        raise ValueError(f"{a.source} and {b.source} share no images")
+    return float(np.mean([x for x, _ in pairs])), float(np.mean([y for _, y in pairs])), len(pairs)
 
 
 def share_interval(base: PromptScores, teacher: PromptScores, students: Sequence[PromptScores],
@@ -179,6 +198,28 @@ def _scores_from(folders: dict[str, Path], task: str, metric: str) -> dict[str, 
     return scores
 
 
+def _check_same_models(scores: dict[str, PromptScores], reference: dict[str, Path], task: str, metric: str,
+                       kind: str) -> None:
+    """Raise when a model's ``kind`` evaluation does not repeat its regular one (``reference``) on the
+    images both drew (:func:`shared_images_gap`); models without a regular evaluation pass."""
+    for name, folder in reference.items():
+        found = samples_file(folder)
+        if found is None:
+            continue
+        try:
+            regular = prompt_scores(found, name, task, metric)
+        except ValueError:  # that evaluation did not sample the task
+            continue
+        mine, theirs, images = shared_images_gap(scores[name], regular)
+        if abs(mine - theirs) > SAME_IMAGES_TOL:
+            raise ValueError(
+                f"{scores[name].source} does not repeat {found} on the {images} images both drew ({task} "
+                f"{metric}: mean {mine:.3f} against {theirs:.3f}, allowed gap {SAME_IMAGES_TOL}): the {kind} "
+                f"evaluation scored another model than the {name!r} of the table (an adapter without its LoRA "
+                "metadata loads at alpha = r; another CFG scale; other weights). Evaluate it again from the run's "
+                "own adapter (python -m opd.results.ship_adapter keeps the metadata in fp16 copies).")
+
+
 def row_shares(root: Path, base_dirs: dict[str, Path], runs: dict[str, dict], teachers_of: dict[str, Sequence[str]],
                own: dict[str, str], averages: dict[str, str], **bootstrap) -> dict[str, dict[str, float]]:
     """Per table row with teachers, ``{"gain_share/<task>": share, …/ci_low, …/ci_high,
@@ -190,7 +231,9 @@ def row_shares(root: Path, base_dirs: dict[str, Path], runs: dict[str, dict], te
     base, teacher (``<root>/teacher_<t>/<kind>``) and every seed of the row (``<root>/<seed
     run>/<kind>``, ``runs[row]["seeds"]``) all have is used, so the three terms of a share always come
     from evaluations alike. A task no kind covers is left out (and said so). A row of several seeds also
-    gets ``…/seeds_ci_low|high``, the t-interval of its seeds' own shares (:func:`seed_shares`)."""
+    gets ``…/seeds_ci_low|high``, the t-interval of its seeds' own shares (:func:`seed_shares`). A kind
+    other than ``eval`` must repeat each model's ``eval`` evaluation on the images both drew (images
+    0–3 of a 16-image evaluation are the 4-image one's), else ValueError: it scored another model."""
     out: dict[str, dict[str, float]] = {}
     for key, teachers in teachers_of.items():
         seeds = runs.get(key, {}).get("seeds") or []
@@ -205,6 +248,10 @@ def row_shares(root: Path, base_dirs: dict[str, Path], runs: dict[str, dict], te
                 print(f"[gain_share] {key}/{task}: no evaluation of {'/'.join(base_dirs)} with the images' scores "
                       f"of the base, the teacher and {seeds or 'its seeds'}; no interval")
                 continue
+            if kind != "eval" and "eval" in base_dirs:
+                _check_same_models(scores, {"base": Path(base_dirs["eval"]),
+                                            f"teacher_{task}": Path(root) / f"teacher_{task}" / "eval",
+                                            **{seed: Path(root) / seed / "eval" for seed in seeds}}, task, metric, kind)
             base, teacher = scores.pop("base"), scores.pop(f"teacher_{task}")
             share, low, high = share_interval(base, teacher, list(scores.values()), averages.get(task, "image"), **bootstrap)
             per_prompt = min(len(g) for m in (base, teacher, *scores.values()) for g in m.groups)

@@ -401,7 +401,11 @@ def main(argv: Sequence[str] | None = None) -> str:
     rows, results, runs = with_controls(rows, results, runs, json.loads(args.base.read_text()), own)
     teachers_of = {key: row["teachers"] for key, row in rows.items() if row.get("teachers") and key in results}
     share_bases = {**({"dense": args.dense_base} if args.dense_base else {}), "eval": args.base.parent}
-    for key, shares in row_shares(args.runs, share_bases, runs, teachers_of, own, averages(args.suite)).items():
+    try:
+        shares_of = row_shares(args.runs, share_bases, runs, teachers_of, own, averages(args.suite))
+    except ValueError as err:  # a dense evaluation of another model: name it, write nothing
+        parser.error(str(err))
+    for key, shares in shares_of.items():
         results[key].update(shares)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
