@@ -142,6 +142,9 @@ def test_shared_images_gap_pairs_images_by_prompt_text_and_image_index(tmp_path)
     assert shared_images_gap(got, other) == pytest.approx((0.25, 0.35, 2))
     with pytest.raises(ValueError, match="share no images"):
         shared_images_gap(got, PromptScores("x", ["p7"], ["t"], [[1.0]]))
+    # the same prompt list, a text twice: paired by position, not by the text's last group
+    twice = PromptScores("a", ["q", "q"], ["t"] * 2, [[1.0], [0.0]])
+    assert shared_images_gap(twice, PromptScores("b", ["q", "q"], ["t"] * 2, [[1.0, 0.5], [0.0]])) == pytest.approx((0.5, 0.5, 2))
 
 
 def test_seed_shares_are_each_seeds_own_and_average_to_the_share_of_their_mean():

@@ -83,14 +83,17 @@ SAME_IMAGES_TOL = 0.01
 
 
 def shared_images_gap(a: PromptScores, b: PromptScores) -> tuple[float, float, int]:
-    """``(mean of a, mean of b, images)`` over the images both evaluations drew: per prompt (by its
-    text) the first images of each, by image index. Evaluations of one model with the same seeds
-    draw the same first images (a noise seed per prompt and image), so the two means agree up to
-    numerics (fp16 weights: about 1e-3); a larger gap means the model differs (its adapter, LoRA
-    scale or CFG)."""
-    theirs = dict(zip(b.prompts, b.groups, strict=True))
-    pairs = [(x, y) for prompt, group in zip(a.prompts, a.groups, strict=True)
-             for x, y in zip(group, theirs.get(prompt, ()))]
+    """``(mean of a, mean of b, images)`` over the images both evaluations drew: per prompt (by
+    position when both list the same prompts, else by text) the first images of each, by image
+    index. Evaluations of one model with the same seeds draw the same first images (a noise seed per
+    prompt and image), so the two means agree up to numerics (fp16 weights: about 1e-3); a larger gap
+    means the model differs (its adapter, LoRA scale or CFG)."""
+    if a.prompts == b.prompts:  # the same prompt list: by position (a prompt text may repeat)
+        matched = zip(a.groups, b.groups, strict=True)
+    else:
+        theirs = dict(zip(b.prompts, b.groups, strict=True))
+        matched = ((group, theirs.get(prompt, ())) for prompt, group in zip(a.prompts, a.groups, strict=True))
+    pairs = [(x, y) for mine, other in matched for x, y in zip(mine, other)]
     if not pairs:
         raise ValueError(f"{a.source} and {b.source} share no images")
     return float(np.mean([x for x, _ in pairs])), float(np.mean([y for _, y in pairs])), len(pairs)
