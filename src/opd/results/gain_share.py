@@ -206,17 +206,13 @@ def _check_same_models(scores: dict[str, PromptScores], reference: dict[str, Pat
     """Raise when a model's ``kind`` evaluation does not repeat its regular one (``reference``) on the
     images both drew (:func:`shared_images_gap`); models without a regular evaluation pass."""
     for name, folder in reference.items():
-        found = samples_file(folder)
-        if found is None:
+        regular = _scores_from({name: folder}, task, metric)
+        if regular is None:  # no regular evaluation, or one without the task
             continue
-        try:
-            regular = prompt_scores(found, name, task, metric)
-        except ValueError:  # that evaluation did not sample the task
-            continue
-        mine, theirs, images = shared_images_gap(scores[name], regular)
+        mine, theirs, images = shared_images_gap(scores[name], regular[name])
         if abs(mine - theirs) > SAME_IMAGES_TOL:
             raise ValueError(
-                f"{scores[name].source} does not repeat {found} on the {images} images both drew ({task} "
+                f"{scores[name].source} does not repeat {regular[name].source} on the {images} images both drew ({task} "
                 f"{metric}: mean {mine:.3f} against {theirs:.3f}, allowed gap {SAME_IMAGES_TOL}): the {kind} "
                 f"evaluation scored another model than the {name!r} of the table (an adapter without its LoRA "
                 "metadata loads at alpha = r; another CFG scale; other weights). Evaluate it again from the run's "
