@@ -54,7 +54,7 @@ def bench(
     reward: Reward, images: Tensor, prompts: list[str], metadata: list[dict], num_repeats: int
 ) -> tuple[float, dict[str, float]]:
     """Best-of-``num_repeats`` images/s of ``reward.score`` and the mean of each returned key."""
-    reward.score(images[:2], prompts[:2], metadata[:2])  # warm-up: lazy allocations, onnx graph setup
+    reward.score(images, prompts, metadata)  # warm-up: lazy allocations, onnx graph setup, worker processes
     best = float("inf")
     for _ in range(num_repeats):
         start = time.perf_counter()
@@ -71,6 +71,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--ocr-workers", type=int, default=2, help="OCRReward(num_workers=...) to compare with 1"
     )
+    parser.add_argument(
+        "--workers", type=int, default=2,
+        help="AestheticMini/GenEvalMini(num_workers=...) processes to compare with scoring in this process",
+    )
     args = parser.parse_args(argv)
 
     signs = world_batch("ocr", args.num_images, args.size)
@@ -82,15 +86,19 @@ def main(argv: list[str] | None = None) -> None:
     rewards |= {
         f"ocr ({args.ocr_workers} threads)": OCRReward(num_workers=args.ocr_workers),
         "aesthetic_mini": AestheticMini(),
+        f"aesthetic_mini ({args.workers} processes)": AestheticMini(num_workers=args.workers),
         "geneval_mini": GenEvalMini(),
+        f"geneval_mini ({args.workers} processes)": GenEvalMini(num_workers=args.workers),
     }
     print(f"{args.num_images} clean test renders of {args.size}×{args.size} (each reward on its own task's "
           f"prompts); torch threads: {torch.get_num_threads()}")
     for label, reward in rewards.items():
-        batch = batches.get(label, signs)
+        batch = batches.get(label.split()[0], signs)
         images_per_s, means = bench(reward, *batch, args.num_repeats)
         summary = ", ".join(f"{key}={value:.3f}" for key, value in means.items())
-        print(f"{label:>16}: {images_per_s:10.1f} images/s   ({summary})")
+        print(f"{label:>30}: {images_per_s:10.1f} images/s   ({summary})")
+        if hasattr(reward, "workers"):
+            reward.workers.close()
 
 
 if __name__ == "__main__":

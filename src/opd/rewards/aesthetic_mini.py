@@ -92,6 +92,7 @@ from torch import Tensor
 from opd.data.world.scene import BACKGROUNDS, CANVAS, OBJECT_COLORS, SHAPE_KINDS
 from opd.rewards.base import Reward, check_batch, to_uint8_hwc
 from opd.rewards.shapes import Detection, detect
+from opd.rewards.workers import ImageWorkers
 
 #: the world's colours: backgrounds first, then object colours
 _WORLD_NAMES: tuple[str, ...] = tuple(BACKGROUNDS) + tuple(OBJECT_COLORS)
@@ -327,13 +328,15 @@ class AestheticMini(Reward):
     ``violation_factor`` ρ: the factor each violated caption fact costs; ``quality_floor`` q0: the
     quality of a correct render with the worst composition (ρ < q0 keeps every correct render above
     every render with a violated fact); ``background_tolerance`` β: the share of stray background
-    pixels that counts as one violated fact.
+    pixels that counts as one violated fact. ``num_workers`` > 1 analyses the images of a batch in
+    that many processes (the same scores; :mod:`opd.rewards.workers`).
     """
 
     name = "aesthetic_mini"
 
     def __init__(
-        self, violation_factor: float = 0.25, quality_floor: float = 0.3, background_tolerance: float = 0.1
+        self, violation_factor: float = 0.25, quality_floor: float = 0.3, background_tolerance: float = 0.1,
+        num_workers: int = 1,
     ) -> None:
         if not 0 < violation_factor < quality_floor <= 1:
             raise ValueError(
@@ -345,6 +348,7 @@ class AestheticMini(Reward):
         self.violation_factor = violation_factor
         self.quality_floor = quality_floor
         self.background_tolerance = background_tolerance
+        self.workers = ImageWorkers(num_workers, "AestheticMini")
 
     def judge(self, analysis: Analysis, meta: dict[str, Any]) -> dict[str, float]:
         """Every key of :meth:`score` for one analysed image against one row."""
@@ -357,7 +361,7 @@ class AestheticMini(Reward):
 
     def analyse(self, images: Tensor) -> list[Analysis]:
         """One :class:`Analysis` per image of ``[N, 3, H, W]`` in [0, 1]."""
-        return [analyse(image) for image in to_uint8_hwc(images)]
+        return self.workers.map(analyse, to_uint8_hwc(images))
 
     def score(self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> dict[str, Tensor]:
         """``images [B, 3, H, W]`` in [0, 1] against their rows → ``{key: float32 [B]}``."""

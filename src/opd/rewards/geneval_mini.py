@@ -40,6 +40,7 @@ GenEval's :class:`opd.rewards.geneval_rules.Detection` (a COCO label, a score, a
 from __future__ import annotations
 
 import itertools
+from functools import partial
 from operator import attrgetter
 from typing import Any
 
@@ -58,6 +59,7 @@ from opd.rewards.shapes import (
     detect,
 )
 from opd.rewards.shapes import Detection as ShapeDetection
+from opd.rewards.workers import ImageWorkers
 
 __all__ = ["GenEvalMini", "ShapeDetection", "by_class", "detect", "exact_correct", "partial_score"]
 
@@ -118,11 +120,16 @@ def partial_score(
     return partial_score_with(objects, meta, lambda d: d.color, _holds, reference_quirk)
 
 
+def _objects_of(image: Any, **detect_kwargs: Any) -> dict[str | None, list[ShapeDetection]]:
+    return by_class(detect(image, **detect_kwargs))
+
+
 class GenEvalMini(Reward):
     """The mini world's GenEval: ``score`` → ``{"reward": partial score, "correct": strict 0/1}``.
 
     Metadata rows must follow GenEval's schema (``include``/``exclude``; see
-    ``opd.data.world.grammar``). Images ``[B, 3, H, W]`` in [0, 1]; outputs ``Tensor[B]`` float32
+    ``opd.data.world.grammar``). ``num_workers`` > 1 detects the images of a batch in that many
+    processes (the same scores; :mod:`opd.rewards.workers`). Images ``[B, 3, H, W]`` in [0, 1]; outputs ``Tensor[B]`` float32
     (CPU). :meth:`score_matrix` judges every image against every row (evaluation controls).
     """
 
@@ -137,6 +144,7 @@ class GenEvalMini(Reward):
         min_area_frac: float = MIN_AREA_FRAC,
         max_color_dist: float = 100.0,
         reference_quirk: bool = False,
+        num_workers: int = 1,
     ) -> None:
         self.detect_kwargs = {
             "min_score": min_score,
@@ -147,10 +155,12 @@ class GenEvalMini(Reward):
             "max_color_dist": max_color_dist,
         }
         self.reference_quirk = reference_quirk
+        self.workers = ImageWorkers(num_workers, "GenEvalMini")
 
     def objects(self, images: Tensor) -> list[dict[str | None, list[ShapeDetection]]]:
-        """:func:`by_class` of each image's detections, ``[B, 3, H, W]`` in [0, 1]."""
-        return [by_class(detect(image, **self.detect_kwargs)) for image in to_uint8_hwc(images)]
+        """:func:`by_class` of each image's detections, ``[B, 3, H, W]`` in [0, 1] (in ``num_workers``
+        processes: :mod:`opd.rewards.workers`)."""
+        return self.workers.map(partial(_objects_of, **self.detect_kwargs), to_uint8_hwc(images))
 
     def judge(
         self, objects: dict[str | None, list[ShapeDetection]], meta: dict[str, Any]
