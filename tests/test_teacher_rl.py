@@ -126,6 +126,39 @@ def test_nft_batched_passes_give_the_same_round_as_one_forward_per_noised_time(c
     assert float(diff.norm()) < 1e-4 * float(step.norm())  # float32 sums in another order
 
 
+@pytest.mark.parametrize("skip_equal_groups", [False, True])
+def test_nft_computes_its_targets_while_the_last_rollout_piece_is_scored(cfg_factory, monkeypatch, skip_equal_groups):
+    """The old policy's velocities need no rewards, so the round computes them while the reward thread
+    scores the last rollout piece: that piece's scoring here waits for them (and would wait in vain if
+    the round waited for the scores first). A round that may be skipped for want of reward spread
+    computes them only after the scores (``skip_zero_variance_groups``), so that a skipped round costs
+    no target passes."""
+    import threading
+
+    from opd.modules.online_rl import OnlineRL
+    from opd.modules.teacher_nft import NFTTeacher
+
+    computed, seen, calls = threading.Event(), [], []
+    targets, score = NFTTeacher.targets, OnlineRL.score
+
+    def targets_then_signal(self, *args):
+        out = targets(self, *args)
+        computed.set()
+        return out
+
+    def score_last_piece_after_targets(self, latents, rows):
+        calls.append(len(rows))
+        if len(calls) == self.rollout_chunks:  # the last piece of the round
+            seen.append(computed.wait(timeout=1.0 if skip_equal_groups else 20.0))
+        return score(self, latents, rows)
+
+    monkeypatch.setattr(NFTTeacher, "targets", targets_then_signal)
+    monkeypatch.setattr(OnlineRL, "score", score_last_piece_after_targets)
+    run_nft_objects(cfg_factory, 1, ["module.rollout_chunks=2", f"module.skip_zero_variance_groups={skip_equal_groups}"])
+    assert calls == [3, 3] and computed.is_set()
+    assert seen == [not skip_equal_groups]
+
+
 def test_nft_terms_per_forward_must_be_positive(cfg_factory):
     from opd.validate import ConfigError, validate_train_config
 

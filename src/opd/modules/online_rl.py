@@ -9,7 +9,7 @@ multi-task baseline alternates prompt sets the same way).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -68,9 +68,16 @@ class OnlineRL(AdapterPolicy):
         return [rows[i] for i in mine.tolist()], rank_slice(group_ids, rank, world).to(self.device)
 
     def sample_and_score(self, rows: list[dict], *, keep_means: bool = False) -> tuple[Trajectory, dict[str, Tensor]]:
+        """:meth:`sample_and_submit`, then wait for the scores (:meth:`collect_scores`)."""
+        traj, pending = self.sample_and_submit(rows, keep_means=keep_means)
+        return traj, self.collect_scores(pending)
+
+    def sample_and_submit(self, rows: list[dict], *, keep_means: bool = False) -> tuple[Trajectory, list[Future]]:
         """Roll out the active adapter in ``rollout_chunks`` pieces and score each piece in a worker
-        thread while the next one samples, so CPU rewards (OCR, the judge) overlap GPU work. A
-        non-finite rollout stops the run (on every rank) before it is scored."""
+        thread while the next one samples, so CPU rewards (OCR, the judge) overlap GPU work; the
+        scores are still being computed when this returns (:meth:`collect_scores` waits for them), so
+        work that does not need them can overlap the last piece's too. A non-finite rollout stops the
+        run (on every rank) before it is scored."""
         parts, futures = [], []
         for k, chunk in enumerate(_chunks(rows, self.rollout_chunks)):
             with torch.no_grad():
@@ -80,8 +87,12 @@ class OnlineRL(AdapterPolicy):
             parts.append(traj)
             self.raise_if_nonfinite(f"scoring the rollouts of reward {self.reward_name!r}")  # all ranks agree
             futures.append(self._reward_pool.submit(self.score, traj.final.detach(), chunk))
-        results = self.results(futures, f"scoring with reward {self.reward_name!r}")
-        return Trajectory.cat(parts), {k: torch.cat([r[k] for r in results]) for k in results[0]}
+        return Trajectory.cat(parts), futures
+
+    def collect_scores(self, pending: list[Future]) -> dict[str, Tensor]:
+        """The scores of :meth:`sample_and_submit`'s pieces, in order (an error on any rank stops every rank)."""
+        results = self.results(pending, f"scoring with reward {self.reward_name!r}")
+        return {k: torch.cat([r[k] for r in results]) for k in results[0]}
 
     def score(self, latents: Tensor, rows: list[dict]) -> dict[str, Tensor]:
         """Decode and score with the training reward (NaN stops the run with a clear error)."""

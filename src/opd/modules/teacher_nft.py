@@ -94,16 +94,26 @@ class NFTTeacher(OnlineRL):
                  for sl in torch.arange(b * s, device=t.device).split(chunk)]
         return torch.cat(parts).reshape(b, s, *x_t.shape[2:])
 
+    def targets(self, x_t: Tensor, t: Tensor, cond: Any) -> tuple[Tensor, Tensor | None]:
+        """The old policy's velocities at the noised states and, with a KL term, the reference's."""
+        v_old = self.nograd_velocities(x_t, t, cond, self.OLD)
+        v_ref = self.nograd_velocities(x_t, t, cond, None) if getattr(self.objective, "kl_weight", 0) > 0 else None
+        return v_old, v_ref
+
     def run_round(self) -> dict[str, Tensor]:
         rows, group_ids = self.draw_round()
         with active_adapter(self.backbone.transformer, self.OLD, trainable=self.STUDENT):
-            traj, scores = self.sample_and_score(rows)
+            traj, pending = self.sample_and_submit(rows)
         x0 = traj.final.float()
+        x_t, t, _ = nft_noising(x0, traj.sigmas, self.num_train_steps, self.generator(2))
+        cond = traj.cond
+        # the targets need no rewards: computed while the last rollout piece is scored (a round that may be
+        # skipped for want of reward spread computes them only if it is not)
+        targets = None if self.skip_zero_variance_groups else self.targets(x_t, t, cond)
+        scores = self.collect_scores(pending)
         advantages = self.advantages(scores["reward"], group_ids)
         r = optimality_probability(advantages)
         self.note_nonfinite(f"the optimality probabilities of reward {self.reward_name!r}", r)
-        x_t, t, _ = nft_noising(x0, traj.sigmas, self.num_train_steps, self.generator(2))
-        cond = traj.cond
         metrics = self.log_rewards(scores)
         weights = None
         if self.skip_zero_variance_groups:
@@ -118,8 +128,7 @@ class NFTTeacher(OnlineRL):
                 return metrics
             weights = keep * (total / kept)  # the loss stays a mean over the kept samples of all ranks
 
-        v_old = self.nograd_velocities(x_t, t, cond, self.OLD)
-        v_ref = self.nograd_velocities(x_t, t, cond, None) if getattr(self.objective, "kl_weight", 0) > 0 else None
+        v_old, v_ref = targets if targets is not None else self.targets(x_t, t, cond)
         num_times = x_t.shape[1]
         groups = [slice(i, min(i + self.terms_per_forward, num_times))
                   for i in range(0, num_times, self.terms_per_forward)]
