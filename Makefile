@@ -67,6 +67,11 @@ TEACHER_RUNS ?= $(RUNS)
 BASE         ?= models/mini_base/config.json
 TRAINER      ?= trainer=gpu
 OCR_WORKERS  ?= 4
+# processes per run for the mini judges (GenEval-mini, aesthetic v2), whose per-image Python holds the GIL;
+# 1 scores in the run's own process (opd.rewards.workers; the same scores either way)
+JUDGE_WORKERS ?= 1
+# $(call judges,<key prefix>,<reward names>): the overrides that give those rewards JUDGE_WORKERS processes
+judges        = $(foreach r,$2,+$1$(r).num_workers=$(JUDGE_WORKERS))
 # where the runs trained, written into runs.json and the cards
 DEVICE       ?=
 TRAIN_ARGS   ?=
@@ -77,7 +82,8 @@ ADAPTER      := adapter/pytorch_lora_weights.safetensors
 # a log row every step: compute budgets (opd.results.compute) read a run's compute at its last step or at a snapshot
 RUN_ARGS      = $(TRAINER) logger=csv trainer.log_every_n_steps=1 trainer.enable_progress_bar=false trainer.max_steps=1000000 eval=null
 TRAIN         = $(PYM) opd.train $(RUN_ARGS)
-EVAL          = $(PYM) opd.evaluate '~checkpoints' batch_size=160 +eval_tasks.ocr.rewards.ocr.num_workers=$(OCR_WORKERS)
+EVAL          = $(PYM) opd.evaluate '~checkpoints' batch_size=160 +eval_tasks.ocr.rewards.ocr.num_workers=$(OCR_WORKERS) \
+                $(call judges,eval_tasks.geneval.rewards.,geneval_mini) $(call judges,eval_tasks.aesthetic.rewards.,aesthetic_mini)
 # candidates are compared on the val prompts of every task (held out from training, never the test sets)
 VAL           = eval_tasks.geneval.prompts.split=val eval_tasks.ocr.prompts.split=val eval_tasks.aesthetic.prompts.split=val
 # in a recipe: the run folder of the adapter being made
@@ -103,6 +109,8 @@ TEACHER_EXP_ocr       := mini/teacher_ocr_nft
 TEACHER_EXP_geneval   := mini/teacher_geneval
 TEACHER_EXP_aesthetic := mini/teacher_aesthetic_nft
 TEACHER_ARGS_ocr      := +reward.ocr.num_workers=$(OCR_WORKERS)
+TEACHER_ARGS_geneval   = $(call judges,reward.,geneval_mini)
+TEACHER_ARGS_aesthetic = $(call judges,reward.,aesthetic_mini)
 TEACHER_STEPS_ocr       ?= 100
 # (v3: the GenEval and aesthetic runs learnt for about 300 steps, then fell apart while their KL to the base grew;
 # val peaked at steps 350 and 200 and early stopping kept those snapshots. docs/results/mini_teachers_v3)
@@ -190,7 +198,8 @@ budget        = callbacks.compute_budget.max_model_tflop=$$($(PYM) opd.results.c
 STUDENT       = $(TRAIN) trainer.max_steps=$(MOPD_STEPS) trainer.max_time=null
 # the baselines train a LoRA of the student's rank
 LORA64        = module.lora.rank=64 module.lora.alpha=128
-MULTI         = $(TRAIN) experiment=mini/multi_reward_nft +reward.ocr.num_workers=$(OCR_WORKERS) trainer.max_time=null $(LORA64)
+MULTI         = $(TRAIN) experiment=mini/multi_reward_nft +reward.ocr.num_workers=$(OCR_WORKERS) \
+                $(call judges,reward.,geneval_mini aesthetic_mini) trainer.max_time=null $(LORA64)
 # a cascade stage: multi-reward RL's learning rate, a third of MOPD's compute (seed 0)
 CASCADE       = $(TRAIN) trainer.max_time=null $(LORA64) module.optimizer.lr=$$(cat $(RUNS)/multi_lr.txt) \
                 $(call budget,$(RUNS)/mopd_sum_seed0,--scale 0.33333)
@@ -241,12 +250,12 @@ $(MULTI_RUNS:%=%/$(ADAPTER)): $(RUNS)/multi_%/$(ADAPTER): $(RUNS)/multi_lr.txt $
 	  hydra.run.dir=$(RUN) $(call resume,$(RUN)) $(TRAIN_ARGS)
 # cascade RL: each stage a third of MOPD's compute (seed 0), continuing the last; groups of equal rewards skipped
 $(RUNS)/cascade_aesthetic/$(ADAPTER): $(RUNS)/multi_lr.txt $(RUNS)/mopd_sum_seed0/$(ADAPTER) | $(STAMP)
-	$(CASCADE) experiment=mini/cascade_aesthetic hydra.run.dir=$(RUN) $(call resume,$(RUN)) $(TRAIN_ARGS)
+	$(CASCADE) experiment=mini/cascade_aesthetic $(call judges,reward.,aesthetic_mini) hydra.run.dir=$(RUN) $(call resume,$(RUN)) $(TRAIN_ARGS)
 $(RUNS)/cascade_ocr/$(ADAPTER): $(RUNS)/cascade_aesthetic/$(ADAPTER) | $(STAMP)
 	$(CASCADE) experiment=mini/cascade_ocr +reward.ocr.num_workers=$(OCR_WORKERS) module.init_adapter=$(<D) \
 	  hydra.run.dir=$(RUN) $(call resume,$(RUN)) $(TRAIN_ARGS)
 $(RUNS)/cascade_geneval/$(ADAPTER): $(RUNS)/cascade_ocr/$(ADAPTER) | $(STAMP)
-	$(CASCADE) experiment=mini/cascade_geneval module.init_adapter=$(<D) hydra.run.dir=$(RUN) $(call resume,$(RUN)) $(TRAIN_ARGS)
+	$(CASCADE) experiment=mini/cascade_geneval $(call judges,reward.,geneval_mini) module.init_adapter=$(<D) hydra.run.dir=$(RUN) $(call resume,$(RUN)) $(TRAIN_ARGS)
 # every row's evaluation on test (and the tuning runs' on val) at its own CFG: 1, except the CFG student
 $(foreach r,$(TUNE_MOPD) $(TUNE_MULTI),$(r)/val/results.json) $(foreach r,$(MOPD_RUNS) $(MULTI_RUNS) $(SOPD_RUNS) $(CASCADE_RUNS),$(r)/eval/results.json): GUIDANCE = 1.0
 TABLE1_EVALS := $(foreach r,$(MOPD_RUNS) $(MULTI_RUNS) $(SOPD_RUNS) $(RUNS)/cascade_geneval $(RUNS)/mopd_cfg_seed0,$(r)/eval/results.json) \

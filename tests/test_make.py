@@ -144,3 +144,31 @@ def test_the_committed_table_is_rebuilt_from_its_records(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     for name in ("results.md", "results.json"):
         assert (tmp_path / "t1/table" / name).read_text() == (ROOT / "docs/results/mini_table1/table" / name).read_text()
+
+
+def test_judge_workers_reach_every_run_that_scores_with_the_mini_judges(tmp_path):
+    """JUDGE_WORKERS=4: multi-reward RL, the cascade stages that use a judge, the GenEval and aesthetic teachers
+    and every evaluation give those judges 4 processes; the OCR stage and the OCR teacher do not get a judge
+    override (no such reward to override); every step composes."""
+    lines = dry_run("mini-table1", tmp_path, "JUDGE_WORKERS=4")
+    steps = [step for line in map(stand_ins, lines) if "$(" not in line and (step := overrides_of(line)) is not None]
+    judges = {"+reward.geneval_mini.num_workers=4", "+reward.aesthetic_mini.num_workers=4"}
+    for name, overrides in steps:
+        given = {o for o in overrides if "num_workers=4" in o and ("geneval_mini" in o or "aesthetic_mini" in o)}
+        experiment = next((o for o in overrides if o.startswith("experiment=")), "")
+        if name == "eval":
+            assert given == {"+eval_tasks.geneval.rewards.geneval_mini.num_workers=4",
+                             "+eval_tasks.aesthetic.rewards.aesthetic_mini.num_workers=4"}, overrides
+        elif experiment == "experiment=mini/multi_reward_nft":
+            assert given == judges
+        elif experiment in ("experiment=mini/teacher_geneval", "experiment=mini/cascade_geneval"):
+            assert given == {"+reward.geneval_mini.num_workers=4"}
+        elif experiment in ("experiment=mini/teacher_aesthetic_nft", "experiment=mini/cascade_aesthetic"):
+            assert given == {"+reward.aesthetic_mini.num_workers=4"}
+        else:  # OCR runs and the students (no reward model)
+            assert not given, overrides
+    for name, overrides in steps:
+        if name == "train":
+            compose_train(overrides, tmp_path / "out")
+        else:
+            compose_cfg(name, overrides, tmp_path / "out")
