@@ -128,9 +128,10 @@ class GenEvalMini(Reward):
     """The mini world's GenEval: ``score`` → ``{"reward": partial score, "correct": strict 0/1}``.
 
     Metadata rows must follow GenEval's schema (``include``/``exclude``; see
-    ``opd.data.world.grammar``). ``num_workers`` > 1 detects the images of a batch in that many
-    processes (the same scores; :mod:`opd.rewards.workers`). Images ``[B, 3, H, W]`` in [0, 1]; outputs ``Tensor[B]`` float32
+    ``opd.data.world.grammar``). Images ``[B, 3, H, W]`` in [0, 1]; outputs ``Tensor[B]`` float32
     (CPU). :meth:`score_matrix` judges every image against every row (evaluation controls).
+    ``num_workers`` > 1 detects the images of a batch in that many processes (the same scores;
+    :mod:`opd.rewards.workers`).
     """
 
     name = "geneval"
