@@ -159,6 +159,24 @@ def test_nft_computes_its_targets_while_the_last_rollout_piece_is_scored(cfg_fac
     assert seen == [not skip_equal_groups]
 
 
+def test_the_round_logs_how_long_it_waited_for_its_scores(cfg_factory, monkeypatch):
+    """A reward that takes 0.5 s a piece: the round waits for the last piece about that long (the toy
+    model's targets take milliseconds), and logs it as time/score_wait_s."""
+    import time
+
+    from opd.modules.online_rl import OnlineRL
+
+    score = OnlineRL.score
+
+    def slow(self, latents, rows):
+        time.sleep(0.5)
+        return score(self, latents, rows)
+
+    monkeypatch.setattr(OnlineRL, "score", slow)
+    metrics, _ = train(_nft_cfg(cfg_factory, 1, ["module.rollout_chunks=2"]))
+    assert 0.3 < metrics["time/score_wait_s"] < 5.0
+
+
 def test_nft_terms_per_forward_must_be_positive(cfg_factory):
     from opd.validate import ConfigError, validate_train_config
 

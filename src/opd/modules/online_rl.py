@@ -8,6 +8,7 @@ multi-task baseline alternates prompt sets the same way).
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -41,6 +42,7 @@ class OnlineRL(AdapterPolicy):
         self.group_size = group_size
         self.global_std = global_std
         self.rollout_chunks = rollout_chunks
+        self._score_wait_s = 0.0  # seconds the last round waited for its scores (collect_scores)
         self._reward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-reward")
 
     @property
@@ -90,8 +92,12 @@ class OnlineRL(AdapterPolicy):
         return Trajectory.cat(parts), futures
 
     def collect_scores(self, pending: list[Future]) -> dict[str, Tensor]:
-        """The scores of :meth:`sample_and_submit`'s pieces, in order (an error on any rank stops every rank)."""
+        """The scores of :meth:`sample_and_submit`'s pieces, in order (an error on any rank stops every rank).
+        How long the round waited here for them is logged as ``time/score_wait_s`` (:meth:`log_rewards`):
+        the part of the rewards' cost that no GPU work hid."""
+        start = time.perf_counter()
         results = self.results(pending, f"scoring with reward {self.reward_name!r}")
+        self._score_wait_s = time.perf_counter() - start
         return {k: torch.cat([r[k] for r in results]) for k in results[0]}
 
     def score(self, latents: Tensor, rows: list[dict]) -> dict[str, Tensor]:
@@ -106,7 +112,9 @@ class OnlineRL(AdapterPolicy):
         return rank_slice(adv, self.global_rank, self.trainer.world_size)
 
     def log_rewards(self, scores: dict[str, Tensor]) -> dict[str, Tensor]:
-        return self.gathered_means("reward", self.reward_name, scores)
+        """The rewards' means over all ranks, and this rank's wait for them (:meth:`collect_scores`)."""
+        return {**self.gathered_means("reward", self.reward_name, scores),
+                "time/score_wait_s": torch.tensor(self._score_wait_s)}
 
     def update_round(self, num_samples: int, num_terms: int, num_updates: int,
                      term_loss: Callable[[Tensor, int], tuple[Tensor, dict[str, Tensor]]],
