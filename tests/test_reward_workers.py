@@ -8,6 +8,7 @@ from opd.bench_rewards import world_batch
 from opd.rewards.aesthetic_mini import AestheticMini
 from opd.rewards.geneval_mini import GenEvalMini
 from opd.rewards.workers import ImageWorkers
+from opd.utils.pieces import ordered_pieces
 
 
 def noisy_batch(task, n=24, seed=0):
@@ -51,3 +52,9 @@ def test_image_workers_map_in_order_and_check_their_count():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match=r"GenEvalMini: num_workers=.* must be an integer >= 1"):
             GenEvalMini(num_workers=bad)
+
+
+def test_ordered_pieces_are_contiguous_nearly_equal_and_larger_first():
+    assert ordered_pieces(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert ordered_pieces("abcd", 2) == ["ab", "cd"] and ordered_pieces([1, 2], 5) == [[1], [2]]
+    assert ordered_pieces([], 4) == [[]] and ordered_pieces([1, 2, 3], 0) == [[1, 2, 3]]

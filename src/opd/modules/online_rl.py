@@ -22,6 +22,7 @@ from opd.modules.policy import AdapterPolicy
 from opd.objectives.advantages import group_advantages
 from opd.rewards.base import Reward
 from opd.sampling import Trajectory
+from opd.utils.pieces import ordered_pieces
 
 
 class OnlineRL(AdapterPolicy):
@@ -81,7 +82,7 @@ class OnlineRL(AdapterPolicy):
         work that does not need them can overlap the last piece's too. A non-finite rollout stops the
         run (on every rank) before it is scored."""
         parts, futures = [], []
-        for k, chunk in enumerate(_chunks(rows, self.rollout_chunks)):
+        for k, chunk in enumerate(ordered_pieces(rows, self.rollout_chunks)):
             with torch.no_grad():
                 traj = self.sample([r["prompt"] for r in chunk], kernel=self.sampler.kernel,
                                    noise_level=self.sampler.noise_level, guidance_scale=self.sampler.guidance_scale,
@@ -162,15 +163,3 @@ def _tasks(reward: Mapping[str, Reward], prompts: Sequence[dict] | Mapping[str, 
         if not rows:
             raise ValueError(f"prompts: the prompt set of task {name!r} is empty")
     return tasks
-
-
-def _chunks(rows: list[dict], n: int) -> list[list[dict]]:
-    """``rows`` in ``n`` nearly equal, non-empty, ordered pieces."""
-    n = max(1, min(n, len(rows)))
-    size, extra = divmod(len(rows), n)
-    out, start = [], 0
-    for k in range(n):
-        stop = start + size + (k < extra)
-        out.append(rows[start:stop])
-        start = stop
-    return out

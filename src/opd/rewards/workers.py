@@ -22,6 +22,8 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
+from opd.utils.pieces import ordered_pieces
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -49,11 +51,9 @@ class ImageWorkers:
         """``fn`` of every item, in order (in this process when one worker or one item)."""
         if self.num_workers == 1 or len(items) < 2:
             return _apply(fn, items)
-        n = min(self.num_workers, len(items))
-        bounds = [len(items) * k // n for k in range(n + 1)]
-        parts = [items[bounds[k]:bounds[k + 1]] for k in range(n)]
+        parts = ordered_pieces(items, self.num_workers)
         try:
-            return [r for part in self._executor().map(_apply, [fn] * n, parts) for r in part]
+            return [r for part in self._executor().map(_apply, [fn] * len(parts), parts) for r in part]
         except BrokenProcessPool as err:
             self.close()
             raise RuntimeError(f"{self.owner}: a scoring worker process died ({err}); "
