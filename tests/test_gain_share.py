@@ -190,7 +190,13 @@ def test_target_lines_judge_share_floor_and_baseline_by_hand():
     assert lines[3].endswith("missed")
     # one seed each: no interval over seeds, said so
     lines = target_lines({"mopd": {NORM_GAIN: 0.9}, "multi_reward_rl": {NORM_GAIN: 0.5}}, own)
-    assert "no interval yet" in lines[0] and "needs two seeds" in lines[3]
+    assert "no interval yet" in lines[0] and "needs two seeds" in lines[3] and len(lines) == 4
+    # multi-reward RL at MOPD's total compute, when the table has it, is compared the same way
+    total = {NORM_GAIN: 0.72, f"{NORM_GAIN}/ci_low": -0.13, f"{NORM_GAIN}/ci_high": 1.57}
+    lines = target_lines({"mopd": mopd, "multi_reward_rl": multi, "multi_total": total}, own)
+    assert lines[3].endswith("above it, intervals apart: met") and len(lines) == 5
+    assert lines[4] == ("- average share of the teachers' gains: 0.90 [0.80, 1.00] against multi_total's "
+                        "0.72 [-0.13, 1.57]: intervals overlap or below: missed")
 
 
 def test_projected_interval_by_hand():

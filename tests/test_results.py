@@ -274,6 +274,33 @@ def test_the_table_command_writes_the_table_with_the_suites_columns(table_runs):
     assert (out / "curves.png").stat().st_size > 0
 
 
+def test_curves_take_a_log_tflop_axis_only_when_one_row_runs_far_longer(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    drawn = []
+    plot_line = matplotlib.axes.Axes.plot
+
+    def spy(ax, x, y, **kwargs):
+        drawn.append((list(x), list(y), kwargs.get("label")))
+        return plot_line(ax, x, y, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+
+    def log(last_tflop, n=10):  # an RL row logging reward/ocr every round, its compute growing evenly
+        return [{table1.TFLOP: str(last_tflop * (i + 1) / n), "reward/ocr": str(0.1 * i)} for i in range(n)]
+
+    rewards = {"ocr": ["ocr"]}
+    # ends 2,000 and 9,000 TFLOP: 4.5 times, not more than LOG_X_SPAN = 5
+    assert table1.plot_curves(tmp_path / "a.png", {"short": log(2000), "long": log(9000)}, rewards) == "linear"
+    assert drawn[0][0] == [200.0 * (i + 1) for i in range(10)] and drawn[0][2] == "short"
+    assert drawn[0][1] == pytest.approx([0.1 * i for i in range(10)])  # 10 points: a moving average of 1
+    # 2,000 against 16,000 (MOPD's own compute against multi-reward RL at its total): 8 times
+    assert table1.plot_curves(tmp_path / "b.png", {"short": log(2000), "long": log(16000)}, rewards) == "log"
+    assert (tmp_path / "b.png").stat().st_size > 1000
+    # a row whose log has a single point draws nothing and does not count
+    assert table1.plot_curves(tmp_path / "c.png", {"short": log(2000), "one": log(16000, n=1)}, rewards) == "linear"
+
+
 # ---- teacher cards -------------------------------------------------------------------------------
 
 def test_teacher_cards_from_picked_candidates_logs_and_test_scores(tmp_path, conf):

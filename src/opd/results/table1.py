@@ -110,6 +110,8 @@ def normalised_gain(row: Mapping[str, float], results: Mapping[str, Mapping[str,
 SEED = "_seed"
 #: training totals each row reports from its log (the last value), for comparisons at equal compute
 TFLOP = "compute/model_tflop"
+#: a log TFLOP axis for the curves when the longest row ends this many times later than the shortest
+LOG_X_SPAN = 5.0
 COMPUTE = {"rounds": "train/round", "images_sampled": "compute/images_sampled", "model_tflop": TFLOP}
 
 
@@ -296,12 +298,14 @@ def markdown(rows: Mapping[str, dict], results: Mapping[str, dict], runs: Mappin
 
 
 def target_lines(results: Mapping[str, Mapping[str, float]], own: Mapping[str, str], student: str = "mopd",
-                 baseline: str = "multi_reward_rl", keep: float = 0.9, floor: float = 0.75) -> list[str]:
+                 baseline: str = "multi_reward_rl", keep: float = 0.9, floor: float = 0.75,
+                 also: Sequence[str] = ("multi_total",)) -> list[str]:
     """The table against the method's targets: ``student`` keeps at least ``keep`` of each teacher's gain
     with the lower end of its interval at ``floor`` or above (:mod:`opd.results.gain_share`; with several
     seeds, the lower of the ends over prompts and over seeds), and its
     average share of the teachers' gains (:data:`NORM_GAIN`) is above ``baseline``'s with intervals that
-    do not overlap. A check whose numbers are missing says so."""
+    do not overlap. A check whose numbers are missing says so. The rows of ``also`` that the table has
+    (multi-reward RL at MOPD's total compute) get the same comparison of average shares."""
     lines = []
     row = results.get(student, {})
     for task in own:
@@ -316,14 +320,15 @@ def target_lines(results: Mapping[str, Mapping[str, float]], own: Mapping[str, s
                      + ("" if seeds_low is None else f" over prompts, {seeds_low:.0%} over seeds")
                      + f" (target: ≥ {keep:.0%}, lower end ≥ {floor:.0%}): "
                      + ("met" if not misses else f"missed ({' and '.join(misses)})"))
-    mine, theirs = row, results.get(baseline, {})
-    bounds = [m.get(f"{NORM_GAIN}/{end}") for m in (mine, theirs) for end in ("ci_low", "ci_high")]
-    if NORM_GAIN not in mine or NORM_GAIN not in theirs or None in bounds:
-        lines.append(f"- against {baseline}: no interval of both rows' average share yet (it needs two seeds or more)")
-    else:
+    for other in (baseline, *(name for name in also if name in results)):
+        mine, theirs = row, results.get(other, {})
+        bounds = [m.get(f"{NORM_GAIN}/{end}") for m in (mine, theirs) for end in ("ci_low", "ci_high")]
+        if NORM_GAIN not in mine or NORM_GAIN not in theirs or None in bounds:
+            lines.append(f"- against {other}: no interval of both rows' average share yet (it needs two seeds or more)")
+            continue
         apart = bounds[0] > bounds[3] or bounds[2] > bounds[1]
         lines.append(f"- average share of the teachers' gains: {mine[NORM_GAIN]:.2f} [{bounds[0]:.2f}, {bounds[1]:.2f}] "
-                     f"against {baseline}'s {theirs[NORM_GAIN]:.2f} [{bounds[2]:.2f}, {bounds[3]:.2f}]: "
+                     f"against {other}'s {theirs[NORM_GAIN]:.2f} [{bounds[2]:.2f}, {bounds[3]:.2f}]: "
                      + ("above it, intervals apart: met" if apart and mine[NORM_GAIN] > theirs[NORM_GAIN]
                         else "intervals overlap or below: missed"))
     return lines
@@ -338,16 +343,19 @@ def _share_cell(metrics: Mapping[str, float], task: str, share: float) -> str:
     return f"{task} {format_share(metrics, task)}{images_note(metrics, task)}"
 
 
-def plot_curves(path: Path, curves: Mapping[str, list[dict[str, str]]], rewards: Mapping[str, list[str]]) -> None:
+def plot_curves(path: Path, curves: Mapping[str, list[dict[str, str]]], rewards: Mapping[str, list[str]]) -> str:
     """One panel per task: the training reward (``reward/<name>``, RL runs) and the teacher-slot
     monitor reward (``teacher/<task>/<name>``, OPD runs) of each row against the model TFLOP it has
-    spent (rows compared at equal compute; a row that logged no compute is left out)."""
+    spent (rows compared at equal compute; a row that logged no compute is left out). The TFLOP axis
+    is logarithmic when the rows' compute spans more than :data:`LOG_X_SPAN` times (a long baseline
+    would squeeze every other row into its first tenth); the scale drawn is returned."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(rewards), figsize=(5.3 * len(rewards), 4.5), squeeze=False)
+    spans: list[tuple[float, float]] = []  # (first, last) TFLOP of every curve drawn
     for ax, (task, names) in zip(axes[0], rewards.items()):
         wanted = {f"reward/{n}" for n in names} | {f"teacher/{task}/{n}" for n in names}
         for key, log in curves.items():
@@ -357,13 +365,21 @@ def plot_curves(path: Path, curves: Mapping[str, list[dict[str, str]]], rewards:
                     continue
                 xs, ys = zip(*pts)
                 ax.plot(xs, moving_average(ys, max(1, len(ys) // 25)), label=key)  # over ~4 % of the run
+                spans.append((min(xs), max(xs)))
         ax.set_title(f"{task}: reward during training")
         ax.set_xlabel("model TFLOP (training)")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
+    scale = "linear"
+    if spans and min(lo for lo, _ in spans) > 0 and max(hi for _, hi in spans) / min(hi for _, hi in spans) > LOG_X_SPAN:
+        scale = "log"
+        for ax in axes[0]:
+            ax.set_xscale("log")
+            ax.set_xlabel("model TFLOP (training, log scale)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return scale
 
 
 def main(argv: Sequence[str] | None = None) -> str:
