@@ -127,9 +127,14 @@ SNAPSHOT_EVERY_aesthetic ?= 50
 # its snapshots compete with the _nft run's on val: e.g. make mini-teachers KL_SKILLS=geneval TEACHER_KL=0.05.
 KL_SKILLS       ?=
 TEACHER_KL      ?= 1.0
+# KL_RUNS: more such candidates, each named with its own weight, <skill>_nftkl<weight>: a sweep between the
+# reference's 1e-4 and v4's 1, e.g. make mini-teachers KL_RUNS="geneval_nftkl0.1 geneval_nftkl0.01"
+KL_RUNS         ?=
+$(foreach r,$(KL_RUNS),$(if $(and $(filter $(firstword $(subst _, ,$r)),$(TEACHER_SKILLS)),$(findstring _nftkl,$r),\
+  $(subst $(firstword $(subst _, ,$r))_nftkl,,$r)),,$(error KL_RUNS: "$r" is not <skill>_nftkl<weight> with a skill of $(TEACHER_SKILLS), e.g. geneval_nftkl0.1)))
 # val scoring of the snapshots: 1 image per prompt, the swapped-prompt control on 16 pairs, no cover search
 SNAPSHOT_EVAL   = images_per_prompt=1 controls.cover=null controls.sensitivity_pairs=16
-TEACHER_CANDIDATES := $(TEACHER_SKILLS:%=%_nft) $(KL_SKILLS:%=%_nftkl)
+TEACHER_CANDIDATES := $(TEACHER_SKILLS:%=%_nft) $(KL_SKILLS:%=%_nftkl) $(KL_RUNS)
 TEACHER_ADAPTERS := $(TEACHER_CANDIDATES:%=$(TEACHER_RUNS)/%/$(ADAPTER))
 TEACHER_VALS     := $(TEACHER_CANDIDATES:%=$(TEACHER_RUNS)/%/val/results.json)
 # the skill of a candidate run <skill>_<variant>
@@ -137,12 +142,14 @@ comma := ,
 empty :=
 space := $(empty) $(empty)
 skill_of = $(firstword $(subst _, ,$1))
+# the KL weight of a candidate run: <skill>_nftkl<weight> its own, <skill>_nftkl TEACHER_KL, <skill>_nft none
+kl_of    = $(if $(findstring _nftkl,$1),$(or $(subst $(call skill_of,$1)_nftkl,,$1),$(TEACHER_KL)))
 # ckpt_path=last where the run folder holds a checkpoint (a stopped run goes on)
 resume = $(if $(wildcard $1/checkpoints/last.ckpt),ckpt_path=last)
 
 $(TEACHER_ADAPTERS): $(TEACHER_RUNS)/%/$(ADAPTER): $(BASE) | $(STAMP)
 	$(TRAIN) experiment=$(TEACHER_EXP_$(call skill_of,$*)) $(TEACHER_ARGS_$(call skill_of,$*)) \
-	  $(if $(filter %_nftkl,$*),objective.kl_weight=$(TEACHER_KL)) trainer.max_steps=$(TEACHER_STEPS_$(call skill_of,$*)) \
+	  $(if $(call kl_of,$*),objective.kl_weight=$(call kl_of,$*)) trainer.max_steps=$(TEACHER_STEPS_$(call skill_of,$*)) \
 	  trainer.max_time=null callbacks.adapter_snapshots.every_n_steps=$(SNAPSHOT_EVERY_$(call skill_of,$*)) \
 	  hydra.run.dir=$(RUN) $(call resume,$(RUN)) $(TRAIN_ARGS)
 # every snapshot (checkpoint step_NNNNNN) and the final adapter (checkpoint final) on its own task's val prompts

@@ -89,6 +89,22 @@ def test_the_mini_table_chains_compose(target, tmp_path):
         kl_trains = [step[1] for step in kl_steps if step is not None and step[0] == "train"]
         assert [o.count("objective.kl_weight=1.0") for o in kl_trains] == [0, 0, 0, 1, 1]
         assert any("'geneval=geneval_nft/*,geneval_nftkl/*'" in line for line in with_kl)
+        # KL_RUNS: candidates that carry their own weight in their names, beside KL_SKILLS' one
+        sweep = [stand_ins(line) for line in dry_run(target, tmp_path, "KL_SKILLS=geneval",
+                                                      "KL_RUNS=geneval_nftkl0.1 aesthetic_nftkl0.01")]
+        sweep_trains = [step[1] for line in sweep if "$(" not in line
+                        and (step := overrides_of(line)) is not None and step[0] == "train"]
+        weights = [[a.split("=")[1] for a in o if a.startswith("objective.kl_weight=")] for o in sweep_trains]
+        assert weights == [[], [], [], ["1.0"], ["0.1"], ["0.01"]]
+        dirs = [re.search(r"hydra\.run\.dir=\S*/(\w+\.?\w*)", line).group(1) for line in sweep if "-m opd.train" in line]
+        assert dirs[3:] == ["geneval_nftkl", "geneval_nftkl0.1", "aesthetic_nftkl0.01"]
+        for o in sweep_trains[4:]:
+            compose_train(o, tmp_path / "out")
+        assert any("'geneval=geneval_nft/*,geneval_nftkl/*,geneval_nftkl0.1/*'" in line for line in sweep)
+        assert any("'aesthetic=aesthetic_nft/*,aesthetic_nftkl0.01/*'" in line for line in sweep)
+        bad = subprocess.run(["make", "-n", target, f"RUNS={tmp_path / 'runs'}", "KL_RUNS=genval_nftkl0.1"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+        assert bad.returncode != 0 and 'KL_RUNS: "genval_nftkl0.1" is not <skill>_nftkl<weight>' in bad.stderr
     else:
         # the table's row settings reach opd.results.table1 as JSON through the shell's quoting
         table = [shlex.split(line) for line in lines if "opd.results.table1" in line]
