@@ -65,6 +65,17 @@ def test_negative_lr_and_zero_steps_are_listed_together(cfg_factory):
     assert "module.optimizer.lr=-1: must be > 0" in msg and "sampler.num_steps=0: must be an integer ≥ 1" in msg
 
 
+def test_an_empty_or_negative_compute_budget_is_named_before_anything_is_built(cfg_factory):
+    # empty: what a failed $(python -m opd.results.compute ...) in a Makefile recipe passes on
+    msg = bad_train(cfg_factory, [*NFT, "callbacks.compute_budget.max_model_tflop=",
+                                  "callbacks.compute_budget.max_images_sampled=-5"], "2 bad training config values")
+    assert "callbacks.compute_budget.max_model_tflop='': must be > 0 (or null); the compute after which" in msg
+    assert "opd.results.compute in make), that command failed" in msg
+    assert "callbacks.compute_budget.max_images_sampled=-5: must be > 0 (or null)" in msg
+    cfg = cfg_factory("train", [*NFT, "callbacks.compute_budget.max_model_tflop=16040.502"])
+    validate_train_config(cfg, overrides=[])  # a number: no error
+
+
 def test_grpo_needs_a_stochastic_sampler(cfg_factory):
     bad_train(cfg_factory, [*GRPO, "sampler=ode"], r"sampler\.kernel='ode': .*GRPO needs .*sampler=flow_sde")
 

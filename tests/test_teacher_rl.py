@@ -479,6 +479,12 @@ def test_a_compute_budget_stops_the_run_after_the_round_that_reaches_it(cfg_fact
     with pytest.raises(ValueError, match="must be > 0"):
         ComputeBudget(max_model_tflop=0)
     assert ComputeBudget().limits == {}
+    # an empty budget (a failed $(python -m opd.results.compute ...) in make) or a word: named, with the cause
+    with pytest.raises(ValueError, match=r"max_model_tflop='' is not a number: the command that computed it"):
+        ComputeBudget(max_model_tflop="")
+    with pytest.raises(ValueError, match=r"max_images_sampled='lots' is not a number$"):
+        ComputeBudget(max_images_sampled="lots")
+    assert ComputeBudget(max_model_tflop="16040.5").limits == {"compute/model_tflop": 16040.5}
 
 
 def test_an_export_stopped_midway_leaves_the_previous_adapter_whole(cfg_factory, tmp_path, monkeypatch):

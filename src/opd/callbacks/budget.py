@@ -20,9 +20,20 @@ log = logging.getLogger(__name__)
 LIMITS = {"max_model_tflop": "compute/model_tflop", "max_images_sampled": "compute/images_sampled"}
 
 
+def _number(name: str, value: Any) -> float:
+    """A budget as a float, or an error that names the setting (an empty one is what a failed
+    ``$(python -m opd.results.compute ...)`` in a Makefile recipe leaves behind)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"callbacks.compute_budget.{name}={value!r} is not a number"
+                         + (": the command that computed it (python -m opd.results.compute in make) failed, "
+                            "see its error above, or give the budget yourself" if value == "" else "")) from None
+
+
 class ComputeBudget(Callback):
     def __init__(self, max_model_tflop: float | None = None, max_images_sampled: float | None = None) -> None:
-        self.limits = {LIMITS[k]: float(v) for k, v in
+        self.limits = {LIMITS[k]: _number(k, v) for k, v in
                        (("max_model_tflop", max_model_tflop), ("max_images_sampled", max_images_sampled))
                        if v is not None}
         for key, value in self.limits.items():

@@ -218,6 +218,11 @@ def check_trainer_and_callbacks(p: _Problems, cfg: Any) -> None:
         _check_int(p, cfg, "callbacks.curves.every_n_steps", 1)
     if isinstance(_get(cfg, "callbacks.model_checkpoint"), DictConfig):
         _check_int(p, cfg, "callbacks.model_checkpoint.every_n_train_steps", 0, optional=True)
+    if isinstance(_get(cfg, "callbacks.compute_budget"), DictConfig):
+        for name in ("max_model_tflop", "max_images_sampled"):  # '' is what a failed $(python -m opd.results.compute) leaves
+            _check_range(p, cfg, f"callbacks.compute_budget.{name}", 0, low_open=True, optional=True,
+                         fix="the compute after which training stops; where a command computed it "
+                             "(python -m opd.results.compute in make), that command failed: see its error above")
 
 
 # -- entry points -----------------------------------------------------------------------------
