@@ -226,6 +226,64 @@ def test_cfg_free_student_trains_its_conditional_mean_towards_the_teachers_guide
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("merge", [True, False])
+def test_a_base_model_teacher_is_cfg_distillation_its_targets_the_bare_base_guided(cfg_factory, toy_world, merge):
+    """teacher.<name>.adapter=null: the teacher is the base model itself at its own CFG scale. At CFG 1 a
+    fresh CFG-free student (B = 0) already equals it (KL exactly 0); at CFG 4.5 the loss is
+    ½·mean_D (μ_S − μ_T)² over the ODE steps with μ_T from a separately built base that has no LoRA at all."""
+    from opd.modules.distill import BASE_TEACHER
+
+    def geneval_only(extra):  # the toy world's overrides with one teacher, geneval
+        import hydra
+
+        kept = [o for o in overrides(toy_world) if not o.startswith(("teacher=", "teacher.ocr."))]
+        cfg = cfg_factory("train", [*kept, "teacher=[mini_geneval]", "teacher.geneval.monitor_reward=null", *extra])
+        OmegaConf.resolve(cfg)
+        built = hydra.utils.instantiate(cfg.module)
+        built.configure_model()
+        return built
+
+    base_teacher = ["sampler.guidance_scale=1.0", "teacher.geneval.adapter=null", f"module.merge_teacher_lora={merge}"]
+    module = geneval_only([*base_teacher, "teacher.geneval.guidance_scale=1.0"])
+    teacher = module.teachers[0]
+    assert (teacher.adapter, teacher.adapter_name, teacher.sha256) == (None, None, BASE_TEACHER)
+    assert not any(".teacher_" in n for n, _ in module.backbone.transformer.named_parameters())
+    prompts = [r["prompt"] for r in teacher.prompts[:2]]
+    with torch.no_grad():
+        traj = module.sample(prompts, kernel="ode", noise_level=0.0, guidance_scale=1.0)
+        assert module.distill_on(traj, teacher, backward=False).item() == 0.0
+
+    module = geneval_only([*base_teacher, "teacher.geneval.guidance_scale=4.5"])
+    with torch.no_grad():
+        for p in module.policy_parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    teacher, bare = module.teachers[0], toy(seed=5)  # the toy world's base, built again without adapters
+    with torch.no_grad():
+        traj = module.sample(prompts, kernel="ode", noise_level=0.0, guidance_scale=1.0)
+        loss = module.distill_on(traj, teacher, backward=False)
+        bb = module.backbone
+        cond, empty = bb.encode_prompts(prompts), bb.encode_prompts(["", ""])
+        expected = torch.zeros(())
+        for j in range(module.num_trained_steps):
+            x, s, s_next = traj.latents[:, j], traj.sigmas[j], traj.sigmas[j + 1]
+            sig = torch.full((2,), float(s))
+            v_s = bb.velocity(x, sig, cond)  # the student is the only adapter, and active
+            v_u, v_c = bare.velocity(x, sig, empty), bare.velocity(x, sig, cond)
+            gap = (s_next - s) * (v_s - (v_u + 4.5 * (v_c - v_u)))
+            expected = expected + 0.5 * gap.square().flatten(1).mean(1).mean()
+    assert expected.item() > 0
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-7)
+    # a checkpoint records the base as that teacher; a resume with an adapter there (or the reverse) is named
+    checkpoint = {"state_dict": {}}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["opd_teacher_sha256"] == {"geneval": BASE_TEACHER}
+    with pytest.raises(ValueError, match="trained with adapter sha256 abc, now it is the base model"):
+        module.check_teachers({"geneval": "abc"})
+    adapter_teacher = geneval_only([f"teacher.geneval.adapter={toy_world / 'geneval'}"])
+    with pytest.raises(ValueError, match="trained with the base model as that teacher, now it is adapter .*geneval"):
+        adapter_teacher.check_teachers({"geneval": BASE_TEACHER})
+
+
 def test_step_reduction_mean_scales_the_first_rounds_gradient_by_steps_times_teachers(toy_world, tmp_path):
     """objective.step_reduction=mean (the authors' gradient accumulation) divides round 0's gradient
     (logged before clipping) by trained steps × teachers, and leaves the logged KLs summed."""

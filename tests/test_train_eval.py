@@ -174,6 +174,11 @@ def test_eval_teachers_adds_each_teacher_at_its_own_cfg(cfg_factory, tmp_path):
     for name in ("geneval", "ocr", "aesthetic"):
         assert checkpoints[f"teacher_{name}"] == {"adapter": str(cfg.teacher[name].adapter),
                                                   "guidance_scale": float(cfg.teacher[name].guidance_scale)}
+    # a base-model teacher (CFG distillation) is the base at its CFG, not an adapter called "None"
+    cfgd = cfg_factory("train", ["experiment=mini/mopd_demo", "teacher=[mini_geneval]", "teacher.geneval.adapter=null",
+                                 "teacher.geneval.guidance_scale=4.5", "eval.teachers=true", f"paths.output_dir={tmp_path}"])
+    assert OmegaConf.to_container(run_eval_config(cfgd).checkpoints)["teacher_geneval"] == {"adapter": None,
+                                                                                           "guidance_scale": 4.5}
     off = cfg_factory("train", ["experiment=mini/mopd_demo", "eval.teachers=false", "sampler.guidance_scale=4.5",
                                 f"paths.output_dir={tmp_path}"])
     assert set(run_eval_config(off).checkpoints) == {"base", "trained"}   # a student at the base's CFG

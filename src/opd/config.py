@@ -89,7 +89,7 @@ class TeacherConfig:
     """One frozen teacher adapter of DiffusionOPD: what it is good at and where it lives."""
 
     name: str = "???"              # unique; log keys are teacher/<name>/*
-    adapter: str = "???"           # LoRA folder or .safetensors (diffusers format)
+    adapter: Optional[str] = "???"  # noqa: UP045 — LoRA folder or .safetensors (diffusers format); null: the base model
     prompts: Any = "???"           # the task's prompt set (a `_target_` returning metadata rows)
     guidance_scale: float = 4.5    # the teacher's own CFG for its targets
     monitor_reward: Any = None     # a reward config logged on the student's samples

@@ -303,7 +303,8 @@ def run_eval_config(cfg: DictConfig) -> DictConfig | None:
             checkpoints[BASE_AT_TRAINED_CFG] = {"adapter": None, "guidance_scale": trained_cfg}
         if with_teachers:  # a distillation run: its teachers too, each at its own CFG (rows teacher_<name>)
             for name, teacher in (OmegaConf.to_container(cfg.get("teacher") or {}, resolve=True)).items():
-                checkpoints[f"teacher_{name}"] = {"adapter": str(teacher["adapter"]),
+                adapter = teacher["adapter"]  # None: the base model as a teacher (CFG distillation)
+                checkpoints[f"teacher_{name}"] = {"adapter": None if adapter is None else str(adapter),
                                                   "guidance_scale": float(teacher.get("guidance_scale", trained_cfg))}
     if settings.get("device", "auto") == "auto" and OmegaConf.select(cfg, "trainer.accelerator") == "cpu":
         settings["device"] = "cpu"

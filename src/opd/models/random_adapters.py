@@ -133,7 +133,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         unknown = sorted(set(names) - set(by_name))
         if unknown:
             parser.error(f"--names {unknown}: not teachers of this config ({sorted(by_name)}); use --out DIR")
-        targets = {name: Path(str(by_name[name]["adapter"])).expanduser() for name in names}
+        targets = {name: Path(str(by_name[name]["adapter"])).expanduser() for name in names
+                   if by_name[name]["adapter"] is not None}  # a base-model teacher has no adapter to write
     transformer = meta_transformer(OmegaConf.to_container(cfg.model, resolve=True))
     written = {}
     for i, (name, directory) in enumerate(targets.items()):

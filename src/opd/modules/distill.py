@@ -37,20 +37,31 @@ from opd.utils.seeds import TEACHER_PROMPTS, stream_seed
 log = logging.getLogger(__name__)
 
 
+#: what a checkpoint records for a teacher without an adapter (the base model) in place of a file hash
+BASE_TEACHER = "base model"
+
+
 @dataclass
 class Teacher:
-    """A frozen teacher adapter and what it is routed (``conf/teacher/<name>.yaml``)."""
+    """A frozen teacher adapter and what it is routed (``conf/teacher/<name>.yaml``). Without an
+    adapter (``adapter: null``) the teacher is the base model itself at its own CFG scale: distilling
+    the base at CFG 4.5 into a CFG-free student is CFG distillation."""
 
     name: str
-    adapter: str
+    adapter: str | None
     prompts: list[dict]
     guidance_scale: float
     monitor: dict[str, Any]
-    sha256: str = ""  # of the adapter file: a resumed run must distil the same teachers
+    sha256: str = ""  # of the adapter file (BASE_TEACHER for the base): a resumed run must distil the same teachers
 
     @property
-    def adapter_name(self) -> str:
-        return f"teacher_{self.name}"
+    def adapter_name(self) -> str | None:
+        """The teacher's PEFT adapter name; ``None`` for the base model (adapters off)."""
+        return None if self.adapter is None else f"teacher_{self.name}"
+
+    @property
+    def source(self) -> str:
+        return "the base model" if self.adapter is None else f"adapter {self.adapter}"
 
 
 def build_teachers(teachers: Mapping[str, Any]) -> list[Teacher]:
@@ -65,6 +76,13 @@ def build_teachers(teachers: Mapping[str, Any]) -> list[Teacher]:
         if name in names:
             raise ValueError(f"teacher.{key}: duplicate teacher name {name!r}; names must be unique")
         names.add(name)
+        rows = list(cfg["prompts"])
+        if not rows:
+            raise ValueError(f"teacher.{key}.prompts: the prompt set is empty")
+        monitor, scale = dict(cfg.get("monitor_reward") or {}), float(cfg["guidance_scale"])
+        if cfg["adapter"] is None:  # the base model at its CFG scale
+            out.append(Teacher(name, None, rows, scale, monitor, BASE_TEACHER))
+            continue
         file = resolve_lora_file(cfg["adapter"])
         try:  # diffusers or PEFT layout, compared by module names (opd.models.lora_files.read_lora)
             weights = read_lora(file)
@@ -80,12 +98,13 @@ def build_teachers(teachers: Mapping[str, Any]) -> list[Teacher]:
             raise ValueError(f"teacher.{key}.adapter: {file} has other LoRA keys/shapes than the first teacher's "
                              "adapter: the teachers were trained on different base models or LoRA settings")
         shapes = these
-        rows = list(cfg["prompts"])
-        if not rows:
-            raise ValueError(f"teacher.{key}.prompts: the prompt set is empty")
-        out.append(Teacher(name, str(file), rows, float(cfg["guidance_scale"]), dict(cfg.get("monitor_reward") or {}),
-                           file_sha256(file)))
+        out.append(Teacher(name, str(file), rows, scale, monitor, file_sha256(file)))
     return out
+
+
+def _hashed(saved: str) -> str:
+    """What a checkpoint's teacher record says, in words."""
+    return "the base model as that teacher" if saved == BASE_TEACHER else f"adapter sha256 {saved}"
 
 
 class OPDDistill(AdapterPolicy):
@@ -137,7 +156,8 @@ class OPDDistill(AdapterPolicy):
         super().configure_model()
         if fresh:
             for t in self.teachers:
-                load_lora(self.backbone.transformer, t.adapter, t.adapter_name)
+                if t.adapter is not None:
+                    load_lora(self.backbone.transformer, t.adapter, t.adapter_name)
 
     @property
     def num_trained_steps(self) -> int:
@@ -171,7 +191,7 @@ class OPDDistill(AdapterPolicy):
         scale = self.objective.accumulation_weight(self.num_trained_steps, len(self.teachers))
         for teacher, traj, weight in zip(self.teachers, trajs, self.teacher_weights(trajs)):
             loss = self.distill_on(traj, teacher, backward=True, weight=weight * scale)
-            self.note_loss(f"teacher/{teacher.name}/kl (teacher {teacher.name!r}, adapter {teacher.adapter})", loss)
+            self.note_loss(f"teacher/{teacher.name}/kl (teacher {teacher.name!r}, {teacher.source})", loss)
             self.update_kl_scale(teacher, loss)
             total += loss
             metrics[f"teacher/{teacher.name}/kl"] = loss.detach()
@@ -218,10 +238,11 @@ class OPDDistill(AdapterPolicy):
                         teacher: Teacher) -> Tensor:
         """Teacher means for all states, in chunks of ``target_chunk`` (no grad); with
         ``merge_teacher_lora`` the teacher's LoRA is merged into the base (once for all chunks) and
-        the passes run with adapters off."""
+        the passes run with adapters off, as a base-model teacher's always do."""
         out = []
-        merge = self.merged(teacher.adapter_name) if self.merge_teacher_lora else nullcontext()
-        adapter = None if self.merge_teacher_lora else teacher.adapter_name
+        merging = self.merge_teacher_lora and teacher.adapter_name is not None
+        merge = self.merged(teacher.adapter_name) if merging else nullcontext()
+        adapter = None if merging else teacher.adapter_name
         with merge:
             for sl in torch.arange(x.shape[0], device=x.device).split(self.target_chunk):
                 out.append(self.means(x[sl], sigma[sl], sigma_next[sl], cond[sl], adapter,
@@ -268,7 +289,7 @@ class OPDDistill(AdapterPolicy):
         teachers' files (checked by hash on a resume), so checkpoints leave them out (MOPD mini: 24.5 →
         20.6 MB), and with allow_teacher_change the new files are what the resumed run distils, not a
         checkpoint's copies of the old ones (older checkpoints hold them: dropped on loading)."""
-        teacher_keys = tuple(f".{t.adapter_name}." for t in self.teachers)
+        teacher_keys = tuple(f".{t.adapter_name}." for t in self.teachers if t.adapter_name is not None)
         return {k: v for k, v in state.items() if not any(key in k for key in teacher_keys)}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -291,8 +312,8 @@ class OPDDistill(AdapterPolicy):
                         "that the teachers are the ones it was trained with")
             return
         now = {t.name: t for t in self.teachers}
-        problems = [f"teacher {name!r}: the checkpoint was trained with adapter sha256 {saved[name]}, "
-                    f"{now[name].adapter} has sha256 {now[name].sha256}"
+        problems = [f"teacher {name!r}: the checkpoint was trained with {_hashed(saved[name])}, "
+                    f"now it is {now[name].source}" + ("" if now[name].adapter is None else f" with sha256 {now[name].sha256}")
                     for name in saved if name in now and saved[name] != now[name].sha256]
         problems += [f"teacher {name!r} is in the checkpoint but not configured" for name in saved if name not in now]
         problems += [f"teacher {name!r} is configured but not in the checkpoint" for name in now if name not in saved]
@@ -310,7 +331,7 @@ class OPDDistill(AdapterPolicy):
         by ``B·T``. Returns the unweighted KL."""
         x, sigma, sigma_next, cond = self.states(traj)
         target = self.teacher_targets(x, sigma, sigma_next, cond, teacher)
-        self.note_nonfinite(f"the targets of teacher {teacher.name!r} (adapter {teacher.adapter})", target)
+        self.note_nonfinite(f"the targets of teacher {teacher.name!r} ({teacher.source})", target)
         b = traj.latents.shape[0]
         total = torch.zeros((), device=x.device)
         for sl in torch.arange(x.shape[0], device=x.device).split(self.train_chunk):
