@@ -137,6 +137,33 @@ def test_training_logs_read_every_version_in_order_and_chain_stages(tmp_path):
     assert [float(r["compute/model_tflop"]) for r in logs.chained_log(tmp_path, ["c/step_000001", "d"])[0]] == [2.0, 3.5]
 
 
+def test_a_run_started_from_another_runs_adapter_chains_to_it_and_counts_its_compute(tmp_path):
+    from opd.results import compute
+
+    def command(run, *overrides):
+        (tmp_path / run / ".hydra").mkdir(parents=True, exist_ok=True)
+        (tmp_path / run / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+
+    write_log(tmp_path / "cfgd", [{"step": 0, "compute/model_tflop": 1.0}, {"step": 1, "compute/model_tflop": 3.0}])
+    write_log(tmp_path / "nft", [{"step": 0, "compute/model_tflop": 10.0}, {"step": 1, "compute/model_tflop": 20.0},
+                                 {"step": 2, "compute/model_tflop": 30.0}])
+    write_log(tmp_path / "late", [{"step": 0, "compute/model_tflop": 100.0}])
+    command("cfgd", "experiment=mini/sopd_geneval")  # from the base: the chain's start
+    command("nft", "seed=0", "module.init_adapter=/elsewhere/runs/mini/cfgd/adapter")  # matched by name under the root
+    command("late", "+module.init_adapter=runs/mini/nft/exports/step_000002")  # from an EMA snapshot of nft
+    assert logs.started_from(tmp_path, "cfgd") is None and logs.started_from(tmp_path, "nft/step_000001") == "cfgd"
+    assert logs.stages_of(tmp_path, "late") == ["cfgd", "nft/step_000002", "late"]
+    # the compute of the whole training: 3 (cfgd) + 20 (nft's first 2 rounds) + 100
+    assert compute.main([str(tmp_path / "late")]) == 123.0
+    assert compute.main([str(tmp_path / "nft" / "step_000001")]) == 3.0 + 10.0
+    assert compute.main([str(tmp_path / "cfgd")]) == 3.0
+    command("cfgd", "module.init_adapter=models/mini_teachers/geneval")  # an adapter that is no run here: the end
+    assert logs.stages_of(tmp_path, "nft") == ["cfgd", "nft"]
+    command("cfgd", "module.init_adapter=x/late/adapter")  # a circle is an error naming the runs
+    with pytest.raises(ValueError, match="late, cfgd, nft start from one another in a circle"):
+        logs.stages_of(tmp_path, "nft")
+
+
 def test_logged_values_by_step_a_resumed_runs_later_value_winning(tmp_path):
     write_log(tmp_path / "a", [{"step": 0, "kl": 0.4}, {"step": 1, "kl": 0.3}, {"step": 2, "kl": ""}])
     write_log(tmp_path / "a", [{"step": 1, "kl": 0.25}, {"step": 2, "kl": 0.2}], version=1)

@@ -8,6 +8,7 @@ ready for ``callbacks.compute_budget.max_model_tflop=...`` (:mod:`opd.callbacks.
 that was picked at an EMA snapshot is named ``RUN/step_NNNNNN``: its run's value at that step is
 used. ``--picked <root>/picked.json`` adds every picked teacher's run (``pick_teachers``' record); a
 teacher taken as shipped (``pick_teachers --shipped``) counts the ``training`` its ``training.json`` recorded.
+A run that started from another run's adapter (``module.init_adapter``) counts that run too.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from opd.results.logs import chained_log, column
+from opd.results.logs import chained_log, column, snapshot_of, stages_of
 from opd.results.pick_teachers import SHIPPED, TRAINING
 
 KEYS = ("compute/model_tflop", "compute/images_sampled", "compute/transformer_passes")
@@ -24,8 +25,11 @@ KEYS = ("compute/model_tflop", "compute/images_sampled", "compute/transformer_pa
 
 def spent(run: Path, key: str = KEYS[0]) -> float:
     """The last logged ``key`` of ``run`` (``RUN/step_N``: of its run up to that snapshot, as
-    :func:`opd.results.logs.chained_log` reads a snapshot stage)."""
-    values = column(chained_log(Path(), [str(run)])[0], key)
+    :func:`opd.results.logs.chained_log` reads a snapshot stage), plus what the runs it continued
+    spent (``module.init_adapter`` naming an earlier run beside it, :func:`opd.results.logs.stages_of`)."""
+    folder, step = snapshot_of(str(run))
+    root, name = Path(folder).parent, Path(folder).name + ("" if step is None else f"/step_{step:06d}")
+    values = column(chained_log(root, stages_of(root, name))[0], key)
     if not values:
         raise ValueError(f"{run}: no logged values of {key!r} in csv/version_*/metrics.csv (was logger=csv set?)")
     return values[-1]

@@ -68,6 +68,45 @@ def chained_log(root: Path, stages: Sequence[str]) -> tuple[list[dict[str, str]]
     return rows, before[MINUTES]
 
 
+#: the training overrides that start a run from an earlier run's adapter
+INIT_ADAPTER = ("module.init_adapter=", "+module.init_adapter=")
+
+
+def started_from(root: Path, stage: str) -> str | None:
+    """The stage that ``stage``'s run continued: the run under ``root`` whose adapter its command's
+    ``module.init_adapter`` names (``.../<name>/adapter`` → ``<name>``, an EMA snapshot
+    ``.../<name>/exports/step_N`` → ``<name>/step_N``), matched by name so that a records folder
+    (:mod:`opd.results.records`) chains like the runs folder did; None when the run started from
+    the base model, or from an adapter that is not a run under ``root``."""
+    overrides = Path(root) / snapshot_of(stage)[0] / ".hydra" / "overrides.yaml"
+    if not overrides.is_file():
+        return None
+    given = [str(o) for o in yaml.safe_load(overrides.read_text()) or []]
+    values = [o.split("=", 1)[1] for o in given if o.startswith(INIT_ADAPTER)]
+    if not values or values[-1] in ("", "null", "None"):
+        return None
+    adapter = Path(values[-1])
+    if adapter.name == "adapter":
+        name = adapter.parent.name
+    elif adapter.parent.name == "exports" and snapshot_of(f"x/{adapter.name}")[1] is not None:
+        name = f"{adapter.parent.parent.name}/{adapter.name}"
+    else:
+        return None
+    return name if (Path(root) / snapshot_of(name)[0]).is_dir() else None
+
+
+def stages_of(root: Path, stage: str) -> list[str]:
+    """``stage`` and the runs it continued (:func:`started_from`), earliest first: what
+    :func:`chained_log` reads as one training (e.g. a CFG-distilled start and the RL run on it)."""
+    stages = [stage]
+    while (earlier := started_from(root, stages[0])) is not None:
+        if earlier in stages or snapshot_of(earlier)[0] in {snapshot_of(s)[0] for s in stages}:
+            raise ValueError(f"{root}: the runs {', '.join([earlier, *stages])} start from one another in a circle "
+                             "(module.init_adapter in their .hydra/overrides.yaml)")
+        stages.insert(0, earlier)
+    return stages
+
+
 def column(rows: Sequence[dict[str, str]], key: str) -> list[float]:
     """The logged values of ``key`` in ``rows`` (:func:`training_log`), in row order, blanks left out."""
     return [float(r[key]) for r in rows if r.get(key)]

@@ -23,7 +23,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from opd.evaluation.report import COVER
-from opd.results.logs import MINUTES, chained_log, moving_average, run_command, snapshot_of
+from opd.results.logs import MINUTES, chained_log, moving_average, run_command, snapshot_of, stages_of
 from opd.results.metrics import columns, evaluated_rows, guidance_scales, reward_names, with_interval
 from opd.utils.files import write_atomic
 
@@ -250,7 +250,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     args.results.mkdir(parents=True, exist_ok=True)
     table = {"base": base}
     for skill, pick in picked.items():
-        stages = [*json.loads(args.teacher_stages).get(skill, []), pick["winner"]]
+        given = json.loads(args.teacher_stages).get(skill)  # else the runs its winner continued (init_adapter)
+        stages = [*given, pick["winner"]] if given is not None else stages_of(args.runs, pick["winner"])
         evaluation = args.runs / f"teacher_{skill}" / "eval"
         test = table[f"teacher_{skill}"] = evaluated_rows(evaluation / "results.json")[f"teacher_{skill}"]
         cover = json.loads((evaluation / "results.json").read_text()).get(COVER, {})
