@@ -102,6 +102,18 @@ def test_the_mini_table_chains_compose(target, tmp_path):
             compose_train(o, tmp_path / "out")
         assert any("'geneval=geneval_nft/*,geneval_nftkl/*,geneval_nftkl0.1/*'" in line for line in sweep)
         assert any("'aesthetic=aesthetic_nft/*,aesthetic_nftkl0.01/*'" in line for line in sweep)
+        # CFG_SKILLS: DiffusionNFT from a CFG-distilled start (the base at CFG 4.5 as the teacher of a CFG-free LoRA)
+        cfgd = [stand_ins(line) for line in dry_run(target, tmp_path, "CFG_SKILLS=geneval", "CFG_DISTILL_STEPS=60")]
+        cfgd_trains = [step[1] for line in cfgd if "$(" not in line
+                       and (step := overrides_of(line)) is not None and step[0] == "train"]
+        start = [o for o in cfgd_trains if "experiment=mini/sopd_geneval" in o]
+        assert len(start) == 1 and {"teacher.geneval.adapter=null", "teacher.geneval.guidance_scale=4.5",
+                                    "sampler.guidance_scale=1.0", "module.lora.rank=16", "trainer.max_steps=60"} <= set(start[0])
+        rl = [o for o in cfgd_trains if f"module.init_adapter={tmp_path}/runs/geneval_cfgd/adapter" in o]
+        assert len(rl) == 1 and "experiment=mini/teacher_geneval" in rl[0]
+        assert cfgd_trains.index(start[0]) < cfgd_trains.index(rl[0])  # the start is trained first
+        compose_train(start[0], tmp_path / "out")
+        assert any("'geneval=geneval_nft/*,geneval_nftcfgd/*'" in line for line in cfgd)
         bad = subprocess.run(["make", "-n", target, f"RUNS={tmp_path / 'runs'}", "KL_RUNS=genval_nftkl0.1"],
                              cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
         assert bad.returncode != 0 and 'KL_RUNS: "genval_nftkl0.1" is not <skill>_nftkl<weight>' in bad.stderr
