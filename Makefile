@@ -130,8 +130,6 @@ TEACHER_KL      ?= 1.0
 # KL_RUNS: more such candidates, each named with its own weight, <skill>_nftkl<weight>: a sweep between the
 # reference's 1e-4 and v4's 1, e.g. make mini-teachers KL_RUNS="geneval_nftkl0.1 geneval_nftkl0.01"
 KL_RUNS         ?=
-$(foreach r,$(KL_RUNS),$(if $(and $(filter $(firstword $(subst _, ,$r)),$(TEACHER_SKILLS)),$(findstring _nftkl,$r),\
-  $(subst $(firstword $(subst _, ,$r))_nftkl,,$r)),,$(error KL_RUNS: "$r" is not <skill>_nftkl<weight> with a skill of $(TEACHER_SKILLS), e.g. geneval_nftkl0.1)))
 # CFG_SKILLS: a candidate run <skill>_nftcfgd per skill named: the same DiffusionNFT recipe, started from a CFG-free
 # LoRA that first learnt the base's CFG 4.5 means on the skill's training prompts (<skill>_cfgd: DiffusionOPD with
 # the base model as its teacher, CFG_DISTILL_STEPS rounds, the teachers' rank), so that the RL starts near the
@@ -152,6 +150,8 @@ space := $(empty) $(empty)
 skill_of = $(firstword $(subst _, ,$1))
 # the KL weight of a candidate run: <skill>_nftkl<weight> its own, <skill>_nftkl TEACHER_KL, <skill>_nft none
 kl_of    = $(if $(findstring _nftkl,$1),$(or $(subst $(call skill_of,$1)_nftkl,,$1),$(TEACHER_KL)))
+$(foreach r,$(KL_RUNS),$(if $(and $(filter $(call skill_of,$r),$(TEACHER_SKILLS)),$(findstring _nftkl,$r),\
+  $(subst $(call skill_of,$r)_nftkl,,$r)),,$(error KL_RUNS: "$r" is not <skill>_nftkl<weight> with a skill of $(TEACHER_SKILLS), e.g. geneval_nftkl0.1)))
 # ckpt_path=last where the run folder holds a checkpoint (a stopped run goes on)
 resume = $(if $(wildcard $1/checkpoints/last.ckpt),ckpt_path=last)
 

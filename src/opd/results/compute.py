@@ -27,9 +27,8 @@ def spent(run: Path, key: str = KEYS[0]) -> float:
     """The last logged ``key`` of ``run`` (``RUN/step_N``: of its run up to that snapshot, as
     :func:`opd.results.logs.chained_log` reads a snapshot stage), plus what the runs it continued
     spent (``module.init_adapter`` naming an earlier run beside it, :func:`opd.results.logs.stages_of`)."""
-    folder, step = snapshot_of(str(run))
-    root, name = Path(folder).parent, Path(folder).name + ("" if step is None else f"/step_{step:06d}")
-    values = column(chained_log(root, stages_of(root, name))[0], key)
+    root = Path(snapshot_of(str(run))[0]).parent  # the folder beside which a run it continued would be
+    values = column(chained_log(root, stages_of(root, Path(run).relative_to(root).as_posix()))[0], key)
     if not values:
         raise ValueError(f"{run}: no logged values of {key!r} in csv/version_*/metrics.csv (was logger=csv set?)")
     return values[-1]
